@@ -1,0 +1,900 @@
+//! `sanctum import gguf`: turns a Llama-architecture GGUF file into a Hugging Face–layout Safetensors
+//! directory (`model.safetensors`, `config.json`, `tokenizer.json`, `tokenizer_config.json`).
+//!
+//! The conversion is deterministic: the same input gives the same bytes on every run and every
+//! machine, so the lock can pin the outputs' digests. Every tensor is dequantized to f32 (no
+//! re-quantization), renamed to the Hugging Face names, and the rows of `q_proj` / `k_proj` are put
+//! back in Hugging Face's order (llama.cpp's converter permutes them for its RoPE layout).
+//!
+//! Tensors are dequantized one at a time while `model.safetensors` is written, so memory stays near
+//! the size of the largest tensor rather than the whole f32 model. The output appears at `out_dir`
+//! by one rename of a fully written, fsynced temporary directory: on any error nothing is left there.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use attest::Sha256Digest;
+use candle_core::Device;
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use safetensors::{Dtype, View};
+use serde::Serialize;
+
+use super::gguf_tokenizer;
+
+/// Name of the weights file written by the import.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Name of the model configuration written by the import.
+pub const CONFIG_FILE: &str = "config.json";
+/// Name of the tokenizer written by the import.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Name of the tokenizer configuration (chat template, special tokens) written by the import.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// One file the import produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportedFile {
+    /// Path relative to the output directory, e.g. `model.safetensors`.
+    pub path: String,
+    /// SHA-256 of the file's bytes.
+    pub sha256: Sha256Digest,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What [`import_gguf`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufImport {
+    /// The GGUF's `general.architecture` (always `"llama"` today).
+    pub architecture: String,
+    /// The files written, sorted by path.
+    pub files: Vec<ImportedFile>,
+    /// SHA-256 of the GGUF file read.
+    pub input_sha256: Sha256Digest,
+    /// Number of tensors written to `model.safetensors`.
+    pub tensors: usize,
+}
+
+/// Why a GGUF could not be imported.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// The file does not start with the GGUF magic.
+    #[error("{}: not a GGUF file ({problem})", path.display())]
+    NotGguf {
+        /// The input file.
+        path: PathBuf,
+        /// What was found instead.
+        problem: String,
+    },
+    /// The file starts like a GGUF but cannot be read: truncated or corrupt.
+    #[error("{}: truncated or malformed GGUF: {problem}", path.display())]
+    Malformed {
+        /// The input file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// `general.architecture` is not one this import converts.
+    #[error("{}: unsupported architecture {architecture:?} (only llama)", path.display())]
+    UnsupportedArchitecture {
+        /// The input file.
+        path: PathBuf,
+        /// The architecture found.
+        architecture: String,
+    },
+    /// A required metadata key is absent.
+    #[error("{}: missing metadata key {key}", path.display())]
+    MissingMetadata {
+        /// The input file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A metadata value has the wrong type or an impossible value.
+    #[error("{}: metadata key {key}: {problem}", path.display())]
+    BadMetadata {
+        /// The input file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error("{}: missing tensor {tensor}", path.display())]
+    MissingTensor {
+        /// The input file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+    },
+    /// A tensor this import does not know what to do with (rather than silently dropping it).
+    #[error("{}: unexpected tensor {tensor} (not part of a plain llama model)", path.display())]
+    UnexpectedTensor {
+        /// The input file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+    },
+    /// A tensor's shape disagrees with the model's hyperparameters.
+    #[error("{}: tensor {tensor} has shape {found:?}, expected {expected:?}", path.display())]
+    TensorShape {
+        /// The input file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+        /// Shape implied by the metadata (row-major, outermost first).
+        expected: Vec<usize>,
+        /// Shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor could not be read or dequantized.
+    #[error("{}: tensor {tensor}: {problem}", path.display())]
+    Tensor {
+        /// The input file.
+        path: PathBuf,
+        /// The GGUF tensor name.
+        tensor: String,
+        /// What went wrong.
+        problem: String,
+    },
+    /// A model feature this import does not convert (yet).
+    #[error("{}: unsupported: {problem}", path.display())]
+    Unsupported {
+        /// The input file.
+        path: PathBuf,
+        /// What is unsupported.
+        problem: String,
+    },
+    /// `tokenizer.ggml.model` is not byte-level BPE.
+    #[error(
+        "{}: unsupported tokenizer model {model:?} (tokenizer.ggml.model; only \"gpt2\", byte-level BPE)",
+        path.display()
+    )]
+    UnsupportedTokenizer {
+        /// The input file.
+        path: PathBuf,
+        /// The tokenizer model found.
+        model: String,
+    },
+    /// `tokenizer.ggml.pre` names a pre-tokenizer with no exact Hugging Face equivalent here.
+    #[error(
+        "{}: unsupported pre-tokenizer {pre:?} (tokenizer.ggml.pre; supported: {})",
+        path.display(),
+        gguf_tokenizer::SUPPORTED_PRE.join(", ")
+    )]
+    UnsupportedPreTokenizer {
+        /// The input file.
+        path: PathBuf,
+        /// The pre-tokenizer named, or `(missing)`.
+        pre: String,
+    },
+    /// The tokenizer metadata is inconsistent (e.g. a merge of tokens not in the vocabulary).
+    #[error("{}: cannot build tokenizer.json: {problem}", path.display())]
+    Tokenizer {
+        /// The input file.
+        path: PathBuf,
+        /// What went wrong.
+        problem: String,
+    },
+    /// The output directory already holds something.
+    #[error("output directory {} exists and is not empty", path.display())]
+    OutDirNotEmpty {
+        /// The output directory.
+        path: PathBuf,
+    },
+    /// Reading the input or writing the output failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ {
+    move |source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Converts a Llama-architecture GGUF into a Hugging Face–layout Safetensors directory, deterministically.
+///
+/// `out_dir` must not exist or be an empty directory; its parent is created if needed. The files are
+/// written to a temporary directory next to `out_dir`, fsynced, and renamed into place.
+pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportError> {
+    check_out_dir(out_dir)?;
+
+    let file = File::open(input).map_err(io_err(input))?;
+    let (input_sha256, file_len) = Sha256Digest::of_reader(BufReader::new(&file)).map_err(io_err(input))?;
+    let mut reader = BufReader::new(file);
+    let content = read_content(input, &mut reader)?;
+    let Content {
+        metadata,
+        tensor_infos,
+        tensor_data_offset,
+        ..
+    } = content;
+
+    let meta = Meta {
+        path: input,
+        map: &metadata,
+    };
+    let architecture = meta.string("general.architecture")?;
+    if architecture != "llama" {
+        return Err(ImportError::UnsupportedArchitecture {
+            path: input.to_path_buf(),
+            architecture,
+        });
+    }
+    let hp = Hparams::read(&meta)?;
+    let plan = plan_tensors(input, &hp, &tensor_infos)?;
+    check_tensor_data(input, &plan, &tensor_infos, tensor_data_offset, file_len)?;
+    let vocab_size = plan[0].shape[0]; // model.embed_tokens: [vocab, hidden]
+    let tie_word_embeddings = !plan.iter().any(|t| t.hf == "lm_head.weight");
+
+    let tokenizer = gguf_tokenizer::build(&meta, vocab_size, hp.context_length)?;
+    let config = json_bytes(&LlamaConfig {
+        architectures: ["LlamaForCausalLM"],
+        attention_bias: false,
+        bos_token_id: tokenizer.bos_token_id,
+        eos_token_id: tokenizer.eos_token_id,
+        head_dim: hp.head_dim,
+        hidden_act: "silu",
+        hidden_size: hp.hidden,
+        intermediate_size: hp.ffn,
+        max_position_embeddings: hp.context_length,
+        mlp_bias: false,
+        model_type: "llama",
+        num_attention_heads: hp.n_head,
+        num_hidden_layers: hp.n_layer,
+        num_key_value_heads: hp.n_head_kv,
+        rms_norm_eps: hp.rms_norm_eps,
+        rope_theta: hp.rope_theta,
+        tie_word_embeddings,
+        torch_dtype: "float32",
+        vocab_size,
+    });
+    drop(metadata);
+
+    // Everything is known to be convertible; now write.
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".sanctum-import-")
+        .tempdir_in(parent)
+        .map_err(io_err(parent))?;
+    let dir = staging.path();
+    let mut files = vec![
+        write_bytes(dir, CONFIG_FILE, &config)?,
+        write_bytes(dir, TOKENIZER_FILE, &tokenizer.tokenizer_json)?,
+        write_bytes(dir, TOKENIZER_CONFIG_FILE, &tokenizer.tokenizer_config_json)?,
+    ];
+    drop(tokenizer);
+
+    let source = RefCell::new(TensorSource {
+        path: input,
+        reader,
+        infos: &tensor_infos,
+        data_offset: tensor_data_offset,
+        error: None,
+    });
+    let views = plan.iter().map(|t| {
+        (
+            t.hf.as_str(),
+            LazyTensor {
+                source: &source,
+                plan: t,
+            },
+        )
+    });
+    let model_path = dir.join(MODEL_FILE);
+    let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+    let written = safetensors::serialize_to_file(views, Some(metadata), &model_path);
+    let TensorSource { error, .. } = source.into_inner();
+    if let Some(e) = error {
+        return Err(e);
+    }
+    written.map_err(|e| ImportError::Io {
+        path: model_path.clone(),
+        source: io::Error::other(e),
+    })?;
+    files.push(hash_and_sync(dir, MODEL_FILE)?);
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+
+    publish(staging, out_dir)?;
+    Ok(GgufImport {
+        architecture,
+        files,
+        input_sha256,
+        tensors: plan.len(),
+    })
+}
+
+/// Refuses an `out_dir` that exists and is not an empty directory.
+fn check_out_dir(out_dir: &Path) -> Result<(), ImportError> {
+    match fs::read_dir(out_dir) {
+        Ok(mut entries) => match entries.next() {
+            None => Ok(()),
+            Some(Ok(_)) => Err(ImportError::OutDirNotEmpty {
+                path: out_dir.to_path_buf(),
+            }),
+            Some(Err(e)) => Err(io_err(out_dir)(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(_) if out_dir.exists() && !out_dir.is_dir() => Err(ImportError::OutDirNotEmpty {
+            path: out_dir.to_path_buf(),
+        }),
+        Err(e) => Err(io_err(out_dir)(e)),
+    }
+}
+
+/// Checks the magic, then parses the header with candle.
+fn read_content(input: &Path, reader: &mut BufReader<File>) -> Result<Content, ImportError> {
+    let mut magic = [0u8; 4];
+    reader.seek(SeekFrom::Start(0)).map_err(io_err(input))?;
+    match reader.read_exact(&mut magic) {
+        Ok(()) if &magic == b"GGUF" => {}
+        Ok(()) => {
+            return Err(ImportError::NotGguf {
+                path: input.to_path_buf(),
+                problem: format!("it starts with {magic:02x?}, not \"GGUF\""),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(ImportError::NotGguf {
+                path: input.to_path_buf(),
+                problem: "shorter than the 4-byte magic".into(),
+            });
+        }
+        Err(e) => return Err(io_err(input)(e)),
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(io_err(input))?;
+    Content::read(reader).map_err(|e| ImportError::Malformed {
+        path: input.to_path_buf(),
+        problem: e.to_string(),
+    })
+}
+
+/// Typed access to the GGUF metadata, with errors naming the file and key.
+pub(crate) struct Meta<'a> {
+    pub(crate) path: &'a Path,
+    map: &'a HashMap<String, Value>,
+}
+
+impl Meta<'_> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key)
+    }
+
+    fn missing(&self, key: &str) -> ImportError {
+        ImportError::MissingMetadata {
+            path: self.path.to_path_buf(),
+            key: key.to_owned(),
+        }
+    }
+
+    pub(crate) fn bad(&self, key: &str, problem: impl Into<String>) -> ImportError {
+        ImportError::BadMetadata {
+            path: self.path.to_path_buf(),
+            key: key.to_owned(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn opt_u64(&self, key: &str) -> Result<Option<u64>, ImportError> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let n = match *v {
+            Value::U8(n) => Some(u64::from(n)),
+            Value::U16(n) => Some(u64::from(n)),
+            Value::U32(n) => Some(u64::from(n)),
+            Value::U64(n) => Some(n),
+            Value::I8(n) => u64::try_from(n).ok(),
+            Value::I16(n) => u64::try_from(n).ok(),
+            Value::I32(n) => u64::try_from(n).ok(),
+            Value::I64(n) => u64::try_from(n).ok(),
+            _ => return Err(self.bad(key, format!("expected an unsigned integer, found {}", describe(v)))),
+        };
+        n.map(Some).ok_or_else(|| self.bad(key, "expected an unsigned integer, found a negative one"))
+    }
+
+    pub(crate) fn u64(&self, key: &str) -> Result<u64, ImportError> {
+        self.opt_u64(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    /// A count or size, which must be positive and fit in memory.
+    fn positive(&self, key: &str) -> Result<usize, ImportError> {
+        match usize::try_from(self.u64(key)?) {
+            Ok(0) => Err(self.bad(key, "must be positive")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(self.bad(key, "too large")),
+        }
+    }
+
+    fn opt_f32(&self, key: &str) -> Result<Option<f32>, ImportError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(*x)),
+            #[allow(clippy::cast_possible_truncation)]
+            Some(Value::F64(x)) => Ok(Some(*x as f32)),
+            Some(v) => Err(self.bad(key, format!("expected a float, found {}", describe(v)))),
+        }
+    }
+
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>, ImportError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.bad(key, format!("expected a bool, found {}", describe(v)))),
+        }
+    }
+
+    pub(crate) fn opt_string(&self, key: &str) -> Result<Option<String>, ImportError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.bad(key, format!("expected a string, found {}", describe(v)))),
+        }
+    }
+
+    pub(crate) fn string(&self, key: &str) -> Result<String, ImportError> {
+        self.opt_string(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    pub(crate) fn opt_array(&self, key: &str) -> Result<Option<&[Value]>, ImportError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(v) => Err(self.bad(key, format!("expected an array, found {}", describe(v)))),
+        }
+    }
+
+    pub(crate) fn array(&self, key: &str) -> Result<&[Value], ImportError> {
+        self.opt_array(key)?.ok_or_else(|| self.missing(key))
+    }
+}
+
+/// A short description of a metadata value's type, for errors.
+pub(crate) fn describe(v: &Value) -> String {
+    match v {
+        Value::Array(a) => format!("an array of {}", a.len()),
+        Value::String(_) => "a string".into(),
+        other => format!("{:?}", other.value_type()),
+    }
+}
+
+/// The f64 whose shortest decimal form is the f32's shortest form (1e-5, not 9.999999747378752e-6).
+fn f32_to_json(x: f32) -> f64 {
+    format!("{x}").parse().unwrap_or(f64::from(x))
+}
+
+/// The hyperparameters read from `llama.*` metadata.
+struct Hparams {
+    hidden: usize,
+    n_layer: usize,
+    ffn: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    context_length: usize,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+}
+
+impl Hparams {
+    fn read(meta: &Meta<'_>) -> Result<Self, ImportError> {
+        let unsupported = |problem: String| ImportError::Unsupported {
+            path: meta.path.to_path_buf(),
+            problem,
+        };
+        let hidden = meta.positive("llama.embedding_length")?;
+        let n_layer = meta.positive("llama.block_count")?;
+        let ffn = meta.positive("llama.feed_forward_length")?;
+        let n_head = meta.positive("llama.attention.head_count")?;
+        let n_head_kv = match meta.get("llama.attention.head_count_kv") {
+            None => n_head,
+            Some(_) => meta.positive("llama.attention.head_count_kv")?,
+        };
+        let context_length = meta.positive("llama.context_length")?;
+        let eps_key = "llama.attention.layer_norm_rms_epsilon";
+        let eps = meta.opt_f32(eps_key)?.ok_or_else(|| meta.missing(eps_key))?;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(meta.bad(eps_key, format!("must be a positive number, found {eps}")));
+        }
+        let theta_key = "llama.rope.freq_base";
+        let theta = meta.opt_f32(theta_key)?.unwrap_or(10_000.0);
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(meta.bad(theta_key, format!("must be a positive number, found {theta}")));
+        }
+        if !hidden.is_multiple_of(n_head) || !(hidden / n_head).is_multiple_of(2) {
+            return Err(meta.bad(
+                "llama.attention.head_count",
+                format!("{n_head} heads do not split embedding_length {hidden} into even head sizes"),
+            ));
+        }
+        if !n_head.is_multiple_of(n_head_kv) {
+            return Err(meta.bad(
+                "llama.attention.head_count_kv",
+                format!("{n_head_kv} is not a divisor of head_count {n_head}"),
+            ));
+        }
+        let head_dim = hidden / n_head;
+        for key in ["llama.attention.key_length", "llama.attention.value_length", "llama.rope.dimension_count"] {
+            if let Some(n) = meta.opt_u64(key)?
+                && n != head_dim as u64
+            {
+                return Err(unsupported(format!(
+                    "{key} = {n} differs from the head size {head_dim} (embedding_length / head_count)"
+                )));
+            }
+        }
+        if let Some(n) = meta.opt_u64("llama.expert_count")?
+            && n > 0
+        {
+            return Err(unsupported(format!("mixture of experts (llama.expert_count = {n})")));
+        }
+        if let Some(kind) = meta.opt_string("llama.rope.scaling.type")?
+            && kind != "none"
+        {
+            return Err(unsupported(format!("RoPE scaling {kind:?} (llama.rope.scaling.type)")));
+        }
+        Ok(Self {
+            hidden,
+            n_layer,
+            ffn,
+            n_head,
+            n_head_kv,
+            head_dim,
+            context_length,
+            rms_norm_eps: f32_to_json(eps),
+            rope_theta: f32_to_json(theta),
+        })
+    }
+}
+
+/// One tensor to write: where it comes from, its Hugging Face name and shape.
+struct PlannedTensor {
+    gguf: String,
+    hf: String,
+    /// Hugging Face shape, outermost first (candle reports GGUF shapes in the same order).
+    shape: Vec<usize>,
+    /// `Some(n_head)` for q/k: undo llama.cpp's rotary row permutation with that many heads.
+    unpermute_heads: Option<usize>,
+}
+
+/// Maps every GGUF tensor to its Hugging Face name and checks shapes. The first entry is the embedding.
+fn plan_tensors(
+    input: &Path,
+    hp: &Hparams,
+    infos: &HashMap<String, TensorInfo>,
+) -> Result<Vec<PlannedTensor>, ImportError> {
+    let (h, f, q, kv) = (hp.hidden, hp.ffn, hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim);
+    let mut plan = Vec::with_capacity(infos.len());
+    let mut add = |gguf: String, hf: String, shape: Vec<usize>, unpermute_heads: Option<usize>, required: bool| {
+        let Some(info) = infos.get(&gguf) else {
+            return if required {
+                Err(ImportError::MissingTensor {
+                    path: input.to_path_buf(),
+                    tensor: gguf,
+                })
+            } else {
+                Ok(())
+            };
+        };
+        let found = info.shape.dims().to_vec();
+        // The vocabulary size is whatever the embedding has (0 here stands for "any").
+        let matches = found.len() == shape.len() && found.iter().zip(&shape).all(|(a, b)| *b == 0 || a == b);
+        if !matches {
+            let expected = shape.iter().zip(&found).map(|(b, a)| if *b == 0 { *a } else { *b }).collect();
+            return Err(ImportError::TensorShape {
+                path: input.to_path_buf(),
+                tensor: gguf,
+                expected,
+                found,
+            });
+        }
+        plan.push(PlannedTensor {
+            gguf,
+            hf,
+            shape: found,
+            unpermute_heads,
+        });
+        Ok(())
+    };
+    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![0, h], None, true)?;
+    for n in 0..hp.n_layer {
+        let layer: [(&str, &str, Vec<usize>, Option<usize>); 9] = [
+            ("attn_norm", "input_layernorm", vec![h], None),
+            ("attn_q", "self_attn.q_proj", vec![q, h], Some(hp.n_head)),
+            ("attn_k", "self_attn.k_proj", vec![kv, h], Some(hp.n_head_kv)),
+            ("attn_v", "self_attn.v_proj", vec![kv, h], None),
+            ("attn_output", "self_attn.o_proj", vec![h, q], None),
+            ("ffn_norm", "post_attention_layernorm", vec![h], None),
+            ("ffn_gate", "mlp.gate_proj", vec![f, h], None),
+            ("ffn_up", "mlp.up_proj", vec![f, h], None),
+            ("ffn_down", "mlp.down_proj", vec![h, f], None),
+        ];
+        for (gguf, hf, shape, unpermute) in layer {
+            add(
+                format!("blk.{n}.{gguf}.weight"),
+                format!("model.layers.{n}.{hf}.weight"),
+                shape,
+                unpermute,
+                true,
+            )?;
+        }
+    }
+    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h], None, true)?;
+    let vocab = plan[0].shape[0];
+    add("output.weight".into(), "lm_head.weight".into(), vec![vocab, h], None, false)?;
+
+    if plan.len() != infos.len() {
+        let known: std::collections::HashSet<&str> = plan.iter().map(|t| t.gguf.as_str()).collect();
+        let mut unknown: Vec<&String> = infos.keys().filter(|k| !known.contains(k.as_str())).collect();
+        unknown.sort();
+        return Err(ImportError::UnexpectedTensor {
+            path: input.to_path_buf(),
+            tensor: unknown.first().map(|s| s.to_string()).unwrap_or_default(),
+        });
+    }
+    Ok(plan)
+}
+
+/// Checks up front that every tensor's bytes lie inside the file, so a truncated file is refused
+/// before anything is written.
+fn check_tensor_data(
+    input: &Path,
+    plan: &[PlannedTensor],
+    infos: &HashMap<String, TensorInfo>,
+    data_offset: u64,
+    file_len: u64,
+) -> Result<(), ImportError> {
+    for t in plan {
+        let info = &infos[&t.gguf];
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let tensor_err = |problem: String| ImportError::Tensor {
+            path: input.to_path_buf(),
+            tensor: t.gguf.clone(),
+            problem,
+        };
+        if !elems.is_multiple_of(block) {
+            return Err(tensor_err(format!(
+                "{elems} elements are not a whole number of {:?} blocks of {block}",
+                info.ggml_dtype
+            )));
+        }
+        let size = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+        let start = data_offset.saturating_add(info.offset);
+        let end = start.saturating_add(size);
+        if end > file_len {
+            return Err(ImportError::Malformed {
+                path: input.to_path_buf(),
+                problem: format!(
+                    "tensor {} needs bytes {start}..{end}, but the file has only {file_len} bytes",
+                    t.gguf
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The open GGUF, shared by the lazily dequantized tensors while `model.safetensors` is written.
+struct TensorSource<'a> {
+    path: &'a Path,
+    reader: BufReader<File>,
+    infos: &'a HashMap<String, TensorInfo>,
+    data_offset: u64,
+    /// The first error met; `View::data` cannot return one, so it is kept here and checked after.
+    error: Option<ImportError>,
+}
+
+impl TensorSource<'_> {
+    /// Reads, dequantizes and (for q/k) un-permutes one tensor, as little-endian f32 bytes.
+    fn load(&mut self, plan: &PlannedTensor) -> Result<Vec<u8>, ImportError> {
+        let tensor_err = |e: candle_core::Error| ImportError::Tensor {
+            path: self.path.to_path_buf(),
+            tensor: plan.gguf.clone(),
+            problem: e.to_string(),
+        };
+        let info = &self.infos[&plan.gguf];
+        let qtensor = info
+            .read(&mut self.reader, self.data_offset, &Device::Cpu)
+            .map_err(tensor_err)?;
+        let tensor = qtensor.dequantize(&Device::Cpu).map_err(tensor_err)?;
+        drop(qtensor);
+        let mut values: Vec<f32> = tensor.flatten_all().and_then(|t| t.to_vec1()).map_err(tensor_err)?;
+        drop(tensor);
+        if let Some(n_head) = plan.unpermute_heads {
+            values = unpermute_rows(&values, n_head, plan.shape[0], plan.shape[1]);
+        }
+        let mut bytes = Vec::with_capacity(values.len() * 4);
+        for x in values {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        Ok(bytes)
+    }
+}
+
+/// Undoes llama.cpp's `permute` of q/k rows: GGUF row (head h, i, j) with i < head_dim/2, j < 2 holds
+/// Hugging Face row (h, j, i). Equivalently: view `[n_head, head_dim/2, 2, cols]`, swap dims 1 and 2.
+fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let head_dim = rows / n_head;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + i * 2 + j;
+                let dst = h * head_dim + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// A tensor dequantized only when the Safetensors writer asks for its bytes.
+struct LazyTensor<'s, 'a> {
+    source: &'s RefCell<TensorSource<'a>>,
+    plan: &'s PlannedTensor,
+}
+
+impl View for LazyTensor<'_, '_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.plan.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut source = self.source.borrow_mut();
+        if source.error.is_some() {
+            return Cow::Owned(Vec::new());
+        }
+        match source.load(self.plan) {
+            Ok(bytes) => Cow::Owned(bytes),
+            Err(e) => {
+                source.error = Some(e);
+                Cow::Owned(Vec::new())
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.plan.shape.iter().product::<usize>() * 4
+    }
+}
+
+/// `config.json`, fields in alphabetical order as transformers writes them.
+#[derive(Serialize)]
+struct LlamaConfig {
+    architectures: [&'static str; 1],
+    attention_bias: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bos_token_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eos_token_id: Option<u32>,
+    head_dim: usize,
+    hidden_act: &'static str,
+    hidden_size: usize,
+    intermediate_size: usize,
+    max_position_embeddings: usize,
+    mlp_bias: bool,
+    model_type: &'static str,
+    num_attention_heads: usize,
+    num_hidden_layers: usize,
+    num_key_value_heads: usize,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    tie_word_embeddings: bool,
+    torch_dtype: &'static str,
+    vocab_size: usize,
+}
+
+/// Pretty JSON with a trailing newline. Only structs and BTreeMaps are serialized, so the key order
+/// never depends on hashing.
+pub(crate) fn json_bytes(value: &impl Serialize) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("serializing plain data to JSON cannot fail");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Writes `bytes` to `dir/name`, fsyncs it, and returns its digest.
+fn write_bytes(dir: &Path, name: &str, bytes: &[u8]) -> Result<ImportedFile, ImportError> {
+    let path = dir.join(name);
+    let mut file = File::create(&path).map_err(io_err(&path))?;
+    file.write_all(bytes).map_err(io_err(&path))?;
+    file.sync_all().map_err(io_err(&path))?;
+    Ok(ImportedFile {
+        path: name.to_owned(),
+        sha256: Sha256Digest::of(bytes),
+        size: bytes.len() as u64,
+    })
+}
+
+/// Re-reads `dir/name` for its digest and fsyncs it.
+fn hash_and_sync(dir: &Path, name: &str) -> Result<ImportedFile, ImportError> {
+    let path = dir.join(name);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    file.sync_all().map_err(io_err(&path))?;
+    let (sha256, size) = Sha256Digest::of_reader(&file).map_err(io_err(&path))?;
+    Ok(ImportedFile {
+        path: name.to_owned(),
+        sha256,
+        size,
+    })
+}
+
+/// Moves the finished staging directory to `out_dir` with one rename.
+fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<(), ImportError> {
+    let dir = staging.path();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // tempfile creates the directory 0700; a model directory is not secret.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
+    }
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    check_out_dir(out_dir)?;
+    match fs::remove_dir(out_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(out_dir)(e)),
+    }
+    fs::rename(dir, out_dir).map_err(io_err(out_dir))?;
+    // Renamed away: nothing is left for the TempDir to clean up.
+    let _ = staging.keep();
+    if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent).and_then(|d| d.sync_all()).map_err(io_err(parent))?;
+    }
+    Ok(())
+}
+
+/// `BTreeMap` alias used by the tokenizer module for ordered JSON maps.
+pub(crate) type OrderedMap<K, V> = BTreeMap<K, V>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(n_head, 2, hd/2, cols).swapaxes(1, 2).reshape(w.shape)
+        let (n_head, head_dim, cols) = (3, 8, 2);
+        let rows = n_head * head_dim;
+        let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for a in 0..2 {
+                for b in 0..head_dim / 2 {
+                    let src = h * head_dim + a * (head_dim / 2) + b;
+                    let dst = h * head_dim + b * 2 + a;
+                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_ne!(gguf, hf);
+        assert_eq!(unpermute_rows(&gguf, n_head, rows, cols), hf);
+    }
+
+    #[test]
+    fn f32_metadata_floats_keep_their_short_form() {
+        assert_eq!(serde_json::to_string(&f32_to_json(1e-5)).unwrap(), "1e-5");
+        assert_eq!(serde_json::to_string(&f32_to_json(1e-6)).unwrap(), "1e-6");
+        assert_eq!(serde_json::to_string(&f32_to_json(100_000.0)).unwrap(), "100000.0");
+        assert_eq!(serde_json::to_string(&f32_to_json(500_000.0)).unwrap(), "500000.0");
+    }
+}

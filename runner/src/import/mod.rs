@@ -1,0 +1,2 @@
+//! Conversions of other formats into verified-store Safetensors directories.
+pub mod gguf;

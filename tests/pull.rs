@@ -1,0 +1,129 @@
+//! Pulling through hf-hub from a hub server on 127.0.0.1 that the test starts.
+
+use std::fs;
+
+use predicates::str::contains;
+
+use crate::support::hf_server::HfServer;
+use crate::support::{lock_text, sanctum, tiny_safetensors};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+struct Hub {
+    server: HfServer,
+    home: tempfile::TempDir,
+    lock: std::path::PathBuf,
+}
+
+/// A served repo `org/tiny` with a few-MB weights file and a nested config, and a lock pinning it.
+fn hub() -> Hub {
+    let big: Vec<u8> = {
+        let data: Vec<u8> = (0..(3 << 20) as u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![data.len()], &data).unwrap();
+        safetensors::serialize([("w", view)], None).unwrap()
+    };
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("model.safetensors".into(), big),
+        ("config.json".into(), b"{\"model_type\":\"bert\"}".to_vec()),
+        ("1_Pooling/config.json".into(), b"{\"pooling_mode_mean_tokens\":true}".to_vec()),
+    ];
+    let source = format!("kind = \"hf\"\nrepo = \"org/tiny\"\nrevision = \"{COMMIT}\"");
+    let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), b.as_slice())).collect();
+    let text = lock_text("tiny", &borrowed, &source);
+    let home = tempfile::TempDir::new().unwrap();
+    let lock = home.path().join("models.lock");
+    fs::write(&lock, text).unwrap();
+    let server = HfServer::start("org/tiny", COMMIT, files);
+    Hub { server, home, lock }
+}
+
+impl Hub {
+    fn sanctum(&self) -> assert_cmd::Command {
+        let mut cmd = sanctum();
+        cmd.arg("--store")
+            .arg(self.home.path().join("store"))
+            .arg("--lock")
+            .arg(&self.lock)
+            .env("HF_ENDPOINT", self.server.endpoint());
+        cmd
+    }
+
+    fn stored_models(&self) -> Vec<String> {
+        let models = self.home.path().join("store/models");
+        let Ok(dirs) = fs::read_dir(&models) else { return vec![] };
+        dirs.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    }
+}
+
+#[test]
+fn pulls_through_hf_hub_verifies_and_second_pull_does_nothing() {
+    let hub = hub();
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .success()
+        .stderr(contains("tiny: pulled and verified"));
+    hub.sanctum()
+        .args(["models", "verify", "tiny"])
+        .assert()
+        .success()
+        .stdout(contains("ok    1_Pooling/config.json"));
+    let requests = hub.server.requests().len();
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .success()
+        .stderr(contains("already in the store and verified"));
+    assert_eq!(hub.server.requests().len(), requests, "a second pull must not touch the network");
+    assert!(hub.server.requests().iter().any(|r| r.contains(COMMIT)));
+}
+
+#[test]
+fn endpoint_flag_overrides_the_environment() {
+    let hub = hub();
+    hub.sanctum()
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .args(["models", "pull", "tiny", "--hf-endpoint", &hub.server.endpoint()])
+        .assert()
+        .success();
+}
+
+#[test]
+fn download_corrupted_midway_leaves_the_store_unchanged() {
+    let hub = hub();
+    hub.server.corrupt_after("model.safetensors", 1 << 20);
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .failure()
+        .stderr(contains("model.safetensors"));
+    assert!(hub.stored_models().is_empty(), "{:?}", hub.stored_models());
+    let tmp = hub.home.path().join("store/tmp");
+    assert_eq!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0), 0, "staging is cleaned up");
+}
+
+#[test]
+fn a_missing_file_on_the_hub_fails_cleanly() {
+    let hub = hub();
+    hub.server.fail_with("config.json", 404);
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .failure()
+        .stderr(contains("config.json"));
+    assert!(hub.stored_models().is_empty());
+}
+
+#[test]
+fn a_damaged_copy_is_replaced_only_by_a_verified_one() {
+    let hub = hub();
+    hub.sanctum().args(["models", "pull", "tiny"]).assert().success();
+    let model_dir = fs::read_dir(hub.home.path().join("store/models/tiny")).unwrap().next().unwrap().unwrap().path();
+    fs::write(model_dir.join("config.json"), b"{\"model_type\":\"evil\"}").unwrap();
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .success()
+        .stderr(contains("was damaged"));
+    hub.sanctum().args(["models", "verify", "tiny"]).assert().success();
+}

@@ -1,0 +1,161 @@
+//! Shared helpers: a fresh directory per test, the `sanctum` binary with an isolated environment, the
+//! real models pulled by `scripts/test`, and tiny Safetensors models made on the spot.
+
+#![allow(dead_code)]
+
+pub mod hf_server;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+/// The `sanctum` binary with no inherited sanctum or hub settings.
+pub fn sanctum() -> Command {
+    let mut cmd = Command::cargo_bin("sanctum").expect("sanctum binary is built");
+    for var in ["SANCTUM_HOME", "SANCTUM_LOCK", "HF_ENDPOINT", "HF_TOKEN"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The store `scripts/test` pulled the real models into, or None (with a notice) when the tests run
+/// without it. With `SANCTUM_REQUIRE_REAL_MODELS=1` (as in CI) a missing store is a failure.
+pub fn real_store() -> Option<PathBuf> {
+    match std::env::var_os("SANCTUM_TEST_HOME") {
+        Some(home) => Some(PathBuf::from(home)),
+        None if std::env::var_os("SANCTUM_REQUIRE_REAL_MODELS").is_some() => {
+            panic!("SANCTUM_REQUIRE_REAL_MODELS is set but SANCTUM_TEST_HOME is not: run scripts/test")
+        }
+        None => {
+            eprintln!("skipped: real models not available (run scripts/test to pull them)");
+            None
+        }
+    }
+}
+
+/// The repository's `models.lock`.
+pub fn repo_lock() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models.lock")
+}
+
+/// A private copy of one real model in a fresh store, so a test can attack it.
+pub struct StoreCopy {
+    pub home: TempDir,
+    pub model_dir: PathBuf,
+}
+
+impl StoreCopy {
+    /// Copies the real model `name` (pulled by scripts/test) into a new store.
+    pub fn of(name: &str) -> Option<Self> {
+        let real = real_store()?;
+        let source_parent = real.join("models").join(name);
+        let digest_dir = fs::read_dir(&source_parent)
+            .unwrap_or_else(|e| panic!("{}: {e}: run scripts/test", source_parent.display()))
+            .next()
+            .expect("one pulled version")
+            .unwrap();
+        let home = TempDir::new().unwrap();
+        let model_dir = home
+            .path()
+            .join("models")
+            .join(name)
+            .join(digest_dir.file_name());
+        copy_tree(&digest_dir.path(), &model_dir);
+        Some(Self { home, model_dir })
+    }
+
+    /// `sanctum --store <copy> --lock <repo lock> ARGS`.
+    pub fn sanctum(&self) -> Command {
+        let mut cmd = sanctum();
+        cmd.arg("--store").arg(self.home.path()).arg("--lock").arg(repo_lock());
+        cmd
+    }
+
+    pub fn file(&self, path: &str) -> PathBuf {
+        self.model_dir.join(path)
+    }
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A tiny valid Safetensors file: one f32 tensor "w" of shape [2, 3].
+pub fn tiny_safetensors() -> Vec<u8> {
+    let data: Vec<u8> = (0..6u8).flat_map(|i| f32::from(i).to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3], &data).unwrap();
+    safetensors::serialize([("w", view)], None).unwrap()
+}
+
+/// A lockfile text with one model `name` whose files are `files` (path, bytes) and the given source
+/// table (TOML lines after `[model.source]`).
+pub fn lock_text(name: &str, files: &[(&str, &[u8])], source: &str) -> String {
+    let mut listing: Vec<(String, String)> =
+        files.iter().map(|(p, b)| (p.to_string(), sha256_hex(b))).collect();
+    listing.sort();
+    let text: String = listing.iter().map(|(p, d)| format!("{d}  {p}\n")).collect();
+    let digest = sha256_hex(text.as_bytes());
+    let mut out = format!(
+        "version = 1\n\n[[model]]\nname = \"{name}\"\ntask = \"embed\"\narchitecture = \"bert\"\n\
+         license = \"Apache-2.0\"\ndigest = \"{digest}\"\n\n[model.source]\n{source}\n"
+    );
+    for (path, bytes) in files {
+        out += &format!(
+            "\n[[model.file]]\npath = \"{path}\"\nsha256 = \"{}\"\nsize = {}\n",
+            sha256_hex(bytes),
+            bytes.len()
+        );
+    }
+    out
+}
+
+/// A store holding one synthetic model exactly as `lock_text` describes it.
+pub struct TinyModel {
+    pub home: TempDir,
+    pub lock: PathBuf,
+    pub model_dir: PathBuf,
+}
+
+pub const HF_SOURCE: &str =
+    "kind = \"hf\"\nrepo = \"org/tiny\"\nrevision = \"0123456789abcdef0123456789abcdef01234567\"";
+
+impl TinyModel {
+    pub fn new(files: &[(&str, &[u8])]) -> Self {
+        let home = TempDir::new().unwrap();
+        let lock = home.path().join("models.lock");
+        let text = lock_text("tiny", files, HF_SOURCE);
+        fs::write(&lock, &text).unwrap();
+        let parsed = attest::lockfile::Lockfile::parse(&text).unwrap();
+        let model_dir = home
+            .path()
+            .join("models/tiny")
+            .join(parsed.models[0].digest.to_hex());
+        for (path, bytes) in files {
+            let p = model_dir.join(path);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, bytes).unwrap();
+        }
+        Self { home, lock, model_dir }
+    }
+
+    pub fn sanctum(&self) -> Command {
+        let mut cmd = sanctum();
+        cmd.arg("--store").arg(self.home.path()).arg("--lock").arg(&self.lock);
+        cmd
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: drive the `sanctum` binary against real and synthetic models.
+
+mod support;
+
+mod attacks;
+mod lockfile;
+mod pull;
