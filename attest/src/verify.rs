@@ -411,14 +411,12 @@ fn read_listed(
     let mut bytes = Vec::with_capacity(capacity);
     let mut hasher = Sha256Hasher::new();
     loop {
+        // read_to_end fills spare capacity without zeroing it first; each round hashes what it added.
         let start = bytes.len();
-        bytes.resize(start + HASH_CHUNK, 0);
-        let n = match reader.read(&mut bytes[start..]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err((None, e.into())),
-        };
-        bytes.truncate(start + n);
+        let n = (&mut reader)
+            .take(HASH_CHUNK as u64)
+            .read_to_end(&mut bytes)
+            .map_err(|e| (None, e.into()))?;
         if n == 0 {
             break;
         }

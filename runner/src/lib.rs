@@ -1,7 +1,17 @@
 //! sanctum's runner: the local model store, the sources models are pulled from, the import that turns
-//! other formats into Safetensors, and (later) inference. Nothing here loads a byte that `attest` has not
+//! other formats into Safetensors, and inference:
+//! chat models ([`chat`]) and sentence embeddings ([`embed`]) built from verified bytes only, with
+//! weights quantized in memory at load ([`quant`]). Nothing here loads a byte that `attest` has not
 //! verified against the lock.
 
+pub mod chat;
+pub mod device;
+pub mod embed;
 pub mod import;
+pub mod models;
+pub mod quant;
+pub mod sampling;
 pub mod source;
 pub mod store;
+pub mod stream;
+pub mod template;

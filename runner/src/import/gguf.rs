@@ -12,14 +12,14 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use attest::Sha256Digest;
-use candle_core::Device;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::{DType, Device, Tensor};
 use safetensors::{Dtype, View};
 use serde::Serialize;
 
@@ -212,7 +212,8 @@ pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportErr
     check_out_dir(out_dir)?;
 
     let file = File::open(input).map_err(io_err(input))?;
-    let (input_sha256, file_len) = Sha256Digest::of_reader(BufReader::new(&file)).map_err(io_err(input))?;
+    let (input_sha256, file_len) =
+        Sha256Digest::of_reader(BufReader::new(&file)).map_err(io_err(input))?;
     let mut reader = BufReader::new(file);
     let content = read_content(input, &mut reader)?;
     let Content {
@@ -392,7 +393,9 @@ impl Meta<'_> {
     }
 
     pub(crate) fn opt_u64(&self, key: &str) -> Result<Option<u64>, ImportError> {
-        let Some(v) = self.get(key) else { return Ok(None) };
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
         let n = match *v {
             Value::U8(n) => Some(u64::from(n)),
             Value::U16(n) => Some(u64::from(n)),
@@ -402,9 +405,15 @@ impl Meta<'_> {
             Value::I16(n) => u64::try_from(n).ok(),
             Value::I32(n) => u64::try_from(n).ok(),
             Value::I64(n) => u64::try_from(n).ok(),
-            _ => return Err(self.bad(key, format!("expected an unsigned integer, found {}", describe(v)))),
+            _ => {
+                return Err(self.bad(
+                    key,
+                    format!("expected an unsigned integer, found {}", describe(v)),
+                ));
+            }
         };
-        n.map(Some).ok_or_else(|| self.bad(key, "expected an unsigned integer, found a negative one"))
+        n.map(Some)
+            .ok_or_else(|| self.bad(key, "expected an unsigned integer, found a negative one"))
     }
 
     pub(crate) fn u64(&self, key: &str) -> Result<u64, ImportError> {
@@ -506,19 +515,26 @@ impl Hparams {
         };
         let context_length = meta.positive("llama.context_length")?;
         let eps_key = "llama.attention.layer_norm_rms_epsilon";
-        let eps = meta.opt_f32(eps_key)?.ok_or_else(|| meta.missing(eps_key))?;
+        let eps = meta
+            .opt_f32(eps_key)?
+            .ok_or_else(|| meta.missing(eps_key))?;
         if !(eps.is_finite() && eps > 0.0) {
             return Err(meta.bad(eps_key, format!("must be a positive number, found {eps}")));
         }
         let theta_key = "llama.rope.freq_base";
         let theta = meta.opt_f32(theta_key)?.unwrap_or(10_000.0);
         if !(theta.is_finite() && theta > 0.0) {
-            return Err(meta.bad(theta_key, format!("must be a positive number, found {theta}")));
+            return Err(meta.bad(
+                theta_key,
+                format!("must be a positive number, found {theta}"),
+            ));
         }
         if !hidden.is_multiple_of(n_head) || !(hidden / n_head).is_multiple_of(2) {
             return Err(meta.bad(
                 "llama.attention.head_count",
-                format!("{n_head} heads do not split embedding_length {hidden} into even head sizes"),
+                format!(
+                    "{n_head} heads do not split embedding_length {hidden} into even head sizes"
+                ),
             ));
         }
         if !n_head.is_multiple_of(n_head_kv) {
@@ -528,7 +544,11 @@ impl Hparams {
             ));
         }
         let head_dim = hidden / n_head;
-        for key in ["llama.attention.key_length", "llama.attention.value_length", "llama.rope.dimension_count"] {
+        for key in [
+            "llama.attention.key_length",
+            "llama.attention.value_length",
+            "llama.rope.dimension_count",
+        ] {
             if let Some(n) = meta.opt_u64(key)?
                 && n != head_dim as u64
             {
@@ -540,12 +560,16 @@ impl Hparams {
         if let Some(n) = meta.opt_u64("llama.expert_count")?
             && n > 0
         {
-            return Err(unsupported(format!("mixture of experts (llama.expert_count = {n})")));
+            return Err(unsupported(format!(
+                "mixture of experts (llama.expert_count = {n})"
+            )));
         }
         if let Some(kind) = meta.opt_string("llama.rope.scaling.type")?
             && kind != "none"
         {
-            return Err(unsupported(format!("RoPE scaling {kind:?} (llama.rope.scaling.type)")));
+            return Err(unsupported(format!(
+                "RoPE scaling {kind:?} (llama.rope.scaling.type)"
+            )));
         }
         Ok(Self {
             hidden,
@@ -577,9 +601,18 @@ fn plan_tensors(
     hp: &Hparams,
     infos: &HashMap<String, TensorInfo>,
 ) -> Result<Vec<PlannedTensor>, ImportError> {
-    let (h, f, q, kv) = (hp.hidden, hp.ffn, hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim);
+    let (h, f, q, kv) = (
+        hp.hidden,
+        hp.ffn,
+        hp.n_head * hp.head_dim,
+        hp.n_head_kv * hp.head_dim,
+    );
     let mut plan = Vec::with_capacity(infos.len());
-    let mut add = |gguf: String, hf: String, shape: Vec<usize>, unpermute_heads: Option<usize>, required: bool| {
+    let mut add = |gguf: String,
+                   hf: String,
+                   shape: Vec<usize>,
+                   unpermute_heads: Option<usize>,
+                   required: bool| {
         let Some(info) = infos.get(&gguf) else {
             return if required {
                 Err(ImportError::MissingTensor {
@@ -592,9 +625,14 @@ fn plan_tensors(
         };
         let found = info.shape.dims().to_vec();
         // The vocabulary size is whatever the embedding has (0 here stands for "any").
-        let matches = found.len() == shape.len() && found.iter().zip(&shape).all(|(a, b)| *b == 0 || a == b);
+        let matches =
+            found.len() == shape.len() && found.iter().zip(&shape).all(|(a, b)| *b == 0 || a == b);
         if !matches {
-            let expected = shape.iter().zip(&found).map(|(b, a)| if *b == 0 { *a } else { *b }).collect();
+            let expected = shape
+                .iter()
+                .zip(&found)
+                .map(|(b, a)| if *b == 0 { *a } else { *b })
+                .collect();
             return Err(ImportError::TensorShape {
                 path: input.to_path_buf(),
                 tensor: gguf,
@@ -610,12 +648,23 @@ fn plan_tensors(
         });
         Ok(())
     };
-    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![0, h], None, true)?;
+    add(
+        "token_embd.weight".into(),
+        "model.embed_tokens.weight".into(),
+        vec![0, h],
+        None,
+        true,
+    )?;
     for n in 0..hp.n_layer {
         let layer: [(&str, &str, Vec<usize>, Option<usize>); 9] = [
             ("attn_norm", "input_layernorm", vec![h], None),
             ("attn_q", "self_attn.q_proj", vec![q, h], Some(hp.n_head)),
-            ("attn_k", "self_attn.k_proj", vec![kv, h], Some(hp.n_head_kv)),
+            (
+                "attn_k",
+                "self_attn.k_proj",
+                vec![kv, h],
+                Some(hp.n_head_kv),
+            ),
             ("attn_v", "self_attn.v_proj", vec![kv, h], None),
             ("attn_output", "self_attn.o_proj", vec![h, q], None),
             ("ffn_norm", "post_attention_layernorm", vec![h], None),
@@ -633,13 +682,29 @@ fn plan_tensors(
             )?;
         }
     }
-    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h], None, true)?;
-    let vocab = plan[0].shape[0];
-    add("output.weight".into(), "lm_head.weight".into(), vec![vocab, h], None, false)?;
+    add(
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        vec![h],
+        None,
+        true,
+    )?;
+    // Present with rank 2: checked by the first `add`.
+    let vocab = infos["token_embd.weight"].shape.dims()[0];
+    add(
+        "output.weight".into(),
+        "lm_head.weight".into(),
+        vec![vocab, h],
+        None,
+        false,
+    )?;
 
     if plan.len() != infos.len() {
         let known: std::collections::HashSet<&str> = plan.iter().map(|t| t.gguf.as_str()).collect();
-        let mut unknown: Vec<&String> = infos.keys().filter(|k| !known.contains(k.as_str())).collect();
+        let mut unknown: Vec<&String> = infos
+            .keys()
+            .filter(|k| !known.contains(k.as_str()))
+            .collect();
         unknown.sort();
         return Err(ImportError::UnexpectedTensor {
             path: input.to_path_buf(),
@@ -711,37 +776,43 @@ impl TensorSource<'_> {
         let qtensor = info
             .read(&mut self.reader, self.data_offset, &Device::Cpu)
             .map_err(tensor_err)?;
-        let tensor = qtensor.dequantize(&Device::Cpu).map_err(tensor_err)?;
+        let mut tensor = qtensor.dequantize(&Device::Cpu).map_err(tensor_err)?;
         drop(qtensor);
-        let mut values: Vec<f32> = tensor.flatten_all().and_then(|t| t.to_vec1()).map_err(tensor_err)?;
-        drop(tensor);
+        if tensor.dtype() != DType::F32 {
+            tensor = tensor.to_dtype(DType::F32).map_err(tensor_err)?;
+        }
         if let Some(n_head) = plan.unpermute_heads {
-            values = unpermute_rows(&values, n_head, plan.shape[0], plan.shape[1]);
+            tensor = unpermute_rows(&tensor, n_head).map_err(tensor_err)?;
         }
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        for x in values {
-            bytes.extend_from_slice(&x.to_le_bytes());
-        }
-        Ok(bytes)
+        let values: Vec<f32> = tensor
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(tensor_err)?;
+        drop(tensor);
+        Ok(f32_le_bytes(&values))
     }
 }
 
-/// Undoes llama.cpp's `permute` of q/k rows: GGUF row (head h, i, j) with i < head_dim/2, j < 2 holds
-/// Hugging Face row (h, j, i). Equivalently: view `[n_head, head_dim/2, 2, cols]`, swap dims 1 and 2.
-fn unpermute_rows(w: &[f32], n_head: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let head_dim = rows / n_head;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * head_dim + i * 2 + j;
-                let dst = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+/// Little-endian bytes of `values`: one copy (a per-element loop is slow in debug builds).
+#[cfg(target_endian = "little")]
+fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    bytemuck::cast_slice(values).to_vec()
+}
+
+/// Little-endian bytes of `values`.
+#[cfg(not(target_endian = "little"))]
+fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Undoes llama.cpp's `permute` of q/k rows (`reshape(n_head, 2, hd/2, cols).swapaxes(1, 2)`): view the
+/// `[rows, cols]` matrix as `[n_head, head_dim/2, 2, cols]`, swap dims 1 and 2, reshape back.
+fn unpermute_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    w.reshape((n_head, rows / n_head / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))
 }
 
 /// A tensor dequantized only when the Safetensors writer asks for its bytes.
@@ -807,7 +878,8 @@ struct LlamaConfig {
 /// Pretty JSON with a trailing newline. Only structs and BTreeMaps are serialized, so the key order
 /// never depends on hashing.
 pub(crate) fn json_bytes(value: &impl Serialize) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec_pretty(value).expect("serializing plain data to JSON cannot fail");
+    let mut bytes =
+        serde_json::to_vec_pretty(value).expect("serializing plain data to JSON cannot fail");
     bytes.push(b'\n');
     bytes
 }
@@ -847,7 +919,9 @@ fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<(), ImportError
         // tempfile creates the directory 0700; a model directory is not secret.
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
     }
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
     check_out_dir(out_dir)?;
     match fs::remove_dir(out_dir) {
         Ok(()) => {}
@@ -858,13 +932,12 @@ fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<(), ImportError
     // Renamed away: nothing is left for the TempDir to clean up.
     let _ = staging.keep();
     if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        File::open(parent).and_then(|d| d.sync_all()).map_err(io_err(parent))?;
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(parent))?;
     }
     Ok(())
 }
-
-/// `BTreeMap` alias used by the tokenizer module for ordered JSON maps.
-pub(crate) type OrderedMap<K, V> = BTreeMap<K, V>;
 
 #[cfg(test)]
 mod tests {
@@ -882,19 +955,30 @@ mod tests {
                 for b in 0..head_dim / 2 {
                     let src = h * head_dim + a * (head_dim / 2) + b;
                     let dst = h * head_dim + b * 2 + a;
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }
         assert_ne!(gguf, hf);
-        assert_eq!(unpermute_rows(&gguf, n_head, rows, cols), hf);
+        let gguf = Tensor::from_vec(gguf, (rows, cols), &Device::Cpu).unwrap();
+        let back = unpermute_rows(&gguf, n_head).unwrap();
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), hf);
     }
 
     #[test]
     fn f32_metadata_floats_keep_their_short_form() {
-        assert_eq!(serde_json::to_string(&f32_to_json(1e-5)).unwrap(), "1e-5");
-        assert_eq!(serde_json::to_string(&f32_to_json(1e-6)).unwrap(), "1e-6");
-        assert_eq!(serde_json::to_string(&f32_to_json(100_000.0)).unwrap(), "100000.0");
-        assert_eq!(serde_json::to_string(&f32_to_json(500_000.0)).unwrap(), "500000.0");
+        for (x, short) in [
+            (1e-5f32, 1e-5f64),
+            (1e-6, 1e-6),
+            (100_000.0, 100_000.0),
+            (500_000.0, 500_000.0),
+        ] {
+            assert_eq!(f32_to_json(x), short);
+            assert_eq!(
+                serde_json::to_string(&f32_to_json(x)).unwrap(),
+                serde_json::to_string(&short).unwrap()
+            );
+        }
     }
 }

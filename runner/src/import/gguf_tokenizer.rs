@@ -85,7 +85,11 @@ struct AddedTokenEntry {
 }
 
 /// Builds both tokenizer files. `vocab_size` is the embedding's row count (ids must fit in it).
-pub(crate) fn build(meta: &Meta<'_>, vocab_size: usize, context_length: usize) -> Result<TokenizerFiles, ImportError> {
+pub(crate) fn build(
+    meta: &Meta<'_>,
+    vocab_size: usize,
+    context_length: usize,
+) -> Result<TokenizerFiles, ImportError> {
     let path = meta.path.to_path_buf();
     let tok_err = |problem: String| ImportError::Tokenizer {
         path: path.clone(),
@@ -112,12 +116,22 @@ pub(crate) fn build(meta: &Meta<'_>, vocab_size: usize, context_length: usize) -
     let tokens = meta
         .array(tokens_key)?
         .iter()
-        .map(|v| v.to_string().map(String::as_str).map_err(|_| meta.bad(tokens_key, format!("expected strings, found {}", describe(v)))))
+        .map(|v| {
+            v.to_string().map(String::as_str).map_err(|_| {
+                meta.bad(
+                    tokens_key,
+                    format!("expected strings, found {}", describe(v)),
+                )
+            })
+        })
         .collect::<Result<Vec<&str>, _>>()?;
     if tokens.is_empty() || tokens.len() > vocab_size {
         return Err(meta.bad(
             tokens_key,
-            format!("{} tokens, but token_embd.weight has {vocab_size} rows", tokens.len()),
+            format!(
+                "{} tokens, but token_embd.weight has {vocab_size} rows",
+                tokens.len()
+            ),
         ));
     }
     let types_key = "tokenizer.ggml.token_type";
@@ -126,11 +140,18 @@ pub(crate) fn build(meta: &Meta<'_>, vocab_size: usize, context_length: usize) -
         Some(values) => {
             let types = values
                 .iter()
-                .map(|v| v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)))
+                .map(|v| {
+                    v.to_i32()
+                        .map(i64::from)
+                        .or_else(|_| v.to_u32().map(i64::from))
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|_| meta.bad(types_key, "expected integers"))?;
             if types.len() != tokens.len() {
-                return Err(meta.bad(types_key, format!("{} types for {} tokens", types.len(), tokens.len())));
+                return Err(meta.bad(
+                    types_key,
+                    format!("{} types for {} tokens", types.len(), tokens.len()),
+                ));
             }
             types
         }
@@ -140,10 +161,20 @@ pub(crate) fn build(meta: &Meta<'_>, vocab_size: usize, context_length: usize) -
         .array(merges_key)?
         .iter()
         .map(|v| {
-            let s = v.to_string().map_err(|_| meta.bad(merges_key, format!("expected strings, found {}", describe(v))))?;
+            let s = v.to_string().map_err(|_| {
+                meta.bad(
+                    merges_key,
+                    format!("expected strings, found {}", describe(v)),
+                )
+            })?;
             s.split_once(' ')
                 .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                .ok_or_else(|| meta.bad(merges_key, format!("merge {s:?} is not two tokens separated by a space")))
+                .ok_or_else(|| {
+                    meta.bad(
+                        merges_key,
+                        format!("merge {s:?} is not two tokens separated by a space"),
+                    )
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -166,7 +197,13 @@ pub(crate) fn build(meta: &Meta<'_>, vocab_size: usize, context_length: usize) -
         match meta.opt_u64(key)? {
             None => Ok(None),
             Some(id) if (id as usize) < tokens.len() => Ok(Some(id as u32)),
-            Some(id) => Err(meta.bad(key, format!("token id {id} is outside the vocabulary of {}", tokens.len()))),
+            Some(id) => Err(meta.bad(
+                key,
+                format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    tokens.len()
+                ),
+            )),
         }
     };
     let bos = special_id("tokenizer.ggml.bos_token_id")?;
@@ -182,24 +219,37 @@ pub(crate) fn build(meta: &Meta<'_>, vocab_size: usize, context_length: usize) -
     let mut tokenizer = Tokenizer::new(bpe);
     let byte_level_regex = ByteLevel::new(false, true, true);
     let pre_tokenizer = match pre {
-        Pre::Smollm => PreTokenizerWrapper::Sequence(tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            PreTokenizerWrapper::ByteLevel(byte_level_regex),
-        ])),
+        Pre::Smollm => PreTokenizerWrapper::Sequence(
+            tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                PreTokenizerWrapper::ByteLevel(byte_level_regex),
+            ]),
+        ),
         Pre::Gpt2 => PreTokenizerWrapper::ByteLevel(byte_level_regex),
-        Pre::Llama3 => PreTokenizerWrapper::Sequence(tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
-            PreTokenizerWrapper::Split(
-                Split::new(SplitPattern::Regex(LLAMA3_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+        Pre::Llama3 => PreTokenizerWrapper::Sequence(
+            tokenizers::pre_tokenizers::sequence::Sequence::new(vec![
+                PreTokenizerWrapper::Split(
+                    Split::new(
+                        SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
                     .map_err(|e| tok_err(format!("pre-tokenizer regex: {e}")))?,
-            ),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
-        ])),
+                ),
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+            ]),
+        ),
     };
     tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
     let byte_level_post = PostProcessorWrapper::ByteLevel(ByteLevel::new(false, false, true));
     let post = if add_bos || add_eos {
-        let template = template(&tokens, add_bos.then_some(bos), add_eos.then_some(eos), meta)?;
+        let template = template(
+            &tokens,
+            add_bos.then_some(bos),
+            add_eos.then_some(eos),
+            meta,
+        )?;
         PostProcessorWrapper::Sequence(tokenizers::processors::sequence::Sequence::new(vec![
             byte_level_post,
             PostProcessorWrapper::Template(template),
@@ -236,10 +286,13 @@ pub(crate) fn build(meta: &Meta<'_>, vocab_size: usize, context_length: usize) -
         );
     }
 
-    let mut tokenizer_json = tokenizer.to_string(true).map_err(|e| tok_err(format!("serializing: {e}")))?;
+    let mut tokenizer_json = tokenizer
+        .to_string(true)
+        .map_err(|e| tok_err(format!("serializing: {e}")))?;
     drop(tokenizer);
     // What is written must load: check it the way every consumer will read it.
-    Tokenizer::from_str(&tokenizer_json).map_err(|e| tok_err(format!("the result does not load: {e}")))?;
+    Tokenizer::from_str(&tokenizer_json)
+        .map_err(|e| tok_err(format!("the result does not load: {e}")))?;
     tokenizer_json.push('\n');
 
     let name = |id: Option<u32>| id.map(|id| tokens[id as usize].to_owned());
@@ -273,9 +326,13 @@ fn template(
     meta: &Meta<'_>,
 ) -> Result<TemplateProcessing, ImportError> {
     let mut specials: HashMap<&str, u32> = HashMap::new();
-    let mut piece = |want: Option<Option<u32>>, id_key: &str, flag_key: &str| -> Result<Option<&str>, ImportError> {
+    let mut piece = |want: Option<Option<u32>>,
+                     id_key: &str,
+                     flag_key: &str|
+     -> Result<Option<&str>, ImportError> {
         let Some(id) = want else { return Ok(None) };
-        let id = id.ok_or_else(|| meta.bad(flag_key, format!("is true, but {id_key} is missing")))?;
+        let id =
+            id.ok_or_else(|| meta.bad(flag_key, format!("is true, but {id_key} is missing")))?;
         let token = tokens[id as usize];
         // Template pieces are parsed from text: `$…` names a sequence, `:` starts a type id.
         if token.is_empty() || token.starts_with('$') || token.contains([':', ' ']) {
@@ -287,8 +344,16 @@ fn template(
         specials.insert(token, id);
         Ok(Some(token))
     };
-    let bos = piece(bos, "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token")?;
-    let eos = piece(eos, "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_eos_token")?;
+    let bos = piece(
+        bos,
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.add_bos_token",
+    )?;
+    let eos = piece(
+        eos,
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_eos_token",
+    )?;
     let mut single = Vec::new();
     let mut pair = Vec::new();
     if let Some(b) = bos {
@@ -308,19 +373,18 @@ fn template(
     if let Some(e) = eos {
         pair.push(format!("{e}:1"));
     }
-    let mut specials: Vec<(String, u32)> = specials.into_iter().map(|(t, id)| (t.to_owned(), id)).collect();
+    let mut specials: Vec<(String, u32)> = specials
+        .into_iter()
+        .map(|(t, id)| (t.to_owned(), id))
+        .collect();
     specials.sort();
-    TemplateProcessing::builder()
-        .try_single(single)
-        .and_then(|b| b.try_pair(pair))
-        .map_err(|e| ImportError::Tokenizer {
-            path: meta.path.to_path_buf(),
-            problem: format!("template: {e}"),
-        })?
-        .special_tokens(specials)
-        .build()
-        .map_err(|e| ImportError::Tokenizer {
-            path: meta.path.to_path_buf(),
-            problem: format!("template: {e}"),
-        })
+    let template_err = |problem: String| ImportError::Tokenizer {
+        path: meta.path.to_path_buf(),
+        problem: format!("template: {problem}"),
+    };
+    let mut builder = TemplateProcessing::builder();
+    builder.try_single(single).map_err(template_err)?;
+    builder.try_pair(pair).map_err(template_err)?;
+    builder.special_tokens(specials);
+    builder.build().map_err(|e| template_err(e.to_string()))
 }

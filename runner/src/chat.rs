@@ -1,0 +1,501 @@
+//! Chat models: a verified model turned into a tokenizer, a chat template and a quantized Llama-family
+//! network, and the generation loop that streams text out of them.
+//!
+//! The key/value cache outlives a generation: the next prompt is compared with the tokens already
+//! in the cache and only the part after their common prefix is fed, so a multi-turn chat does not
+//! re-read its history.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use attest::Sha256Digest;
+use attest::verify::VerifiedModel;
+use candle_core::Device;
+use candle_core::safetensors::SliceSafetensors;
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use crate::models::llama::{self, Llama};
+use crate::models::{self, Family, LoadError};
+use crate::quant::{Choice, Quant};
+use crate::sampling::{InvalidParams, Sampler, SamplingParams};
+use crate::stream::{DecodeError, StopMatcher, TextStream};
+use crate::template::{ChatTemplate, Message, TemplateError, TokenizerConfig};
+
+/// Tokens that end a turn in common chat formats, used when present in the vocabulary.
+const END_OF_TURN: [&str; 8] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
+/// Prompt tokens are fed in chunks of this many, to bound the attention matrix's size.
+const PROMPT_CHUNK: usize = 512;
+
+/// How to load a chat model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The format weights run in.
+    pub quant: Quant,
+    /// Where to run.
+    pub device: Device,
+    /// Most tokens (prompt and reply) held at once; None: the model's own maximum.
+    pub context: Option<usize>,
+}
+
+/// How to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate; None: until the end of the turn or the context is full.
+    pub max_tokens: Option<usize>,
+    /// Strings that end the reply (they are not part of it).
+    pub stop: Vec<String>,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-turn token.
+    EndOfTurn,
+    /// A stop string appeared.
+    StopString,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+    /// The text sink asked to stop.
+    Cancelled,
+}
+
+impl StopReason {
+    /// Short name for reports: `eos`, `stop`, `length`, `context`, `cancelled`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::EndOfTurn => "eos",
+            Self::StopString => "stop",
+            Self::MaxTokens => "length",
+            Self::ContextFull => "context",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The text emitted (without stop strings or the end-of-turn token).
+    pub text: String,
+    /// Generated token ids (the end-of-turn token excluded).
+    pub tokens: Vec<u32>,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (the rest came from the cache).
+    pub prompt_evaluated: usize,
+    /// Time spent on the prompt, up to the first token's logits.
+    pub prompt_time: Duration,
+    /// Forward passes after the prompt.
+    pub decode_passes: usize,
+    /// Time spent generating after the prompt.
+    pub decode_time: Duration,
+    /// Why it stopped.
+    pub stop: StopReason,
+}
+
+impl Generation {
+    /// Prompt tokens per second (over the tokens computed).
+    pub fn prompt_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_evaluated, self.prompt_time)
+    }
+
+    /// Generated tokens per second (forward passes over their time, as llama.cpp counts).
+    pub fn generation_tokens_per_second(&self) -> f64 {
+        rate(self.decode_passes, self.decode_time)
+    }
+}
+
+fn rate(n: usize, t: Duration) -> f64 {
+    let s = t.as_secs_f64();
+    if s > 0.0 { n as f64 / s } else { 0.0 }
+}
+
+/// Generation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GenerateError {
+    /// The prompt has no tokens.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// The prompt does not fit the context.
+    #[error(
+        "the prompt has {tokens} tokens, but the context holds {context} (with room for at least one more): shorten it or raise --ctx"
+    )]
+    PromptTooLong {
+        /// Prompt tokens.
+        tokens: usize,
+        /// The context.
+        context: usize,
+    },
+    /// The model has no chat template.
+    #[error("model {0:?} has no chat template: send the prompt as is with --raw")]
+    NoTemplate(String),
+    /// Rendering the template failed (including the template's own `raise_exception`).
+    #[error("chat template: {0}")]
+    Template(#[from] TemplateError),
+    /// Tokenizing failed.
+    #[error("cannot tokenize: {0}")]
+    Tokenize(String),
+    /// Decoding failed.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A sampling setting is out of range.
+    #[error(transparent)]
+    Sampling(#[from] InvalidParams),
+    /// The network failed.
+    #[error("inference failed: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// A loaded chat model with its key/value cache.
+pub struct ChatModel {
+    name: String,
+    digest: Sha256Digest,
+    model: Llama,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    stop_tokens: Vec<u32>,
+    quant: Quant,
+    choices: Vec<Choice>,
+    device: Device,
+    /// Tokens whose keys and values are in the model's cache, in order.
+    cached: Vec<u32>,
+}
+
+impl std::fmt::Debug for ChatModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatModel")
+            .field("name", &self.name)
+            .field("quant", &self.quant)
+            .field("context", &self.model.context())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `eos_token_id` as `config.json` and `generation_config.json` write it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct EosFields {
+    #[serde(default)]
+    eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+}
+
+impl ChatModel {
+    /// Builds a chat model from verified bytes. The model is consumed so that its weight bytes are
+    /// freed as soon as they are quantized.
+    pub fn load(model: VerifiedModel, options: &LoadOptions) -> Result<Self, LoadError> {
+        let name = model.name.clone();
+        let variant = match models::family(&model)? {
+            Family::Llama(v) => v,
+            Family::Bert => {
+                return Err(LoadError::WrongTask {
+                    model: name,
+                    found: "BERT embedding",
+                    wanted: "use `sanctum embed` for it",
+                });
+            }
+        };
+        let config: llama::Config = models::json_file(&model, "config.json")?;
+        config.check().map_err(|problem| LoadError::Unsupported {
+            model: name.clone(),
+            problem,
+        })?;
+        let eos: EosFields = models::json_file(&model, "config.json")?;
+        let generation: Option<EosFields> = models::optional_json(&model, "generation_config.json")?;
+        let max = eos.max_position_embeddings.unwrap_or(4096);
+        let context = match options.context {
+            Some(c) if c > max => {
+                return Err(LoadError::Context {
+                    model: name,
+                    requested: c,
+                    max,
+                });
+            }
+            Some(c) => c.max(1),
+            None => max,
+        };
+
+        let tokenizer = Tokenizer::from_bytes(models::file_bytes(&model, "tokenizer.json")?)
+            .map_err(|e| LoadError::Tokenizer {
+                model: name.clone(),
+                problem: e.to_string(),
+            })?;
+        let tok_config = match model.file("tokenizer_config.json") {
+            Some(f) => TokenizerConfig::parse(&f.bytes).map_err(|e| LoadError::Tokenizer {
+                model: name.clone(),
+                problem: format!("tokenizer_config.json: {e}"),
+            })?,
+            None => TokenizerConfig::default(),
+        };
+        let template = match &tok_config.chat_template {
+            Some(source) => Some(
+                ChatTemplate::new(source, tok_config.special.clone()).map_err(|source| {
+                    LoadError::Template {
+                        model: name.clone(),
+                        source,
+                    }
+                })?,
+            ),
+            None => None,
+        };
+
+        let mut stop_tokens: Vec<u32> = Vec::new();
+        for ids in [eos.eos_token_id, generation.and_then(|g| g.eos_token_id)]
+            .into_iter()
+            .flatten()
+        {
+            match ids {
+                TokenIds::One(id) => stop_tokens.push(id),
+                TokenIds::Many(list) => stop_tokens.extend(list),
+            }
+        }
+        let named = tok_config.special.eos.iter().map(String::as_str).chain(END_OF_TURN);
+        stop_tokens.extend(named.filter_map(|t| tokenizer.token_to_id(t)));
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
+
+        let digest = model.digest;
+        let weights_path = "model.safetensors";
+        let (llama, choices) = {
+            let bytes = models::file_bytes(&model, weights_path)?;
+            let st = SliceSafetensors::new(bytes).map_err(|source| LoadError::Weights {
+                model: name.clone(),
+                source,
+            })?;
+            Llama::load(&config, variant, &st, options.quant, &options.device, context).map_err(|source| {
+                LoadError::Weights {
+                    model: name.clone(),
+                    source,
+                }
+            })?
+        };
+        drop(model);
+        Ok(Self {
+            name,
+            digest,
+            model: llama,
+            tokenizer,
+            template,
+            stop_tokens,
+            quant: options.quant,
+            choices,
+            device: options.device.clone(),
+            cached: Vec::new(),
+        })
+    }
+
+    /// Model name from the lock.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Model digest from the lock.
+    pub fn digest(&self) -> Sha256Digest {
+        self.digest
+    }
+
+    /// The format asked for.
+    pub fn quant(&self) -> Quant {
+        self.quant
+    }
+
+    /// The format each weight matrix got, with the reason when it differs from the one asked for.
+    pub fn choices(&self) -> &[Choice] {
+        &self.choices
+    }
+
+    /// Where it runs.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Most tokens held at once.
+    pub fn context(&self) -> usize {
+        self.model.context()
+    }
+
+    /// Token ids that end a turn.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// True when the model ships a chat template.
+    pub fn has_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Renders a conversation with the model's chat template.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, GenerateError> {
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| GenerateError::NoTemplate(self.name.clone()))?;
+        Ok(template.render(messages, add_generation_prompt)?)
+    }
+
+    /// Tokenizes a rendered prompt (its special tokens are already written out in the text).
+    pub fn tokenize_rendered(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
+        self.encode(text, false)
+    }
+
+    /// Tokenizes raw text as the tokenizer's post-processor would (BOS added where it adds it).
+    pub fn tokenize_raw(&self, text: &str) -> Result<Vec<u32>, GenerateError> {
+        self.encode(text, true)
+    }
+
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, GenerateError> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special)
+            .map_err(|e| GenerateError::Tokenize(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Forgets the cached conversation.
+    pub fn reset(&mut self) {
+        self.model.clear_kv_cache();
+        self.cached.clear();
+    }
+
+    /// Tokens currently in the key/value cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// Generates a reply to `prompt` (token ids), calling `on_text` with each piece of text as soon
+    /// as it is complete; `on_text` returning `Break` stops generation.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, GenerateError> {
+        options.sampling.validate()?;
+        let context = self.model.context();
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if prompt.len() >= context {
+            return Err(GenerateError::PromptTooLong {
+                tokens: prompt.len(),
+                context,
+            });
+        }
+
+        // Reuse the cached prefix; always compute at least the last prompt token for its logits.
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        self.model.truncate(common);
+        self.cached.truncate(common);
+
+        let started = Instant::now();
+        let mut logits = None;
+        for chunk in prompt[common..].chunks(PROMPT_CHUNK) {
+            logits = Some(self.model.forward(chunk)?);
+            self.cached.extend_from_slice(chunk);
+        }
+        let Some(logits) = logits else {
+            return Err(GenerateError::EmptyPrompt);
+        };
+        let mut logits: Vec<f32> = logits.to_vec1()?;
+        let prompt_time = started.elapsed();
+
+        let mut sampler = Sampler::new(options.sampling.clone());
+        let mut history = prompt.to_vec();
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        let mut stream = TextStream::new();
+        let mut stops = StopMatcher::new(&options.stop);
+        let mut passes = 0;
+        let decode_started = Instant::now();
+        let mut stop = loop {
+            if options.max_tokens == Some(0) {
+                break StopReason::MaxTokens;
+            }
+            let next = sampler.sample(&mut logits, &history);
+            if self.stop_tokens.contains(&next) {
+                break StopReason::EndOfTurn;
+            }
+            tokens.push(next);
+            history.push(next);
+            let piece = stream.push(&self.tokenizer, next)?;
+            let (emit, stopped) = stops.push(&piece);
+            if !emit.is_empty() {
+                text.push_str(&emit);
+                if on_text(&emit).is_break() {
+                    break StopReason::Cancelled;
+                }
+            }
+            if stopped {
+                break StopReason::StopString;
+            }
+            if options.max_tokens.is_some_and(|max| tokens.len() >= max) {
+                break StopReason::MaxTokens;
+            }
+            if self.model.cached() >= context {
+                break StopReason::ContextFull;
+            }
+            logits = self.model.forward(&[next])?.to_vec1()?;
+            self.cached.push(next);
+            passes += 1;
+        };
+        let decode_time = decode_started.elapsed();
+        if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
+            let piece = stream.finish(&self.tokenizer)?;
+            let (mut emit, stopped) = stops.push(&piece);
+            if stopped {
+                stop = StopReason::StopString;
+            } else {
+                emit.push_str(&stops.finish());
+            }
+            if !emit.is_empty() {
+                text.push_str(&emit);
+                // Nothing more follows, so a request to stop changes nothing.
+                let _ = on_text(&emit);
+            }
+        }
+        Ok(Generation {
+            text,
+            tokens,
+            prompt_tokens: prompt.len(),
+            prompt_evaluated: prompt.len() - common,
+            prompt_time,
+            decode_passes: passes,
+            decode_time,
+            stop,
+        })
+    }
+}

@@ -1,0 +1,566 @@
+//! The Llama family (Llama 2/3.x, SmolLM, Mistral, Qwen2/2.5) from Hugging Face checkpoints, with
+//! every matrix quantized in memory at load.
+//!
+//! Weights keep the Hugging Face layout (`model.layers.N.self_attn.q_proj.weight`, rotary embedding
+//! on the two halves of each head), so nothing is permuted. Qwen2 differs only by biases on the q, k,
+//! v projections; Mistral's sliding window equals or exceeds the contexts run here.
+
+use candle_core::quantized::QMatMul;
+use candle_core::safetensors::SliceSafetensors;
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use serde::Deserialize;
+
+use crate::quant::{self, Choice, Quant, Role};
+
+/// The variants of the family, as `config.json` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `MistralForCausalLM`.
+    Mistral,
+    /// `Qwen2ForCausalLM`: biases on q, k and v.
+    Qwen2,
+}
+
+/// `config.json` of a Llama-family checkpoint (the fields used here).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RoPE scaling (Llama 3.1+ `llama3`, or `linear`).
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Longest context the model was trained for.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// The output head reuses the token embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k, v and o (Llama); Qwen2 has q, k, v biases without this field.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    /// Biases in the MLP.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Activation; only `silu` is supported.
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+/// `rope_scaling` in `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeScaling {
+    /// `llama3`, `linear` or `default`.
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    /// Scaling factor.
+    #[serde(default = "one")]
+    pub factor: f64,
+    /// Llama 3: low-frequency factor.
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    /// Llama 3: high-frequency factor.
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    /// Llama 3: the context the base model was trained for.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn four() -> f64 {
+    4.0
+}
+
+impl Config {
+    /// Query heads' width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Checks what this implementation supports; the message says what is not.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(act) = &self.hidden_act
+            && act != "silu"
+        {
+            return Err(format!("hidden_act {act:?} is not supported (only silu)"));
+        }
+        let (heads, kv) = (self.num_attention_heads, self.kv_heads());
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            return Err(format!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            ));
+        }
+        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even and positive", self.head_dim()));
+        }
+        if self.num_hidden_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            return Err("hidden_size, num_hidden_layers and vocab_size must be positive".into());
+        }
+        if let Some(s) = &self.rope_scaling
+            && !matches!(s.rope_type.as_str(), "llama3" | "linear" | "default")
+        {
+            return Err(format!("rope_scaling type {:?} is not supported", s.rope_type));
+        }
+        Ok(())
+    }
+
+    /// Inverse frequencies of the rotary embedding, after scaling.
+    fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim();
+        let base: Vec<f64> = (0..d)
+            .step_by(2)
+            .map(|i| 1.0 / self.rope_theta.powf(i as f64 / d as f64))
+            .collect();
+        let scaled: Vec<f64> = match &self.rope_scaling {
+            Some(s) if s.rope_type == "linear" => base.iter().map(|f| f / s.factor).collect(),
+            Some(s) if s.rope_type == "llama3" => {
+                let original = s.original_max_position_embeddings.unwrap_or(8192.0);
+                let low_wavelen = original / s.low_freq_factor;
+                let high_wavelen = original / s.high_freq_factor;
+                base.iter()
+                    .map(|&freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < high_wavelen {
+                            freq
+                        } else if wavelen > low_wavelen {
+                            freq / s.factor
+                        } else {
+                            let smooth = (original / wavelen - s.low_freq_factor)
+                                / (s.high_freq_factor - s.low_freq_factor);
+                            (1.0 - smooth) * freq / s.factor + smooth * freq
+                        }
+                    })
+                    .collect()
+            }
+            _ => base,
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+}
+
+/// A linear layer: a (possibly quantized) weight and an optional bias.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Growing key/value cache of one layer, `[batch, kv_heads, positions, head_dim]`.
+#[derive(Debug, Clone, Default)]
+struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+/// Positions the cache grows by at least.
+const CACHE_CHUNK: usize = 256;
+
+impl KvCache {
+    fn append(&mut self, k: &Tensor, v: &Tensor, max: usize) -> Result<(Tensor, Tensor)> {
+        let add = k.dim(2)?;
+        let need = self.len + add;
+        let cap = match &self.k {
+            Some(t) => t.dim(2)?,
+            None => 0,
+        };
+        if need > cap {
+            let new_cap = need.next_multiple_of(CACHE_CHUNK).max(cap * 2).min(max.max(need));
+            self.k = Some(Self::grow(self.k.as_ref(), k, self.len, new_cap)?);
+            self.v = Some(Self::grow(self.v.as_ref(), v, self.len, new_cap)?);
+        }
+        let (Some(kb), Some(vb)) = (&self.k, &self.v) else {
+            candle_core::bail!("kv cache not allocated")
+        };
+        kb.slice_set(k, 2, self.len)?;
+        vb.slice_set(v, 2, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+
+    fn grow(old: Option<&Tensor>, like: &Tensor, len: usize, cap: usize) -> Result<Tensor> {
+        let mut shape = like.dims().to_vec();
+        shape[2] = cap;
+        let buf = Tensor::zeros(shape, like.dtype(), like.device())?;
+        if let Some(old) = old
+            && len > 0
+        {
+            buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        }
+        Ok(buf)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    cache: KvCache,
+}
+
+/// A loaded Llama-family model with its key/value cache.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed: QMatMul,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    eps: f32,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    context: usize,
+    vocab: usize,
+    device: Device,
+    /// Tokens whose keys and values are in the cache.
+    cached: usize,
+}
+
+/// Reads tensors out of a verified Safetensors buffer and quantizes them one at a time.
+struct Loader<'a> {
+    st: &'a SliceSafetensors<'a>,
+    quant: Quant,
+    device: &'a Device,
+    choices: Vec<Choice>,
+}
+
+impl Loader<'_> {
+    fn raw(&self, name: &str) -> Result<Tensor> {
+        self.st.load(name, &Device::Cpu)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+
+    /// A vector (norm weight, bias), f32 on the device.
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self.raw(name)?;
+        if t.dims() != [len] {
+            candle_core::bail!("{name}: shape {:?}, expected [{len}]", t.dims());
+        }
+        t.to_dtype(DType::F32)?.to_device(self.device)
+    }
+
+    /// A `[rows, cols]` matrix in the chosen format.
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize, role: Role) -> Result<QMatMul> {
+        let t = self.raw(name)?;
+        if t.dims() != [rows, cols] {
+            candle_core::bail!("{name}: shape {:?}, expected [{rows}, {cols}]", t.dims());
+        }
+        let choice = quant::choose(name, self.quant, role, cols);
+        let m = quant::quantize_matrix(&t, choice.used, self.device)?;
+        self.choices.push(choice);
+        Ok(m)
+    }
+
+    fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear> {
+        let weight = self.matrix(&format!("{name}.weight"), rows, cols, Role::Layer)?;
+        let bias = if bias {
+            Some(self.vector(&format!("{name}.bias"), rows)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}
+
+impl Llama {
+    /// Builds the model from a Safetensors buffer, quantizing each matrix to `quant` on `device`.
+    /// `context` is the most positions it will ever hold. Returns the format chosen per matrix.
+    pub fn load(
+        config: &Config,
+        variant: Variant,
+        weights: &SliceSafetensors<'_>,
+        quant: Quant,
+        device: &Device,
+        context: usize,
+    ) -> Result<(Self, Vec<Choice>)> {
+        if let Err(problem) = config.check() {
+            candle_core::bail!("{problem}");
+        }
+        let (hidden, head_dim) = (config.hidden_size, config.head_dim());
+        let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
+        let qkv_bias = config.attention_bias.unwrap_or(variant == Variant::Qwen2);
+        let o_bias = config.attention_bias.unwrap_or(false) && variant != Variant::Qwen2;
+        let mut loader = Loader {
+            st: weights,
+            quant,
+            device,
+            choices: Vec::new(),
+        };
+        let tied = config.tie_word_embeddings || !loader.has("lm_head.weight");
+        let embed_role = if tied { Role::Output } else { Role::Layer };
+        let embed = loader.matrix("model.embed_tokens.weight", config.vocab_size, hidden, embed_role)?;
+        let lm_head = if tied {
+            embed.clone()
+        } else {
+            loader.matrix("lm_head.weight", config.vocab_size, hidden, Role::Output)?
+        };
+        let inter = config.intermediate_size;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: loader.vector(&format!("{p}.input_layernorm.weight"), hidden)?,
+                post_attention_norm: loader
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+                q: loader.linear(&format!("{p}.self_attn.q_proj"), heads * head_dim, hidden, qkv_bias)?,
+                k: loader.linear(&format!("{p}.self_attn.k_proj"), kv_heads * head_dim, hidden, qkv_bias)?,
+                v: loader.linear(&format!("{p}.self_attn.v_proj"), kv_heads * head_dim, hidden, qkv_bias)?,
+                o: loader.linear(&format!("{p}.self_attn.o_proj"), hidden, heads * head_dim, o_bias)?,
+                gate: loader.linear(&format!("{p}.mlp.gate_proj"), inter, hidden, config.mlp_bias)?,
+                up: loader.linear(&format!("{p}.mlp.up_proj"), inter, hidden, config.mlp_bias)?,
+                down: loader.linear(&format!("{p}.mlp.down_proj"), hidden, inter, config.mlp_bias)?,
+                cache: KvCache::default(),
+            });
+        }
+        let norm = loader.vector("model.norm.weight", hidden)?;
+
+        let inv_freq = config.inv_freq();
+        let half = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), &Device::Cpu)?;
+        let positions = Tensor::arange(0u32, context as u32, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .reshape((context, 1))?;
+        let freqs = positions.matmul(&inv_freq)?;
+        let cos = freqs.cos()?.to_device(device)?;
+        let sin = freqs.sin()?.to_device(device)?;
+
+        let model = Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            eps: config.rms_norm_eps as f32,
+            heads,
+            kv_heads,
+            head_dim,
+            context,
+            vocab: config.vocab_size,
+            device: device.clone(),
+            cached: 0,
+        };
+        Ok((model, loader.choices))
+    }
+
+    /// Most positions the model holds (prompt and generated tokens together).
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Number of tokens in the key/value cache.
+    pub fn cached(&self) -> usize {
+        self.cached
+    }
+
+    /// Forgets every cached position after the first `len`.
+    pub fn truncate(&mut self, len: usize) {
+        self.cached = self.cached.min(len);
+        for layer in &mut self.layers {
+            layer.cache.len = self.cached;
+        }
+    }
+
+    /// Empties the key/value cache.
+    pub fn clear_kv_cache(&mut self) {
+        self.cached = 0;
+        for layer in &mut self.layers {
+            layer.cache = KvCache::default();
+        }
+    }
+
+    /// Feeds `tokens` after the cached ones; returns the logits (f32, `[vocab]`) that follow the last.
+    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let seq = tokens.len();
+        if seq == 0 {
+            candle_core::bail!("forward needs at least one token");
+        }
+        let pos = self.cached;
+        if pos + seq > self.context {
+            candle_core::bail!(
+                "{} positions exceed the context of {}",
+                pos + seq,
+                self.context
+            );
+        }
+        let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed.embedding(&ids)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        let mask = if seq > 1 {
+            Some(causal_mask(seq, pos, &self.device)?)
+        } else {
+            None
+        };
+        let context = self.context;
+        let (heads, kv_heads, head_dim, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
+        for layer in &mut self.layers {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let attn = attention(layer, &h, &cos, &sin, mask.as_ref(), heads, kv_heads, head_dim, context)?;
+            x = (x + attn)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
+            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+            let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        self.cached = pos + seq;
+        let last = x.i((.., seq - 1, ..))?.contiguous()?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let logits = self.lm_head.forward(&last)?;
+        logits.squeeze(0)?.to_dtype(DType::F32)
+    }
+}
+
+/// Additive causal mask `[seq, pos + seq]`: query `i` (at position `pos + i`) sees keys `0..=pos + i`.
+fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let kv = pos + seq;
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..kv).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (seq, kv), device)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    layer: &mut Layer,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    context: usize,
+) -> Result<Tensor> {
+    let (b, seq, _) = x.dims3()?;
+    let q = layer.q.forward(x)?;
+    let k = layer.k.forward(x)?;
+    let v = layer.v.forward(x)?;
+    let q = q.reshape((b, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+    let k = k.reshape((b, seq, kv_heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+    let v = v.reshape((b, seq, kv_heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+    let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+    let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+    let (k, v) = layer.cache.append(&k, &v, context)?;
+    let kv_len = k.dim(2)?;
+
+    // Grouped-query attention without copying keys: the query heads sharing one key/value head
+    // become rows of one matrix, `[b, kv_heads, group * seq, head_dim]`.
+    let group = heads / kv_heads;
+    let q = q.reshape((b, kv_heads, group * seq, head_dim))?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut att = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        att = att
+            .reshape((b, kv_heads, group, seq, kv_len))?
+            .broadcast_add(mask)?
+            .reshape((b, kv_heads, group * seq, kv_len))?;
+    }
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    let y = att.matmul(&v)?;
+    let y = y
+        .reshape((b, heads, seq, head_dim))?
+        .transpose(1, 2)?
+        .reshape((b, seq, heads * head_dim))?;
+    layer.o.forward(&y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_sees_prefix_and_causal_triangle() -> Result<()> {
+        let m: Vec<Vec<f32>> = causal_mask(2, 1, &Device::Cpu)?.to_vec2()?;
+        assert_eq!(m[0], [0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], [0.0, 0.0, 0.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn kv_cache_grows_and_truncates() -> Result<()> {
+        let mut c = KvCache::default();
+        let t = Tensor::ones((1, 2, 3, 4), DType::F32, &Device::Cpu)?;
+        let (k, _) = c.append(&t, &t, 10_000)?;
+        assert_eq!(k.dims(), [1, 2, 3, 4]);
+        for _ in 0..100 {
+            c.append(&t, &t, 10_000)?;
+        }
+        assert_eq!(c.len, 303);
+        c.len = 5;
+        let (k, _) = c.append(&t, &t, 10_000)?;
+        assert_eq!(k.dims(), [1, 2, 8, 4]);
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_activation_is_named() {
+        let cfg: Config = serde_json::from_str(
+            r#"{"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,
+                "rms_norm_eps":1e-5,"vocab_size":10,"hidden_act":"gelu"}"#,
+        )
+        .unwrap();
+        assert!(cfg.check().unwrap_err().contains("gelu"));
+    }
+}

@@ -1,0 +1,283 @@
+//! In-situ quantization: the formats weights run in, and how each weight is brought there.
+//!
+//! Weights are stored on disk only as Safetensors; at load each matrix is quantized in memory, one
+//! tensor at a time, into the format asked for. A matrix whose row length does not fit the format's
+//! block size falls back to the nearest format that fits (as llama.cpp does), and the fallback is
+//! reported so that `--verbose` can show it.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+/// A format weights run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quant {
+    /// 32-bit floats, dense matmuls.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit blocks of 32 with one f16 scale.
+    Q8_0,
+    /// 4-bit blocks of 32 with one scale.
+    Q4_0,
+    /// 4-bit blocks of 32 with a scale and a minimum.
+    Q4_1,
+    /// 5-bit blocks of 32 with one scale (a fallback for `q4k`).
+    Q5_0,
+    /// 5-bit blocks of 32 with a scale and a minimum (a fallback for `q5k`).
+    Q5_1,
+    /// 4-bit k-quant, super-blocks of 256.
+    Q4K,
+    /// 5-bit k-quant, super-blocks of 256.
+    Q5K,
+    /// 6-bit k-quant, super-blocks of 256.
+    Q6K,
+}
+
+/// Every format, in the order `--quant` lists them.
+pub const ALL: [Quant; 11] = [
+    Quant::F32,
+    Quant::F16,
+    Quant::Bf16,
+    Quant::Q8_0,
+    Quant::Q4_0,
+    Quant::Q4_1,
+    Quant::Q5_0,
+    Quant::Q5_1,
+    Quant::Q4K,
+    Quant::Q5K,
+    Quant::Q6K,
+];
+
+/// Not a format name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown quantization {0:?}: use one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k")]
+pub struct UnknownQuant(pub String);
+
+impl FromStr for Quant {
+    type Err = UnknownQuant;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        let q = match lower.as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
+            "q5_0" => Self::Q5_0,
+            "q5_1" => Self::Q5_1,
+            "q4k" | "q4_k" => Self::Q4K,
+            "q5k" | "q5_k" => Self::Q5K,
+            "q6k" | "q6_k" => Self::Q6K,
+            _ => return Err(UnknownQuant(s.to_owned())),
+        };
+        Ok(q)
+    }
+}
+
+impl fmt::Display for Quant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Quant {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
+            Self::Q4K => "q4k",
+            Self::Q5K => "q5k",
+            Self::Q6K => "q6k",
+        }
+    }
+
+    /// candle's (ggml's) type for this format.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::F32 => GgmlDType::F32,
+            Self::F16 => GgmlDType::F16,
+            Self::Bf16 => GgmlDType::BF16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// Weights per block: a row's length must be a multiple of it.
+    pub fn block_size(self) -> usize {
+        self.ggml().block_size()
+    }
+
+    /// Storage cost in bits per weight.
+    pub fn bits_per_weight(self) -> f64 {
+        let ggml = self.ggml();
+        ggml.type_size() as f64 * 8.0 / ggml.block_size() as f64
+    }
+
+    /// True for the 4- and 5-bit formats, whose error llama.cpp keeps out of the output head.
+    fn is_low_bit(self) -> bool {
+        matches!(
+            self,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q4K | Self::Q5K
+        )
+    }
+
+    /// The next format to try when a row does not fit this one's blocks (llama.cpp's choices).
+    pub fn fallback(self) -> Option<Self> {
+        match self {
+            Self::Q4K => Some(Self::Q5_0),
+            Self::Q5K => Some(Self::Q5_1),
+            Self::Q6K => Some(Self::Q8_0),
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 => Some(Self::F16),
+            Self::F16 | Self::Bf16 => Some(Self::F32),
+            Self::F32 => None,
+        }
+    }
+
+    /// This format if rows of `row_len` fit its blocks, else the first fallback that fits.
+    pub fn fitting(self, row_len: usize) -> Self {
+        let mut q = self;
+        while row_len % q.block_size() != 0 {
+            match q.fallback() {
+                Some(next) => q = next,
+                None => break,
+            }
+        }
+        q
+    }
+}
+
+/// What a weight matrix does, which decides how far it may be quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A projection inside a layer, or the token embedding table.
+    Layer,
+    /// The output head (logits); kept at 6 bits or more like llama.cpp does, since its error shows
+    /// directly in every token's distribution.
+    Output,
+}
+
+/// The format chosen for one weight, and why it differs from the one asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// Tensor name in the checkpoint.
+    pub tensor: String,
+    /// The format asked for.
+    pub requested: Quant,
+    /// The format used.
+    pub used: Quant,
+    /// Why they differ (None when they do not).
+    pub reason: Option<String>,
+}
+
+/// Picks the format for one weight of shape `[rows, row_len]`.
+pub fn choose(tensor: &str, requested: Quant, role: Role, row_len: usize) -> Choice {
+    let (target, raised) = if role == Role::Output && requested.is_low_bit() {
+        (Quant::Q6K, true)
+    } else {
+        (requested, false)
+    };
+    let used = target.fitting(row_len);
+    let reason = match (raised, used == target) {
+        (false, true) => None,
+        (false, false) => Some(format!(
+            "rows of {row_len} are not a multiple of {target}'s block of {}",
+            target.block_size()
+        )),
+        (true, true) => Some("output head kept at 6 bits".to_owned()),
+        (true, false) => Some(format!(
+            "output head kept at 6 bits; rows of {row_len} are not a multiple of {target}'s block of {}",
+            target.block_size()
+        )),
+    };
+    Choice {
+        tensor: tensor.to_owned(),
+        requested,
+        used,
+        reason,
+    }
+}
+
+/// Brings one weight matrix (on the CPU, any float dtype) into `quant` on `device`, ready for
+/// matmuls. `f32` stays dense (fast dense GEMM for prompts); every other format is a ggml block
+/// tensor multiplied by candle's quantized kernels, so `f16`/`bf16` halve the memory too.
+pub fn quantize_matrix(weight: &Tensor, quant: Quant, device: &Device) -> candle_core::Result<QMatMul> {
+    if quant == Quant::F32 {
+        let dense = weight.to_dtype(DType::F32)?.to_device(device)?;
+        return Ok(QMatMul::Tensor(dense));
+    }
+    let q = QTensor::quantize_onto(weight, quant.ggml(), device)?;
+    // Not `QMatMul::from_qtensor`: it would expand f16/bf16 back to f32.
+    Ok(QMatMul::QTensor(Arc::new(q)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for q in ALL {
+            assert_eq!(q.name().parse::<Quant>().ok(), Some(q));
+        }
+        assert_eq!("Q4_K".parse::<Quant>().ok(), Some(Quant::Q4K));
+        assert!("q3k".parse::<Quant>().is_err());
+    }
+
+    #[test]
+    fn k_quants_fall_back_on_rows_of_576() {
+        assert_eq!(Quant::Q4K.fitting(576), Quant::Q5_0);
+        assert_eq!(Quant::Q5K.fitting(576), Quant::Q5_1);
+        assert_eq!(Quant::Q6K.fitting(576), Quant::Q8_0);
+        assert_eq!(Quant::Q4K.fitting(1536), Quant::Q4K);
+        assert_eq!(Quant::Q8_0.fitting(48), Quant::F16);
+        assert_eq!(Quant::Q8_0.fitting(64), Quant::Q8_0);
+    }
+
+    #[test]
+    fn output_head_keeps_six_bits() {
+        let c = choose("lm_head.weight", Quant::Q4_0, Role::Output, 576);
+        assert_eq!(c.used, Quant::Q8_0);
+        assert!(c.reason.is_some());
+        let c = choose("lm_head.weight", Quant::Q8_0, Role::Output, 576);
+        assert_eq!(c.used, Quant::Q8_0);
+        assert_eq!(c.reason, None);
+        let c = choose("x", Quant::Q4_0, Role::Layer, 576);
+        assert_eq!((c.used, c.reason), (Quant::Q4_0, None));
+    }
+
+    #[test]
+    fn every_format_quantizes_and_multiplies() -> candle_core::Result<()> {
+        use candle_core::Module;
+        let w = Tensor::randn(0f32, 1.0, (64, 256), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 256), &Device::Cpu)?;
+        let exact = QMatMul::Tensor(w.clone()).forward(&x)?;
+        for q in ALL {
+            let mm = quantize_matrix(&w, q, &Device::Cpu)?;
+            let y = mm.forward(&x)?;
+            let err = (y - &exact)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 4.0, "{q}: max error {err}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,109 @@
+//! `sanctum chat MODEL`: an interactive conversation with a verified chat model. The key/value cache
+//! carries over between turns, so each turn only computes its new tokens.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+use runner::chat::GenerateError;
+use runner::template::Message;
+
+use super::Context;
+use super::run::{GenerationArgs, ModelArgs, StdoutSink, load_chat, summary};
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// Model name from the lockfile.
+    model: String,
+    /// A system message that opens the conversation (kept across /reset).
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    #[command(flatten)]
+    model_args: ModelArgs,
+}
+
+const HELP: &str = "/reset forgets the conversation, /exit (or Ctrl-D) leaves";
+
+pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let options = args.generation.options();
+    options.sampling.validate()?;
+    let verbose = args.model_args.verbose;
+    let mut loaded = load_chat(ctx, &args.model, &args.model_args)?;
+    if !loaded.model.has_template() {
+        anyhow::bail!(
+            "model {:?} has no chat template, so it cannot hold a conversation: use `sanctum run --raw`",
+            args.model
+        );
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("{} ({HELP})", loaded.model.name());
+    }
+    let start: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.as_str()))
+        .collect();
+    let mut history = start.clone();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!(">>> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else {
+            if interactive {
+                eprintln!();
+            }
+            break;
+        };
+        let line = line.context("reading stdin")?;
+        let input = line.trim();
+        match input {
+            "" => continue,
+            "/exit" | "/bye" | "/quit" => break,
+            "/reset" | "/clear" => {
+                history = start.clone();
+                loaded.model.reset();
+                if interactive {
+                    eprintln!("(conversation forgotten)");
+                }
+                continue;
+            }
+            "/help" | "/?" => {
+                eprintln!("{HELP}");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", input));
+        let prompt = loaded.model.render(&history, true)?;
+        let tokens = loaded.model.tokenize_rendered(&prompt)?;
+        let mut sink = StdoutSink::new();
+        let generation = match loaded.model.generate(&tokens, &options, &mut |t| sink.write(t)) {
+            Ok(g) => g,
+            Err(e @ GenerateError::PromptTooLong { .. }) => {
+                history.pop();
+                eprintln!("sanctum: {e}; /reset starts over");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let _ = sink.write(if sink.ends_with_newline { "\n" } else { "\n\n" });
+        sink.finish().context("writing to stdout")?;
+        history.push(Message::new("assistant", generation.text.as_str()));
+        if verbose {
+            eprintln!(
+                "[{} of {} prompt tokens computed] {}",
+                generation.prompt_evaluated,
+                generation.prompt_tokens,
+                summary(&loaded, &generation)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,115 @@
+//! `sanctum embed MODEL [TEXT...]`: sentence embeddings from a verified embedding model, as JSON.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use attest::lockfile::Task;
+use clap::{Args, ValueEnum};
+use runner::embed::Embedder;
+use serde_json::json;
+
+use super::Context;
+use super::run::{RuntimeArgs, open_verified};
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Model name from the lockfile.
+    model: String,
+    /// Texts to embed; none reads one text per line from stdin.
+    texts: Vec<String>,
+    /// `json`: one object holding every embedding; `jsonl`: one object per text and line.
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+    /// Print load and speed details on stderr.
+    #[arg(long, short)]
+    verbose: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Json,
+    Jsonl,
+}
+
+pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let (device, threads, device_name) = args.runtime.start()?;
+    let texts = if args.texts.is_empty() {
+        read_lines()?
+    } else {
+        args.texts
+    };
+    let (verified, verify_time) = open_verified(ctx, &args.model, Task::Embed)?;
+    let started = Instant::now();
+    let embedder = Embedder::load(&verified, &device)?;
+    drop(verified);
+    let load_time = verify_time + started.elapsed();
+
+    let started = Instant::now();
+    let vectors = embedder.embed(&texts)?;
+    let took = started.elapsed().as_secs_f64();
+    if args.verbose {
+        eprintln!(
+            "{}: loaded and verified in {:.2} s; {} texts in {took:.2} s ({:.1}/s); {} pooling{}, {} dimensions; {device_name}, {threads} threads",
+            embedder.name(),
+            load_time.as_secs_f64(),
+            texts.len(),
+            texts.len() as f64 / took.max(1e-9),
+            embedder.pooling().name(),
+            if embedder.normalize() { ", normalized" } else { "" },
+            embedder.dimensions(),
+        );
+    }
+
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match args.format {
+        Format::Json => {
+            let items: Vec<_> = texts
+                .iter()
+                .zip(&vectors)
+                .enumerate()
+                .map(|(index, (text, v))| json!({"index": index, "text": text, "embedding": v}))
+                .collect();
+            let doc = json!({
+                "model": embedder.name(),
+                "digest": format!("sha256:{}", embedder.digest()),
+                "dimensions": embedder.dimensions(),
+                "pooling": embedder.pooling().name(),
+                "normalized": embedder.normalize(),
+                "device": device_name,
+                "embeddings": items,
+            });
+            serde_json::to_writer(&mut out, &doc)?;
+            writeln!(out)?;
+        }
+        Format::Jsonl => {
+            for (index, (text, v)) in texts.iter().zip(&vectors).enumerate() {
+                serde_json::to_writer(&mut out, &json!({"index": index, "text": text, "embedding": v}))?;
+                writeln!(out)?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One text per line of stdin (blank lines skipped).
+fn read_lines() -> anyhow::Result<Vec<String>> {
+    if std::io::stdin().is_terminal() {
+        bail!("no texts: pass them as arguments or one per line on stdin");
+    }
+    let mut texts = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading stdin")?;
+        if !line.trim().is_empty() {
+            texts.push(line);
+        }
+    }
+    if texts.is_empty() {
+        bail!("no texts on stdin");
+    }
+    Ok(texts)
+}

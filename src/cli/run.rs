@@ -1,0 +1,394 @@
+//! `sanctum run MODEL [PROMPT]`: one reply from a verified chat model, streamed to stdout; and the
+//! flags and loading that `sanctum chat` shares.
+
+use std::io::{IsTerminal, Read, Write};
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use attest::lockfile::Task;
+use attest::verify::VerifiedModel;
+use clap::Args;
+use runner::chat::{ChatModel, GenerateOptions, Generation, LoadOptions};
+use runner::device::{self, Device, DeviceChoice};
+use runner::quant::Quant;
+use runner::sampling::SamplingParams;
+use runner::store::ModelState;
+use runner::template::Message;
+use serde_json::json;
+
+use super::Context;
+
+/// The weight format when `--quant` is not given: q8_0 generates fastest on CPUs with candle's
+/// kernels and keeps f32's greedy output (see docs and the issue note for the measurements).
+pub const DEFAULT_QUANT: &str = "q8_0";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model name from the lockfile.
+    model: String,
+    /// The prompt; `-`, or none with stdin not a terminal, reads it from stdin.
+    prompt: Option<String>,
+    /// A system message before the prompt.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long, conflicts_with = "system")]
+    raw: bool,
+    /// Print one JSON object (text, usage, timings, model, quantization, device) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    #[command(flatten)]
+    model_args: ModelArgs,
+}
+
+/// How the model is loaded and run.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Format the weights run in, quantized in memory from the verified Safetensors at load:
+    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k.
+    #[arg(long, default_value = DEFAULT_QUANT, value_name = "FORMAT")]
+    quant: Quant,
+    /// Context size in tokens (prompt and reply) [default: the model's].
+    #[arg(long, value_name = "TOKENS")]
+    ctx: Option<usize>,
+    /// Show how each weight was quantized (fallbacks) and other load details on stderr.
+    #[arg(long, short)]
+    pub verbose: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+/// Where inference runs.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// auto, cpu, cuda, cuda:N or metal (cuda and metal need a build with that cargo feature).
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    device: DeviceChoice,
+    /// CPU threads [default: the number of physical cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+}
+
+/// What to generate and how to pick tokens.
+#[derive(Debug, Args)]
+pub struct GenerationArgs {
+    /// Most tokens to generate [default: until the end of the turn or a full context].
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Sampling temperature; 0 always takes the most likely token (greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long, default_value_t = 40, value_name = "K")]
+    top_k: usize,
+    /// Sample among the most likely tokens whose probabilities add up to P (1: all).
+    #[arg(long, default_value_t = 0.95, value_name = "P")]
+    top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0: none).
+    #[arg(long, default_value_t = 0.05, value_name = "P")]
+    min_p: f32,
+    /// Penalize tokens seen among the last --repeat-last-n (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    repeat_last_n: usize,
+    /// Seed of the sampler; the same seed, model, quantization, device and threads give the same
+    /// bytes [default: random, shown with --json].
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl GenerationArgs {
+    /// The generation options, with a fresh seed when none was given.
+    pub fn options(&self) -> GenerateOptions {
+        let seed = self.seed.unwrap_or_else(random_seed);
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                seed,
+            },
+        }
+    }
+}
+
+fn random_seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// A chat model loaded, with what the summary reports about the load.
+pub struct Loaded {
+    pub model: ChatModel,
+    pub load_time: Duration,
+    pub threads: usize,
+    pub device: String,
+}
+
+impl RuntimeArgs {
+    /// Sets the thread count for candle (before it starts any thread) and opens the device.
+    pub fn start(&self) -> anyhow::Result<(Device, usize, String)> {
+        let threads = set_threads(self.threads.map(usize::from));
+        let dev = self.device.open()?;
+        let name = device::describe(&dev);
+        Ok((dev, threads, name))
+    }
+}
+
+/// Sets candle's CPU thread count; returns it.
+///
+/// candle reads its thread count from `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS` when it first
+/// builds its pools, so this must run before any inference, and before sanctum starts threads of
+/// its own (progress bars, verification workers).
+fn set_threads(threads: Option<usize>) -> usize {
+    let n = threads.unwrap_or_else(device::physical_cores).max(1).to_string();
+    #[allow(unsafe_code)]
+    // SAFETY: called at the start of a command, while the process has a single thread: no other
+    // thread can be reading the environment concurrently.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", &n);
+        std::env::set_var("CANDLE_NUM_THREADS", &n);
+    }
+    n.parse().unwrap_or(1)
+}
+
+/// Finds `name` in the lock, pulls it when it is not in the store yet, and reads it verified.
+pub fn open_verified(ctx: &Context, name: &str, task: Task) -> anyhow::Result<(VerifiedModel, Duration)> {
+    let (_, lock) = ctx.lockfile()?;
+    let entry = lock.model(name)?;
+    if entry.task != task {
+        let advice = match entry.task {
+            Task::Chat => "use `sanctum run` or `sanctum chat`",
+            Task::Embed => "use `sanctum embed`",
+        };
+        bail!("model {name:?} is approved for the task {:?}: {advice}", entry.task.to_string());
+    }
+    let store = ctx.store()?;
+    let progress = ctx.progress();
+    if store.state(entry) == ModelState::Missing {
+        progress.note(&format!(
+            "{name} is approved but not in the store: pulling it ({:.1} MB)",
+            entry.total_size() as f64 / 1e6
+        ));
+        store.pull(entry, &ctx.pull_options(None)?, &progress)?;
+    }
+    let started = Instant::now();
+    let verified = store.open_verified(entry, &progress)?;
+    Ok((verified, started.elapsed()))
+}
+
+/// Loads a chat model as the flags say; `--verbose` details go to stderr.
+pub fn load_chat(ctx: &Context, name: &str, args: &ModelArgs) -> anyhow::Result<Loaded> {
+    let (dev, threads, device) = args.runtime.start()?;
+    let (verified, verify_time) = open_verified(ctx, name, Task::Chat)?;
+    let started = Instant::now();
+    let options = LoadOptions {
+        quant: args.quant,
+        device: dev,
+        context: args.ctx,
+    };
+    let model = ChatModel::load(verified, &options)?;
+    let load_time = verify_time + started.elapsed();
+    if args.verbose {
+        report_load(&model, load_time, threads, &device);
+    }
+    Ok(Loaded {
+        model,
+        load_time,
+        threads,
+        device,
+    })
+}
+
+fn report_load(model: &ChatModel, load_time: Duration, threads: usize, device: &str) {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for choice in model.choices() {
+        match counts.iter_mut().find(|(q, _)| *q == choice.used.name()) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((choice.used.name().to_owned(), 1)),
+        }
+    }
+    let mix: Vec<String> = counts.iter().map(|(q, n)| format!("{n} × {q}")).collect();
+    eprintln!(
+        "{}: loaded and verified in {:.2} s; --quant {}: {}; {device}, {threads} threads; context {}",
+        model.name(),
+        load_time.as_secs_f64(),
+        model.quant(),
+        mix.join(", "),
+        model.context()
+    );
+    for choice in model.choices().iter().filter(|c| c.reason.is_some()) {
+        eprintln!(
+            "  {}: {} instead of {} ({})",
+            choice.tensor,
+            choice.used,
+            choice.requested,
+            choice.reason.as_deref().unwrap_or_default()
+        );
+    }
+}
+
+/// The stderr summary line.
+pub fn summary(loaded: &Loaded, generation: &Generation) -> String {
+    format!(
+        "{} tokens prompt ({:.1} tok/s), {} generated ({:.1} tok/s), load+verify {:.2} s [{} on {}, {} threads, stop: {}]",
+        generation.prompt_tokens,
+        generation.prompt_tokens_per_second(),
+        generation.tokens.len(),
+        generation.generation_tokens_per_second(),
+        loaded.load_time.as_secs_f64(),
+        loaded.model.quant(),
+        loaded.device,
+        loaded.threads,
+        generation.stop.name()
+    )
+}
+
+/// Writes streamed text to stdout; a failed write (a closed pipe) stops generation and is kept.
+pub struct StdoutSink {
+    out: std::io::Stdout,
+    error: Option<std::io::Error>,
+    pub ends_with_newline: bool,
+}
+
+impl StdoutSink {
+    pub fn new() -> Self {
+        Self {
+            out: std::io::stdout(),
+            error: None,
+            ends_with_newline: true,
+        }
+    }
+
+    pub fn write(&mut self, text: &str) -> ControlFlow<()> {
+        let mut out = self.out.lock();
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => {
+                self.ends_with_newline = text.ends_with('\n');
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                self.error = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    /// The write error, if one stopped the stream.
+    pub fn finish(self) -> std::io::Result<()> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let prompt = read_prompt(args.prompt.as_deref())?;
+    let options = args.generation.options();
+    options.sampling.validate()?;
+    let mut loaded = load_chat(ctx, &args.model, &args.model_args)?;
+    let model = &mut loaded.model;
+    let tokens = if args.raw {
+        model.tokenize_raw(&prompt)?
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system.as_str()));
+        }
+        messages.push(Message::new("user", prompt.as_str()));
+        model.tokenize_rendered(&model.render(&messages, true)?)?
+    };
+
+    if args.json {
+        let generation = model.generate(&tokens, &options, &mut |_| ControlFlow::Continue(()))?;
+        let out = run_json(&loaded, &options, &generation);
+        let mut stdout = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut stdout, &out)?;
+        writeln!(stdout)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let mut sink = StdoutSink::new();
+    let generation = model.generate(&tokens, &options, &mut |text| sink.write(text))?;
+    if !sink.ends_with_newline {
+        let _ = sink.write("\n");
+    }
+    sink.finish().context("writing to stdout")?;
+    eprintln!("{}", summary(&loaded, &generation));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_json(loaded: &Loaded, options: &GenerateOptions, g: &Generation) -> serde_json::Value {
+    let model = &loaded.model;
+    let s = &options.sampling;
+    json!({
+        "model": model.name(),
+        "digest": format!("sha256:{}", model.digest()),
+        "quant": model.quant().name(),
+        "device": loaded.device,
+        "threads": loaded.threads,
+        "context": model.context(),
+        "text": g.text,
+        "stop_reason": g.stop.name(),
+        "usage": {
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.tokens.len(),
+            "total_tokens": g.prompt_tokens + g.tokens.len(),
+        },
+        "timings": {
+            "load_verify_s": loaded.load_time.as_secs_f64(),
+            "prompt_s": g.prompt_time.as_secs_f64(),
+            "prompt_tokens_per_s": g.prompt_tokens_per_second(),
+            "generation_s": g.decode_time.as_secs_f64(),
+            "generation_tokens_per_s": g.generation_tokens_per_second(),
+        },
+        "sampling": {
+            "temperature": s.temperature,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "min_p": s.min_p,
+            "repeat_penalty": s.repeat_penalty,
+            "repeat_last_n": s.repeat_last_n,
+            "seed": s.seed,
+            "max_tokens": options.max_tokens,
+            "stop": options.stop,
+        },
+    })
+}
+
+/// The prompt argument, or stdin for `-` or when absent and stdin is not a terminal.
+fn read_prompt(arg: Option<&str>) -> anyhow::Result<String> {
+    match arg {
+        Some(p) if p != "-" => return Ok(p.to_owned()),
+        None if std::io::stdin().is_terminal() => {
+            bail!("no prompt: pass PROMPT, pipe it on stdin, or use `sanctum chat` for a conversation")
+        }
+        _ => {}
+    }
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .context("reading the prompt from stdin")?;
+    let text = text.trim_end_matches(['\n', '\r']).to_owned();
+    if text.trim().is_empty() {
+        bail!("the prompt read from stdin is empty");
+    }
+    Ok(text)
+}
