@@ -3,5 +3,7 @@
 mod support;
 
 mod attacks;
+mod attestation;
+mod inference;
 mod lockfile;
 mod pull;

@@ -40,8 +40,8 @@ const PROMPT_CHUNK: usize = 512;
 /// How to load a chat model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// The format weights run in.
-    pub quant: Quant,
+    /// The format weights run in; None picks one by model size ([`crate::quant::auto`]).
+    pub quant: Option<Quant>,
     /// Where to run.
     pub device: Device,
     /// Most tokens (prompt and reply) held at once; None: the model's own maximum.
@@ -224,7 +224,8 @@ impl ChatModel {
             problem,
         })?;
         let eos: EosFields = models::json_file(&model, "config.json")?;
-        let generation: Option<EosFields> = models::optional_json(&model, "generation_config.json")?;
+        let generation: Option<EosFields> =
+            models::optional_json(&model, "generation_config.json")?;
         let max = eos.max_position_embeddings.unwrap_or(4096);
         let context = match options.context {
             Some(c) if c > max => {
@@ -272,25 +273,46 @@ impl ChatModel {
                 TokenIds::Many(list) => stop_tokens.extend(list),
             }
         }
-        let named = tok_config.special.eos.iter().map(String::as_str).chain(END_OF_TURN);
+        let named = tok_config
+            .special
+            .eos
+            .iter()
+            .map(String::as_str)
+            .chain(END_OF_TURN);
         stop_tokens.extend(named.filter_map(|t| tokenizer.token_to_id(t)));
         stop_tokens.sort_unstable();
         stop_tokens.dedup();
 
         let digest = model.digest;
         let weights_path = "model.safetensors";
-        let (llama, choices) = {
+        let (llama, choices, quant) = {
             let bytes = models::file_bytes(&model, weights_path)?;
             let st = SliceSafetensors::new(bytes).map_err(|source| LoadError::Weights {
                 model: name.clone(),
                 source,
             })?;
-            Llama::load(&config, variant, &st, options.quant, &options.device, context).map_err(|source| {
-                LoadError::Weights {
-                    model: name.clone(),
-                    source,
-                }
-            })?
+            let parameters: u64 = st
+                .tensors()
+                .iter()
+                .map(|(_, view)| view.shape().iter().product::<usize>() as u64)
+                .sum();
+            let quant = options
+                .quant
+                .unwrap_or_else(|| crate::quant::auto(parameters));
+            let weights_error = |source| LoadError::Weights {
+                model: name.clone(),
+                source,
+            };
+            let (mut llama, choices) =
+                Llama::load(&config, variant, &st, quant, &options.device, context)
+                    .map_err(weights_error)?;
+            // Two tokens through the network: kernels that repack weights on first use (for
+            // prompts or for single tokens) do it now, so that the first prompt runs at full speed.
+            llama
+                .forward(&[0, 0][..context.min(2)])
+                .map_err(weights_error)?;
+            llama.clear_kv_cache();
+            (llama, choices, quant)
         };
         drop(model);
         Ok(Self {
@@ -300,7 +322,7 @@ impl ChatModel {
             tokenizer,
             template,
             stop_tokens,
-            quant: options.quant,
+            quant,
             choices,
             device: options.device.clone(),
             cached: Vec::new(),
@@ -317,7 +339,7 @@ impl ChatModel {
         self.digest
     }
 
-    /// The format asked for.
+    /// The format asked for (or picked by size).
     pub fn quant(&self) -> Quant {
         self.quant
     }
@@ -353,7 +375,11 @@ impl ChatModel {
     }
 
     /// Renders a conversation with the model's chat template.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, GenerateError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, GenerateError> {
         let template = self
             .template
             .as_ref()

@@ -143,12 +143,15 @@ impl Embedder {
             }))
             .map_err(|e| tok_err(e.to_string()))?;
 
-        let bert = Bert::load(&config, models::file_bytes(model, "model.safetensors")?, device).map_err(
-            |source| LoadError::Weights {
-                model: name.clone(),
-                source,
-            },
-        )?;
+        let bert = Bert::load(
+            &config,
+            models::file_bytes(model, "model.safetensors")?,
+            device,
+        )
+        .map_err(|source| LoadError::Weights {
+            model: name.clone(),
+            source,
+        })?;
         Ok(Self {
             name,
             digest: model.digest,
@@ -237,7 +240,11 @@ impl Embedder {
         let hidden = self.bert.forward(&ids, &type_ids, &mask)?;
         let pooled = pool(&hidden, &mask, self.pooling)?;
         let pooled = if self.normalize {
-            let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+            let norm = pooled
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12, f64::MAX)?;
             pooled.broadcast_div(&norm)?
         } else {
             pooled
@@ -297,7 +304,9 @@ fn sentence_transformers_head(model: &VerifiedModel) -> Result<(Pooling, bool), 
             other => {
                 return Err(LoadError::Unsupported {
                     model: model.name.clone(),
-                    problem: format!("modules.json: sentence-transformers module {other:?} is not supported"),
+                    problem: format!(
+                        "modules.json: sentence-transformers module {other:?} is not supported"
+                    ),
                 });
             }
         }
@@ -315,11 +324,17 @@ fn pooling_of(cfg: &PoolingConfig) -> Result<Pooling, String> {
         (cfg.pooling_mode_max_tokens, Pooling::Max),
         (cfg.pooling_mode_mean_sqrt_len_tokens, Pooling::MeanSqrtLen),
     ];
-    let on: Vec<Pooling> = modes.iter().filter(|(on, _)| *on).map(|(_, p)| *p).collect();
+    let on: Vec<Pooling> = modes
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, p)| *p)
+        .collect();
     match on.as_slice() {
         [one] => Ok(*one),
         [] => Err("no pooling mode is set".into()),
-        _ => Err("several pooling modes at once (concatenated embeddings) are not supported".into()),
+        _ => {
+            Err("several pooling modes at once (concatenated embeddings) are not supported".into())
+        }
     }
 }
 
@@ -343,9 +358,14 @@ mod tests {
     #[test]
     fn pooling_modes_from_config() {
         let cfg = |json: &str| pooling_of(&serde_json::from_str(json).unwrap());
-        assert_eq!(cfg(r#"{"pooling_mode_mean_tokens": true}"#), Ok(Pooling::Mean));
+        assert_eq!(
+            cfg(r#"{"pooling_mode_mean_tokens": true}"#),
+            Ok(Pooling::Mean)
+        );
         assert_eq!(cfg(r#"{"pooling_mode_cls_token": true}"#), Ok(Pooling::Cls));
         assert!(cfg(r#"{}"#).is_err());
-        assert!(cfg(r#"{"pooling_mode_cls_token": true, "pooling_mode_max_tokens": true}"#).is_err());
+        assert!(
+            cfg(r#"{"pooling_mode_cls_token": true, "pooling_mode_max_tokens": true}"#).is_err()
+        );
     }
 }

@@ -63,7 +63,7 @@ pub enum InvalidParams {
 impl SamplingParams {
     /// Checks every setting's range.
     pub fn validate(&self) -> Result<(), InvalidParams> {
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(InvalidParams::Temperature(self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -72,7 +72,7 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(InvalidParams::MinP(self.min_p));
         }
-        if !(self.repeat_penalty > 0.0) || !self.repeat_penalty.is_finite() {
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
             return Err(InvalidParams::RepeatPenalty(self.repeat_penalty));
         }
         Ok(())
@@ -197,7 +197,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
 fn softmax(logits: impl Iterator<Item = f32> + Clone, temperature: f32) -> Vec<f64> {
     let t = f64::from(temperature.max(1e-6));
     let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f64> = logits.map(|l| ((f64::from(l) - f64::from(max)) / t).exp()).collect();
+    let exps: Vec<f64> = logits
+        .map(|l| ((f64::from(l) - f64::from(max)) / t).exp())
+        .collect();
     let sum: f64 = exps.iter().sum();
     if sum > 0.0 && sum.is_finite() {
         exps.iter().map(|e| e / sum).collect()
@@ -234,8 +236,13 @@ mod tests {
     fn same_seed_same_draws() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params(1.0) });
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..params(1.0)
+            });
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
@@ -243,7 +250,10 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { top_k: 1, ..params(5.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            ..params(5.0)
+        });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [1.0, 2.0, 0.5], &[]), 1);
         }
@@ -252,7 +262,10 @@ mod tests {
     #[test]
     fn min_p_drops_unlikely_tokens() {
         // p(0) ≈ 0.9999: token 1 is far below 0.5 × p(0).
-        let mut s = Sampler::new(SamplingParams { min_p: 0.5, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            ..params(1.0)
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [10.0, 0.0], &[]), 0);
         }
@@ -260,7 +273,10 @@ mod tests {
 
     #[test]
     fn top_p_keeps_the_nucleus() {
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..params(1.0)
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&mut [2.0, 1.0, 0.0], &[]), 0);
         }
@@ -268,16 +284,33 @@ mod tests {
 
     #[test]
     fn repeat_penalty_turns_greedy_away() {
-        let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, ..params(0.0) });
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            ..params(0.0)
+        });
         assert_eq!(s.sample(&mut [3.0, 2.0], &[0]), 1);
-        let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, repeat_last_n: 1, ..params(0.0) });
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 2.0,
+            repeat_last_n: 1,
+            ..params(0.0)
+        });
         assert_eq!(s.sample(&mut [3.0, 2.0], &[0, 1]), 0);
     }
 
     #[test]
     fn validation_names_the_setting() {
-        assert_eq!(params(-1.0).validate(), Err(InvalidParams::Temperature(-1.0)));
-        assert!(SamplingParams { top_p: 0.0, ..params(1.0) }.validate().is_err());
+        assert_eq!(
+            params(-1.0).validate(),
+            Err(InvalidParams::Temperature(-1.0))
+        );
+        assert!(
+            SamplingParams {
+                top_p: 0.0,
+                ..params(1.0)
+            }
+            .validate()
+            .is_err()
+        );
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

@@ -103,7 +103,10 @@ impl StopMatcher {
         for len in (1..longest.min(self.pending.len() + 1)).rev() {
             let start = self.pending.len() - len;
             if self.pending.is_char_boundary(start)
-                && self.stops.iter().any(|s| s.starts_with(&self.pending[start..]))
+                && self
+                    .stops
+                    .iter()
+                    .any(|s| s.starts_with(&self.pending[start..]))
             {
                 hold = len;
                 break;
@@ -130,7 +133,10 @@ mod tests {
 
     impl Decode for Bytes {
         fn decode(&self, ids: &[u32]) -> Result<String, DecodeError> {
-            let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.0[i as usize].clone()).collect();
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&i| self.0[i as usize].clone())
+                .collect();
             Ok(String::from_utf8_lossy(&bytes).into_owned())
         }
     }
@@ -138,9 +144,17 @@ mod tests {
     #[test]
     fn a_character_split_across_tokens_comes_out_whole() {
         let euro = "€".as_bytes(); // three bytes
-        let vocab = Bytes(vec![b"a ".to_vec(), euro[..1].to_vec(), euro[1..].to_vec(), b"!".to_vec()]);
+        let vocab = Bytes(vec![
+            b"a ".to_vec(),
+            euro[..1].to_vec(),
+            euro[1..].to_vec(),
+            b"!".to_vec(),
+        ]);
         let mut s = TextStream::new();
-        let out: Vec<String> = [0, 1, 2, 3].iter().map(|&id| s.push(&vocab, id).unwrap()).collect();
+        let out: Vec<String> = [0, 1, 2, 3]
+            .iter()
+            .map(|&id| s.push(&vocab, id).unwrap())
+            .collect();
         assert_eq!(out, ["a ", "", "€", "!"]);
         assert_eq!(s.finish(&vocab).unwrap(), "");
     }

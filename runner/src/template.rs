@@ -171,7 +171,11 @@ impl ChatTemplate {
     }
 
     /// Renders a conversation; `add_generation_prompt` appends the opening of the assistant's turn.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let template = self.env.get_template(NAME)?;
         let opt = |s: &Option<String>| s.as_deref().map_or(Value::UNDEFINED, Value::from);
         let ctx = minijinja::context! {
@@ -219,7 +223,13 @@ fn python_compact_json(v: &serde_json::Value) -> String {
         serde_json::Value::Object(map) => {
             let inner: Vec<String> = map
                 .iter()
-                .map(|(k, v)| format!("{}: {}", serde_json::Value::from(k.as_str()), python_compact_json(v)))
+                .map(|(k, v)| {
+                    format!(
+                        "{}: {}",
+                        serde_json::Value::from(k.as_str()),
+                        python_compact_json(v)
+                    )
+                })
                 .collect();
             format!("{{{}}}", inner.join(", "))
         }
@@ -323,14 +333,20 @@ mod tests {
         // 2024-07-26 13:05:09 UTC
         let t = 1_722_085_509 - 86_400;
         assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
-        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %j %%", t), "2024-07-26 13:05:09 208 %");
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %j %%", t),
+            "2024-07-26 13:05:09 208 %"
+        );
         assert_eq!(strftime("%B %e, %y", 0), "January  1, 70");
     }
 
     #[test]
     fn tojson_matches_python() -> Result<(), minijinja::Error> {
         let v = Value::from(Serde(serde_json::json!({"a": [1, "é<>"], "b": null})));
-        assert_eq!(tojson(v.clone(), None)?.to_string(), r#"{"a": [1, "é<>"], "b": null}"#);
+        assert_eq!(
+            tojson(v.clone(), None)?.to_string(),
+            r#"{"a": [1, "é<>"], "b": null}"#
+        );
         assert!(tojson(v, Some(2))?.to_string().contains("\n  \"a\""));
         Ok(())
     }
@@ -342,7 +358,9 @@ mod tests {
             SpecialTokens::default(),
         )
         .unwrap();
-        let err = t.render(&[Message::new("assistant", "x")], false).unwrap_err();
+        let err = t
+            .render(&[Message::new("assistant", "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
         assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "ok");
     }

@@ -14,7 +14,9 @@ use attest::Sha256Digest;
 use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task, model_digest};
 use attest::progress::NoProgress;
 use attest::verify::{VerifiedModel, load_verified};
-use runner::chat::{ChatModel, GenerateError, GenerateOptions, Generation, LoadOptions, StopReason};
+use runner::chat::{
+    ChatModel, GenerateError, GenerateOptions, Generation, LoadOptions, StopReason,
+};
 use runner::device::Device;
 use runner::embed::{Embedder, Pooling};
 use runner::models::LoadError;
@@ -28,7 +30,12 @@ use tempfile::TempDir;
 // Making and verifying models
 
 /// Writes `files` into a fresh directory, approves them in a lock entry, and loads them verified.
-fn verified(name: &str, task: Task, architecture: &str, files: &[(&str, Vec<u8>)]) -> (TempDir, VerifiedModel) {
+fn verified(
+    name: &str,
+    task: Task,
+    architecture: &str,
+    files: &[(&str, Vec<u8>)],
+) -> (TempDir, VerifiedModel) {
     let dir = TempDir::new().unwrap();
     let mut locked = Vec::new();
     for (path, bytes) in files {
@@ -68,17 +75,26 @@ fn safetensors_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, _), b)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), b).unwrap()))
+        .map(|((name, shape, _), b)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize(views, None).unwrap()
 }
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
         })
         .collect()
@@ -187,8 +203,14 @@ fn llama_config(s: &Shape, max_positions: usize, architecture: &str) -> Vec<u8> 
     .unwrap()
 }
 
-/// Layer weights: zero (chain model) or small random values.
-fn llama_weights(s: &Shape, embed: Vec<f32>, head: Vec<f32>, random_layers: bool) -> Vec<u8> {
+/// Layer weights: zero (chain model) or small random values; with q, k, v biases for Qwen2.
+fn llama_weights(
+    s: &Shape,
+    embed: Vec<f32>,
+    head: Vec<f32>,
+    random_layers: bool,
+    qkv_bias: bool,
+) -> Vec<u8> {
     let h = s.hidden;
     let hd = h / s.heads;
     let mut seed = 1;
@@ -207,13 +229,47 @@ fn llama_weights(s: &Shape, embed: Vec<f32>, head: Vec<f32>, random_layers: bool
     ];
     for i in 0..s.layers {
         let p = format!("model.layers.{i}");
-        let mut add = |name: &str, shape: Vec<usize>, v: Vec<f32>| t.push((format!("{p}.{name}"), shape, v));
+        let mut add =
+            |name: &str, shape: Vec<usize>, v: Vec<f32>| t.push((format!("{p}.{name}"), shape, v));
         add("input_layernorm.weight", vec![h], vec![1.0; h]);
         add("post_attention_layernorm.weight", vec![h], vec![1.0; h]);
-        add("self_attn.q_proj.weight", vec![s.heads * hd, h], w(s.heads * hd, h));
-        add("self_attn.k_proj.weight", vec![s.kv_heads * hd, h], w(s.kv_heads * hd, h));
-        add("self_attn.v_proj.weight", vec![s.kv_heads * hd, h], w(s.kv_heads * hd, h));
-        add("self_attn.o_proj.weight", vec![h, s.heads * hd], w(h, s.heads * hd));
+        add(
+            "self_attn.q_proj.weight",
+            vec![s.heads * hd, h],
+            w(s.heads * hd, h),
+        );
+        add(
+            "self_attn.k_proj.weight",
+            vec![s.kv_heads * hd, h],
+            w(s.kv_heads * hd, h),
+        );
+        add(
+            "self_attn.v_proj.weight",
+            vec![s.kv_heads * hd, h],
+            w(s.kv_heads * hd, h),
+        );
+        add(
+            "self_attn.o_proj.weight",
+            vec![h, s.heads * hd],
+            w(h, s.heads * hd),
+        );
+        if qkv_bias {
+            add(
+                "self_attn.q_proj.bias",
+                vec![s.heads * hd],
+                w(s.heads * hd, 1),
+            );
+            add(
+                "self_attn.k_proj.bias",
+                vec![s.kv_heads * hd],
+                w(s.kv_heads * hd, 1),
+            );
+            add(
+                "self_attn.v_proj.bias",
+                vec![s.kv_heads * hd],
+                w(s.kv_heads * hd, 1),
+            );
+        }
         add("mlp.gate_proj.weight", vec![s.ffn, h], w(s.ffn, h));
         add("mlp.up_proj.weight", vec![s.ffn, h], w(s.ffn, h));
         add("mlp.down_proj.weight", vec![h, s.ffn], w(h, s.ffn));
@@ -253,14 +309,24 @@ fn chain_files(sharpness: f32, max_positions: usize) -> Vec<(&'static str, Vec<u
         head[to as usize * h + t as usize] = sharpness;
     }
     vec![
-        ("config.json", llama_config(&CHAIN, max_positions, "LlamaForCausalLM")),
-        ("model.safetensors", llama_weights(&CHAIN, embed, head, false)),
+        (
+            "config.json",
+            llama_config(&CHAIN, max_positions, "LlamaForCausalLM"),
+        ),
+        (
+            "model.safetensors",
+            llama_weights(&CHAIN, embed, head, false, false),
+        ),
         ("tokenizer.json", tokenizer_json()),
         ("tokenizer_config.json", tokenizer_config()),
     ]
 }
 
 fn random_llama_files() -> Vec<(&'static str, Vec<u8>)> {
+    random_files("LlamaForCausalLM", false)
+}
+
+fn random_files(architecture: &str, qkv_bias: bool) -> Vec<(&'static str, Vec<u8>)> {
     let s = Shape {
         hidden: 64,
         heads: 4,
@@ -271,19 +337,26 @@ fn random_llama_files() -> Vec<(&'static str, Vec<u8>)> {
     let embed = values(100, VOCAB * s.hidden, 1.0);
     let head = values(200, VOCAB * s.hidden, 1.0);
     vec![
-        ("config.json", llama_config(&s, 256, "LlamaForCausalLM")),
-        ("model.safetensors", llama_weights(&s, embed, head, true)),
+        ("config.json", llama_config(&s, 256, architecture)),
+        (
+            "model.safetensors",
+            llama_weights(&s, embed, head, true, qkv_bias),
+        ),
         ("tokenizer.json", tokenizer_json()),
         ("tokenizer_config.json", tokenizer_config()),
     ]
 }
 
-fn load(files: &[(&str, Vec<u8>)], quant: Quant, context: Option<usize>) -> Result<ChatModel, LoadError> {
+fn load(
+    files: &[(&str, Vec<u8>)],
+    quant: Quant,
+    context: Option<usize>,
+) -> Result<ChatModel, LoadError> {
     let (_dir, model) = verified("tiny-llama", Task::Chat, "llama", files);
     ChatModel::load(
         model,
         &LoadOptions {
-            quant,
+            quant: Some(quant),
             device: Device::Cpu,
             context,
         },
@@ -330,14 +403,23 @@ fn ask(model: &mut ChatModel, user: &str, opts: &GenerateOptions) -> (Generation
 fn template_renders_like_transformers() {
     let model = chain_model(Quant::F32);
     let text = model
-        .render(&[Message::new("user", "Hi"), Message::new("assistant", "Yo")], false)
+        .render(
+            &[Message::new("user", "Hi"), Message::new("assistant", "Yo")],
+            false,
+        )
         .unwrap();
     assert_eq!(
         text,
         "<|im_start|>system\nYou are tiny.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
     );
     let text = model
-        .render(&[Message::new("system", "Be brief."), Message::new("user", "Hi")], true)
+        .render(
+            &[
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi"),
+            ],
+            true,
+        )
         .unwrap();
     assert_eq!(
         text,
@@ -363,11 +445,22 @@ fn template_variables_and_helpers() {
     }))
     .unwrap();
     let model = load(&files, Quant::F32, None).unwrap();
-    assert_eq!(model.render(&[Message::new("user", "  hi ")], false).unwrap(), "<s>HI</s>");
+    assert_eq!(
+        model
+            .render(&[Message::new("user", "  hi ")], false)
+            .unwrap(),
+        "<s>HI</s>"
+    );
     let err = model
-        .render(&[Message::new("user", "a"), Message::new("user", "b")], false)
+        .render(
+            &[Message::new("user", "a"), Message::new("user", "b")],
+            false,
+        )
         .unwrap_err();
-    assert!(err.to_string().contains("only one message, please"), "{err}");
+    assert!(
+        err.to_string().contains("only one message, please"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -376,7 +469,9 @@ fn a_model_without_template_asks_for_raw() {
     files[3].1 = br#"{"eos_token": "<|im_end|>"}"#.to_vec();
     let model = load(&files, Quant::F32, None).unwrap();
     assert!(!model.has_template());
-    let err = model.render(&[Message::new("user", "x")], true).unwrap_err();
+    let err = model
+        .render(&[Message::new("user", "x")], true)
+        .unwrap_err();
     assert!(matches!(err, GenerateError::NoTemplate(_)), "{err}");
 }
 
@@ -429,9 +524,26 @@ fn a_sink_can_cancel() {
         .tokenize_rendered(&model.render(&[Message::new("user", "x")], true).unwrap())
         .unwrap();
     let g = model
-        .generate(&tokens, &options(None, &[], greedy()), &mut |_| ControlFlow::Break(()))
+        .generate(&tokens, &options(None, &[], greedy()), &mut |_| {
+            ControlFlow::Break(())
+        })
         .unwrap();
     assert_eq!((g.text.as_str(), g.stop), ("H", StopReason::Cancelled));
+}
+
+#[test]
+fn small_models_default_to_f16() {
+    let (_dir, model) = verified("tiny-llama", Task::Chat, "llama", &chain_files(1.0, 64));
+    let options = LoadOptions {
+        quant: None,
+        device: Device::Cpu,
+        context: None,
+    };
+    assert_eq!(
+        ChatModel::load(model, &options).unwrap().quant(),
+        Quant::F16
+    );
+    assert_eq!(runner::quant::auto(7_000_000_000), Quant::Q8_0);
 }
 
 #[test]
@@ -444,8 +556,12 @@ fn every_quantization_runs_and_reports_fallbacks() {
         match quant {
             // Rows of 288 and 64 do not fit blocks of 256.
             Quant::Q4K | Quant::Q5K | Quant::Q6K => assert!(!fallbacks.is_empty(), "{quant}"),
+            // q4_1, q5_0 and q5_1 need an even number of blocks: 288 is 9 blocks.
+            Quant::Q4_1 | Quant::Q5_0 | Quant::Q5_1 => {
+                assert!(fallbacks.iter().any(|c| c.used == Quant::F16), "{quant}")
+            }
             // The output head is kept at 6 bits (here q8_0: rows of 288).
-            Quant::Q4_0 | Quant::Q4_1 | Quant::Q5_0 | Quant::Q5_1 => {
+            Quant::Q4_0 => {
                 assert_eq!(fallbacks.len(), 1, "{quant}");
                 assert_eq!(fallbacks[0].tensor, "lm_head.weight");
                 assert!(fallbacks[0].reason.is_some());
@@ -471,7 +587,11 @@ fn sampled(seed: u64, quant: Quant) -> Vec<u8> {
     };
     let (g, pieces) = ask(&mut model, "go", &options(Some(24), &[], sampling));
     assert_eq!(pieces.concat(), g.text);
-    g.tokens.iter().flat_map(|t| t.to_le_bytes()).chain(g.text.into_bytes()).collect()
+    g.tokens
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .chain(g.text.into_bytes())
+        .collect()
 }
 
 #[test]
@@ -488,7 +608,9 @@ fn invalid_sampling_is_refused() {
         top_p: 1.5,
         ..SamplingParams::default()
     };
-    let err = model.generate(&[1, 2], &options(None, &[], bad), &mut |_| ControlFlow::Continue(()));
+    let err = model.generate(&[1, 2], &options(None, &[], bad), &mut |_| {
+        ControlFlow::Continue(())
+    });
     assert!(matches!(err, Err(GenerateError::Sampling(_))));
 }
 
@@ -501,16 +623,37 @@ fn a_prompt_longer_than_the_context_is_an_error() {
     assert_eq!(model.context(), 16);
     let long: Vec<u32> = vec![u32::from(b'a'); 16];
     let err = model
-        .generate(&long, &options(None, &[], greedy()), &mut |_| ControlFlow::Continue(()))
+        .generate(&long, &options(None, &[], greedy()), &mut |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap_err();
-    assert!(matches!(err, GenerateError::PromptTooLong { tokens: 16, context: 16 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            GenerateError::PromptTooLong {
+                tokens: 16,
+                context: 16
+            }
+        ),
+        "{err}"
+    );
 
     // Generation that reaches the end of the context stops there.
     let short: Vec<u32> = vec![u32::from(b'a'); 13];
     let g = model
-        .generate(&short, &options(None, &[], SamplingParams { seed: 1, temperature: 1.0, ..greedy() }), &mut |_| {
-            ControlFlow::Continue(())
-        })
+        .generate(
+            &short,
+            &options(
+                None,
+                &[],
+                SamplingParams {
+                    seed: 1,
+                    temperature: 1.0,
+                    ..greedy()
+                },
+            ),
+            &mut |_| ControlFlow::Continue(()),
+        )
         .unwrap();
     assert!(g.tokens.len() <= 3);
 }
@@ -518,7 +661,17 @@ fn a_prompt_longer_than_the_context_is_an_error() {
 #[test]
 fn a_context_above_the_models_is_refused() {
     let err = load(&chain_files(1.0, 64), Quant::F32, Some(65)).unwrap_err();
-    assert!(matches!(err, LoadError::Context { requested: 65, max: 64, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            LoadError::Context {
+                requested: 65,
+                max: 64,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -527,17 +680,32 @@ fn the_cache_is_reused_across_turns_and_gives_the_same_tokens() {
     let opts = options(Some(6), &[], greedy());
     let mut chat = load(&files, Quant::F32, None).unwrap();
     let mut history = vec![Message::new("user", "first question")];
-    let t1 = chat.tokenize_rendered(&chat.render(&history, true).unwrap()).unwrap();
-    let g1 = chat.generate(&t1, &opts, &mut |_| ControlFlow::Continue(())).unwrap();
+    let t1 = chat
+        .tokenize_rendered(&chat.render(&history, true).unwrap())
+        .unwrap();
+    let g1 = chat
+        .generate(&t1, &opts, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
     assert_eq!(g1.prompt_evaluated, t1.len());
     history.push(Message::new("assistant", g1.text.as_str()));
     history.push(Message::new("user", "second"));
-    let t2 = chat.tokenize_rendered(&chat.render(&history, true).unwrap()).unwrap();
-    let g2 = chat.generate(&t2, &opts, &mut |_| ControlFlow::Continue(())).unwrap();
-    assert!(g2.prompt_evaluated < t2.len() - t1.len() + 8, "{} of {}", g2.prompt_evaluated, t2.len());
+    let t2 = chat
+        .tokenize_rendered(&chat.render(&history, true).unwrap())
+        .unwrap();
+    let g2 = chat
+        .generate(&t2, &opts, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(
+        g2.prompt_evaluated < t2.len() - t1.len() + 8,
+        "{} of {}",
+        g2.prompt_evaluated,
+        t2.len()
+    );
 
     let mut fresh = load(&files, Quant::F32, None).unwrap();
-    let g3 = fresh.generate(&t2, &opts, &mut |_| ControlFlow::Continue(())).unwrap();
+    let g3 = fresh
+        .generate(&t2, &opts, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
     assert_eq!(g3.prompt_evaluated, t2.len());
     assert_eq!(g2.tokens, g3.tokens);
 
@@ -546,14 +714,23 @@ fn the_cache_is_reused_across_turns_and_gives_the_same_tokens() {
 }
 
 #[test]
-fn a_qwen2_checkpoint_needs_its_biases() {
-    let mut files = random_llama_files();
-    let config: serde_json::Value = serde_json::from_slice(&files[0].1).unwrap();
-    let mut config = config.as_object().unwrap().clone();
-    config.insert("architectures".into(), serde_json::json!(["Qwen2ForCausalLM"]));
-    files[0].1 = serde_json::to_vec(&config).unwrap();
-    let err = load(&files, Quant::F32, None).unwrap_err();
+fn qwen2_checkpoints_run_with_their_biases() {
+    let err = load(&random_files("Qwen2ForCausalLM", false), Quant::F32, None).unwrap_err();
     assert!(err.to_string().contains("q_proj.bias"), "{err}");
+
+    let files = random_files("Qwen2ForCausalLM", true);
+    let mut model = load(&files, Quant::F32, None).unwrap();
+    let (with_bias, _) = ask(&mut model, "hi", &options(Some(8), &[], greedy()));
+    assert!(!with_bias.tokens.is_empty());
+    // The same weights read as Llama ignore the biases and generate something else.
+    let mut files = files;
+    let config = String::from_utf8(files[0].1.clone()).unwrap();
+    files[0].1 = config
+        .replace("Qwen2ForCausalLM", "LlamaForCausalLM")
+        .into_bytes();
+    let mut llama = load(&files, Quant::F32, None).unwrap();
+    let (without, _) = ask(&mut llama, "hi", &options(Some(8), &[], greedy()));
+    assert_ne!(with_bias.tokens, without.tokens);
 }
 
 #[test]
@@ -572,8 +749,8 @@ fn unsupported_architectures_are_named() {
 // A tiny BERT
 
 const BERT_WORDS: [&str; 16] = [
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "man", "is", "eating", "food", "bread", "riding", "horse", ".",
-    "piece", "of", "the",
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "man", "is", "eating", "food", "bread", "riding",
+    "horse", ".", "piece", "of", "the",
 ];
 
 fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
@@ -592,9 +769,21 @@ fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
         values(seed, n, 0.5)
     };
     let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![vocab, h], rand(vocab * h)),
-        ("embeddings.position_embeddings.weight".into(), vec![positions, h], rand(positions * h)),
-        ("embeddings.token_type_embeddings.weight".into(), vec![2, h], rand(2 * h)),
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![vocab, h],
+            rand(vocab * h),
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![positions, h],
+            rand(positions * h),
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![2, h],
+            rand(2 * h),
+        ),
         ("embeddings.LayerNorm.weight".into(), vec![h], vec![1.0; h]),
         ("embeddings.LayerNorm.bias".into(), vec![h], vec![0.0; h]),
     ];
@@ -608,7 +797,11 @@ fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
             ("intermediate.dense", ffn, h),
             ("output.dense", h, ffn),
         ] {
-            t.push((format!("{p}.{name}.weight"), vec![rows, cols], rand(rows * cols)));
+            t.push((
+                format!("{p}.{name}.weight"),
+                vec![rows, cols],
+                rand(rows * cols),
+            ));
             t.push((format!("{p}.{name}.bias"), vec![rows], rand(rows)));
         }
         for name in ["attention.output.LayerNorm", "output.LayerNorm"] {
@@ -616,8 +809,11 @@ fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
             t.push((format!("{p}.{name}.bias"), vec![h], vec![0.0; h]));
         }
     }
-    let vocab_map: serde_json::Map<String, serde_json::Value> =
-        BERT_WORDS.iter().enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let vocab_map: serde_json::Map<String, serde_json::Value> = BERT_WORDS
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), i.into()))
+        .collect();
     let tokenizer = serde_json::json!({
         "version": "1.0",
         "truncation": {"direction": "Right", "max_length": 128, "strategy": "LongestFirst", "stride": 0},
@@ -653,7 +849,10 @@ fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
                 "pooling_mode_mean_sqrt_len_tokens": false}"#
                 .to_vec(),
         ));
-        files.push(("sentence_bert_config.json", br#"{"max_seq_length": 16, "do_lower_case": false}"#.to_vec()));
+        files.push((
+            "sentence_bert_config.json",
+            br#"{"max_seq_length": 16, "do_lower_case": false}"#.to_vec(),
+        ));
     }
     files
 }
@@ -670,7 +869,10 @@ fn close(a: &[f32], b: &[f32]) -> bool {
 #[test]
 fn embeddings_follow_the_sentence_transformers_config() {
     let e = embedder(true);
-    assert_eq!((e.pooling(), e.normalize(), e.dimensions(), e.max_tokens()), (Pooling::Mean, true, 32, 16));
+    assert_eq!(
+        (e.pooling(), e.normalize(), e.dimensions(), e.max_tokens()),
+        (Pooling::Mean, true, 32, 16)
+    );
     let v = e.embed(&["a man is eating food ."]).unwrap();
     let norm: f32 = v[0].iter().map(|x| x * x).sum::<f32>().sqrt();
     assert!((norm - 1.0).abs() < 1e-4, "{norm}");
@@ -709,7 +911,7 @@ fn the_wrong_kind_of_model_is_refused() {
     let err = ChatModel::load(
         model,
         &LoadOptions {
-            quant: Quant::F32,
+            quant: Some(Quant::F32),
             device: Device::Cpu,
             context: None,
         },

@@ -84,7 +84,10 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         let prompt = loaded.model.render(&history, true)?;
         let tokens = loaded.model.tokenize_rendered(&prompt)?;
         let mut sink = StdoutSink::new();
-        let generation = match loaded.model.generate(&tokens, &options, &mut |t| sink.write(t)) {
+        let generation = match loaded
+            .model
+            .generate(&tokens, &options, &mut |t| sink.write(t))
+        {
             Ok(g) => g,
             Err(e @ GenerateError::PromptTooLong { .. }) => {
                 history.pop();

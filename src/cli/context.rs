@@ -4,23 +4,31 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use attest::lockfile::Lockfile;
-use runner::store::{PullOptions, Store};
+#[cfg(feature = "inference")]
 use runner::source::pypi::Pip;
+#[cfg(feature = "inference")]
+use runner::store::{PullOptions, Store};
+#[cfg(feature = "inference")]
 use serde::Deserialize;
 
+#[cfg(feature = "inference")]
 use super::progress::TermProgress;
 
 /// Default hub endpoint when neither flag, `HF_ENDPOINT` nor the config file names one.
+#[cfg(feature = "inference")]
 const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
 
 /// Everything a command needs to find its inputs.
 pub struct Context {
     lock: Option<PathBuf>,
     home: Option<PathBuf>,
+    #[cfg_attr(not(feature = "inference"), allow(dead_code))]
     quiet: bool,
+    policy: Option<PathBuf>,
 }
 
 /// `$SANCTUM_HOME/config.toml`.
+#[cfg(feature = "inference")]
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
@@ -37,7 +45,19 @@ impl Context {
             lock,
             home: store,
             quiet,
+            policy: None,
         }
+    }
+
+    /// The trust policy file given by `--policy` / `$SANCTUM_POLICY` (see `trust.rs` for the search).
+    pub fn with_policy(mut self, policy: Option<PathBuf>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// `--policy`, when given.
+    pub(super) fn policy_flag(&self) -> Option<&Path> {
+        self.policy.as_deref()
     }
 
     /// sanctum's home: `--store`, `$SANCTUM_HOME`, else the platform data directory.
@@ -53,21 +73,21 @@ impl Context {
             .context("no data directory on this platform: set SANCTUM_HOME or pass --store")
     }
 
+    #[cfg(feature = "inference")]
     /// The model store.
     pub fn store(&self) -> anyhow::Result<Store> {
         Ok(Store::new(self.home()?))
     }
 
-    /// Finds and parses the lockfile.
+    #[cfg_attr(not(feature = "inference"), allow(dead_code))]
+    /// Finds and parses the lockfile, and applies the trust policy to it (a lock the policy requires
+    /// to be signed is refused when unsigned, edited after signing or signed by an untrusted key).
     pub fn lockfile(&self) -> anyhow::Result<(PathBuf, Lockfile)> {
-        let path = self.lock_path()?;
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read lockfile {}", path.display()))?;
-        let lock = Lockfile::parse(&text).with_context(|| format!("lockfile {}", path.display()))?;
-        Ok((path, lock))
+        let trusted = self.trusted_lock()?;
+        Ok((trusted.path, trusted.lock))
     }
 
-    fn lock_path(&self) -> anyhow::Result<PathBuf> {
+    pub(super) fn lock_path(&self) -> anyhow::Result<PathBuf> {
         if let Some(lock) = &self.lock {
             return Ok(lock.clone());
         }
@@ -86,6 +106,7 @@ impl Context {
         )
     }
 
+    #[cfg(feature = "inference")]
     fn config(&self) -> anyhow::Result<Config> {
         let path = self.home()?.join("config.toml");
         match std::fs::read_to_string(&path) {
@@ -95,6 +116,7 @@ impl Context {
         }
     }
 
+    #[cfg(feature = "inference")]
     /// Pull settings: `--hf-endpoint`, else `HF_ENDPOINT`, else the config file, else the public hub.
     pub fn pull_options(&self, hf_endpoint: Option<String>) -> anyhow::Result<PullOptions> {
         let config = self.config()?;
@@ -113,12 +135,14 @@ impl Context {
         })
     }
 
+    #[cfg(feature = "inference")]
     /// Progress bars on a terminal, nothing otherwise.
     pub fn progress(&self) -> TermProgress {
         TermProgress::new(!self.quiet)
     }
 }
 
+#[cfg(feature = "inference")]
 fn pip_from(cmd: &[String]) -> anyhow::Result<Pip> {
     let Some((program, args)) = cmd.split_first() else {
         bail!("config: `pip` must name a program, e.g. [\"python3\", \"-m\", \"pip\"]");

@@ -59,7 +59,11 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             texts.len(),
             texts.len() as f64 / took.max(1e-9),
             embedder.pooling().name(),
-            if embedder.normalize() { ", normalized" } else { "" },
+            if embedder.normalize() {
+                ", normalized"
+            } else {
+                ""
+            },
             embedder.dimensions(),
         );
     }
@@ -87,7 +91,10 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         }
         Format::Jsonl => {
             for (index, (text, v)) in texts.iter().zip(&vectors).enumerate() {
-                serde_json::to_writer(&mut out, &json!({"index": index, "text": text, "embedding": v}))?;
+                serde_json::to_writer(
+                    &mut out,
+                    &json!({"index": index, "text": text, "embedding": v}),
+                )?;
                 writeln!(out)?;
             }
         }

@@ -1,12 +1,24 @@
 //! Argument definitions and dispatch. Exit codes: 0 ok, 1 a verification or policy said no, 2 an error.
 
+mod attest;
+#[cfg(feature = "inference")]
 mod chat;
 mod context;
+#[cfg(feature = "inference")]
 mod embed;
+#[cfg(feature = "inference")]
 mod import;
+mod keys;
+mod lock;
+#[cfg(feature = "inference")]
+mod model_signing;
+#[cfg(feature = "inference")]
 mod models;
+#[cfg(feature = "inference")]
 mod progress;
+#[cfg(feature = "inference")]
 mod run;
+mod trust;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +41,10 @@ pub struct Cli {
     /// Never draw progress bars.
     #[arg(long, global = true)]
     quiet: bool,
+    /// The trust policy (keys, licenses, lock signatures) [default: ./sanctum-policy.toml or the
+    /// nearest one above, else $SANCTUM_HOME/policy.toml, else built-in defaults].
+    #[arg(long, global = true, env = "SANCTUM_POLICY", value_name = "FILE")]
+    policy: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,43 +52,76 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Approved models: pull, list, verify.
+    #[cfg(feature = "inference")]
     #[command(subcommand)]
     Models(models::ModelsCommand),
     /// Convert another format into a Safetensors model directory.
+    #[cfg(feature = "inference")]
     #[command(subcommand)]
     Import(import::ImportCommand),
     /// Generate a reply from an approved chat model, streamed to stdout.
+    #[cfg(feature = "inference")]
     Run(run::RunArgs),
     /// Chat with an approved model interactively.
+    #[cfg(feature = "inference")]
     Chat(chat::ChatArgs),
     /// Sentence embeddings from an approved embedding model, as JSON.
+    #[cfg(feature = "inference")]
     Embed(embed::EmbedArgs),
+    /// Signing keys: generate, show.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Output attestations: verify (for CI).
+    #[command(subcommand)]
+    Attest(attest::AttestCommand),
+    /// The lockfile's signature: sign, verify.
+    #[command(subcommand)]
+    Lock(lock::LockCommand),
 }
 
 /// Parses the command line and runs it.
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let ctx = Context::new(cli.lock, cli.store, cli.quiet);
+    let ctx = Context::new(cli.lock, cli.store, cli.quiet).with_policy(cli.policy);
     match cli.command {
+        #[cfg(feature = "inference")]
         Command::Models(cmd) => models::run(cmd, &ctx),
+        #[cfg(feature = "inference")]
         Command::Import(cmd) => import::run(cmd, &ctx),
+        #[cfg(feature = "inference")]
         Command::Run(args) => run::run(args, &ctx),
+        #[cfg(feature = "inference")]
         Command::Chat(args) => chat::run(args, &ctx),
+        #[cfg(feature = "inference")]
         Command::Embed(args) => embed::run(args, &ctx),
+        Command::Keys(cmd) => keys::run(cmd, &ctx),
+        Command::Attest(cmd) => attest::run(cmd, &ctx),
+        Command::Lock(cmd) => lock::run(cmd, &ctx),
     }
 }
 
 /// 1 when the error is a refusal (verification, lock membership), 2 for anything else.
 pub fn exit_code_for(err: &anyhow::Error) -> u8 {
-    use attest::verify::VerifyError;
-    use runner::store::PullError;
+    use ::attest::verify::VerifyError;
     let refused = err.chain().any(|cause| {
         cause.is::<VerifyError>()
-            || cause.is::<attest::lockfile::UnknownModel>()
-            || cause.is::<models::Refused>()
-            || cause.downcast_ref::<PullError>().is_some_and(PullError::is_refusal)
+            || cause.is::<::attest::lockfile::UnknownModel>()
+            || cause.is::<trust::Refused>()
+            || cause.is::<::attest::lock_signature::LockTrustError>()
+            || inference_refusal(cause)
     });
     if refused { 1 } else { 2 }
+}
+
+#[cfg(feature = "inference")]
+fn inference_refusal(cause: &(dyn std::error::Error + 'static)) -> bool {
+    use runner::store::PullError;
+    cause.is::<models::Refused>() || cause.downcast_ref::<PullError>().is_some_and(PullError::is_refusal)
+}
+
+#[cfg(not(feature = "inference"))]
+fn inference_refusal(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
 }
 
 /// True when the error is stdout closing under us (`sanctum models list | head`): not a failure.

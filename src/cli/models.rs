@@ -1,4 +1,4 @@
-//! `sanctum models pull | list | verify`.
+//! `sanctum models pull | list | verify` (and `sign | verify-signature`, in `model_signing.rs`).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -22,6 +22,10 @@ pub enum ModelsCommand {
     List(ListArgs),
     /// Re-hash models in the store against the lock (all pulled models when none are named).
     Verify(VerifyArgs),
+    /// Sign a model directory (or a stored model) in the OpenSSF Model Signing format (model.sig).
+    Sign(super::model_signing::SignArgs),
+    /// Check a model directory against an OpenSSF model signature (model.sig) and a public key.
+    VerifySignature(super::model_signing::VerifySignatureArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +70,8 @@ pub fn run(cmd: ModelsCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
         ModelsCommand::Pull(args) => pull(args, ctx),
         ModelsCommand::List(args) => list(args, ctx),
         ModelsCommand::Verify(args) => verify(args, ctx),
+        ModelsCommand::Sign(args) => super::model_signing::sign(args, ctx),
+        ModelsCommand::VerifySignature(args) => super::model_signing::verify_signature(args, ctx),
     }
 }
 

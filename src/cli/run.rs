@@ -20,9 +20,20 @@ use serde_json::json;
 
 use super::Context;
 
-/// The weight format when `--quant` is not given: q8_0 generates fastest on CPUs with candle's
-/// kernels and keeps f32's greedy output (see docs and the issue note for the measurements).
-pub const DEFAULT_QUANT: &str = "q8_0";
+/// `--quant`: a format, or `auto` (by model size, see `runner::quant::auto`).
+#[derive(Debug, Clone, Copy)]
+pub struct QuantArg(Option<Quant>);
+
+impl std::str::FromStr for QuantArg {
+    type Err = runner::quant::UnknownQuant;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(Self(None));
+        }
+        s.parse().map(|q| Self(Some(q)))
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -49,9 +60,10 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Format the weights run in, quantized in memory from the verified Safetensors at load:
-    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k.
-    #[arg(long, default_value = DEFAULT_QUANT, value_name = "FORMAT")]
-    quant: Quant,
+    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k; auto picks f16 below 1B
+    /// parameters (keeps f32's output), q8_0 above (half the memory traffic).
+    #[arg(long, default_value = "auto", value_name = "FORMAT")]
+    quant: QuantArg,
     /// Context size in tokens (prompt and reply) [default: the model's].
     #[arg(long, value_name = "TOKENS")]
     ctx: Option<usize>,
@@ -157,19 +169,23 @@ impl RuntimeArgs {
 /// builds its pools, so this must run before any inference, and before sanctum starts threads of
 /// its own (progress bars, verification workers).
 fn set_threads(threads: Option<usize>) -> usize {
-    let n = threads.unwrap_or_else(device::physical_cores).max(1).to_string();
+    let n = threads.unwrap_or_else(device::physical_cores).max(1);
     #[allow(unsafe_code)]
     // SAFETY: called at the start of a command, while the process has a single thread: no other
     // thread can be reading the environment concurrently.
     unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", &n);
-        std::env::set_var("CANDLE_NUM_THREADS", &n);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
-    n.parse().unwrap_or(1)
+    n
 }
 
 /// Finds `name` in the lock, pulls it when it is not in the store yet, and reads it verified.
-pub fn open_verified(ctx: &Context, name: &str, task: Task) -> anyhow::Result<(VerifiedModel, Duration)> {
+pub fn open_verified(
+    ctx: &Context,
+    name: &str,
+    task: Task,
+) -> anyhow::Result<(VerifiedModel, Duration)> {
     let (_, lock) = ctx.lockfile()?;
     let entry = lock.model(name)?;
     if entry.task != task {
@@ -177,7 +193,10 @@ pub fn open_verified(ctx: &Context, name: &str, task: Task) -> anyhow::Result<(V
             Task::Chat => "use `sanctum run` or `sanctum chat`",
             Task::Embed => "use `sanctum embed`",
         };
-        bail!("model {name:?} is approved for the task {:?}: {advice}", entry.task.to_string());
+        bail!(
+            "model {name:?} is approved for the task {:?}: {advice}",
+            entry.task.to_string()
+        );
     }
     let store = ctx.store()?;
     let progress = ctx.progress();
@@ -199,14 +218,14 @@ pub fn load_chat(ctx: &Context, name: &str, args: &ModelArgs) -> anyhow::Result<
     let (verified, verify_time) = open_verified(ctx, name, Task::Chat)?;
     let started = Instant::now();
     let options = LoadOptions {
-        quant: args.quant,
+        quant: args.quant.0,
         device: dev,
         context: args.ctx,
     };
     let model = ChatModel::load(verified, &options)?;
     let load_time = verify_time + started.elapsed();
     if args.verbose {
-        report_load(&model, load_time, threads, &device);
+        report_load(&model, args.quant.0.is_none(), load_time, threads, &device);
     }
     Ok(Loaded {
         model,
@@ -216,7 +235,7 @@ pub fn load_chat(ctx: &Context, name: &str, args: &ModelArgs) -> anyhow::Result<
     })
 }
 
-fn report_load(model: &ChatModel, load_time: Duration, threads: usize, device: &str) {
+fn report_load(model: &ChatModel, auto: bool, load_time: Duration, threads: usize, device: &str) {
     let mut counts: Vec<(String, usize)> = Vec::new();
     for choice in model.choices() {
         match counts.iter_mut().find(|(q, _)| *q == choice.used.name()) {
@@ -226,10 +245,11 @@ fn report_load(model: &ChatModel, load_time: Duration, threads: usize, device: &
     }
     let mix: Vec<String> = counts.iter().map(|(q, n)| format!("{n} × {q}")).collect();
     eprintln!(
-        "{}: loaded and verified in {:.2} s; --quant {}: {}; {device}, {threads} threads; context {}",
+        "{}: loaded and verified in {:.2} s; --quant {}{}: {}; {device}, {threads} threads; context {}",
         model.name(),
         load_time.as_secs_f64(),
         model.quant(),
+        if auto { " (auto)" } else { "" },
         mix.join(", "),
         model.context()
     );
@@ -378,7 +398,9 @@ fn read_prompt(arg: Option<&str>) -> anyhow::Result<String> {
     match arg {
         Some(p) if p != "-" => return Ok(p.to_owned()),
         None if std::io::stdin().is_terminal() => {
-            bail!("no prompt: pass PROMPT, pipe it on stdin, or use `sanctum chat` for a conversation")
+            bail!(
+                "no prompt: pass PROMPT, pipe it on stdin, or use `sanctum chat` for a conversation"
+            )
         }
         _ => {}
     }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod attested;
 pub mod hf_server;
 
 use std::fs;

@@ -119,13 +119,16 @@ impl Config {
             return Err(format!("hidden_act {act:?} is not supported (only silu)"));
         }
         let (heads, kv) = (self.num_attention_heads, self.kv_heads());
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
-            return Err(format!("head_dim {} must be even and positive", self.head_dim()));
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim()
+            ));
         }
         if self.num_hidden_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return Err("hidden_size, num_hidden_layers and vocab_size must be positive".into());
@@ -133,7 +136,10 @@ impl Config {
         if let Some(s) = &self.rope_scaling
             && !matches!(s.rope_type.as_str(), "llama3" | "linear" | "default")
         {
-            return Err(format!("rope_scaling type {:?} is not supported", s.rope_type));
+            return Err(format!(
+                "rope_scaling type {:?} is not supported",
+                s.rope_type
+            ));
         }
         Ok(())
     }
@@ -209,7 +215,10 @@ impl KvCache {
             None => 0,
         };
         if need > cap {
-            let new_cap = need.next_multiple_of(CACHE_CHUNK).max(cap * 2).min(max.max(need));
+            let new_cap = need
+                .next_multiple_of(CACHE_CHUNK)
+                .max(cap * 2)
+                .min(max.max(need));
             self.k = Some(Self::grow(self.k.as_ref(), k, self.len, new_cap)?);
             self.v = Some(Self::grow(self.v.as_ref(), v, self.len, new_cap)?);
         }
@@ -344,7 +353,12 @@ impl Llama {
         };
         let tied = config.tie_word_embeddings || !loader.has("lm_head.weight");
         let embed_role = if tied { Role::Output } else { Role::Layer };
-        let embed = loader.matrix("model.embed_tokens.weight", config.vocab_size, hidden, embed_role)?;
+        let embed = loader.matrix(
+            "model.embed_tokens.weight",
+            config.vocab_size,
+            hidden,
+            embed_role,
+        )?;
         let lm_head = if tied {
             embed.clone()
         } else {
@@ -358,13 +372,43 @@ impl Llama {
                 input_norm: loader.vector(&format!("{p}.input_layernorm.weight"), hidden)?,
                 post_attention_norm: loader
                     .vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
-                q: loader.linear(&format!("{p}.self_attn.q_proj"), heads * head_dim, hidden, qkv_bias)?,
-                k: loader.linear(&format!("{p}.self_attn.k_proj"), kv_heads * head_dim, hidden, qkv_bias)?,
-                v: loader.linear(&format!("{p}.self_attn.v_proj"), kv_heads * head_dim, hidden, qkv_bias)?,
-                o: loader.linear(&format!("{p}.self_attn.o_proj"), hidden, heads * head_dim, o_bias)?,
-                gate: loader.linear(&format!("{p}.mlp.gate_proj"), inter, hidden, config.mlp_bias)?,
+                q: loader.linear(
+                    &format!("{p}.self_attn.q_proj"),
+                    heads * head_dim,
+                    hidden,
+                    qkv_bias,
+                )?,
+                k: loader.linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    kv_heads * head_dim,
+                    hidden,
+                    qkv_bias,
+                )?,
+                v: loader.linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    kv_heads * head_dim,
+                    hidden,
+                    qkv_bias,
+                )?,
+                o: loader.linear(
+                    &format!("{p}.self_attn.o_proj"),
+                    hidden,
+                    heads * head_dim,
+                    o_bias,
+                )?,
+                gate: loader.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    inter,
+                    hidden,
+                    config.mlp_bias,
+                )?,
                 up: loader.linear(&format!("{p}.mlp.up_proj"), inter, hidden, config.mlp_bias)?,
-                down: loader.linear(&format!("{p}.mlp.down_proj"), hidden, inter, config.mlp_bias)?,
+                down: loader.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    hidden,
+                    inter,
+                    config.mlp_bias,
+                )?,
                 cache: KvCache::default(),
             });
         }
@@ -457,7 +501,17 @@ impl Llama {
         let (heads, kv_heads, head_dim, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
         for layer in &mut self.layers {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let attn = attention(layer, &h, &cos, &sin, mask.as_ref(), heads, kv_heads, head_dim, context)?;
+            let attn = attention(
+                layer,
+                &h,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                heads,
+                kv_heads,
+                head_dim,
+                context,
+            )?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
             let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
@@ -497,9 +551,18 @@ fn attention(
     let q = layer.q.forward(x)?;
     let k = layer.k.forward(x)?;
     let v = layer.v.forward(x)?;
-    let q = q.reshape((b, seq, heads, head_dim))?.transpose(1, 2)?.contiguous()?;
-    let k = k.reshape((b, seq, kv_heads, head_dim))?.transpose(1, 2)?.contiguous()?;
-    let v = v.reshape((b, seq, kv_heads, head_dim))?.transpose(1, 2)?.contiguous()?;
+    let q = q
+        .reshape((b, seq, heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let k = k
+        .reshape((b, seq, kv_heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let v = v
+        .reshape((b, seq, kv_heads, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?;
     let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
     let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
     let (k, v) = layer.cache.append(&k, &v, context)?;

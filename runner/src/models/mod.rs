@@ -43,7 +43,9 @@ pub enum LoadError {
         source: serde_json::Error,
     },
     /// `config.json` names an architecture this build does not run.
-    #[error("model {model:?}: unsupported architecture {architecture:?} (sanctum runs {SUPPORTED})")]
+    #[error(
+        "model {model:?}: unsupported architecture {architecture:?} (sanctum runs {SUPPORTED})"
+    )]
     UnsupportedArchitecture {
         /// Model name.
         model: String,
@@ -125,7 +127,10 @@ pub fn json_file<T: DeserializeOwned>(model: &VerifiedModel, path: &str) -> Resu
 }
 
 /// Parses an optional JSON file: None when the model has no such file.
-pub fn optional_json<T: DeserializeOwned>(model: &VerifiedModel, path: &str) -> Result<Option<T>, LoadError> {
+pub fn optional_json<T: DeserializeOwned>(
+    model: &VerifiedModel,
+    path: &str,
+) -> Result<Option<T>, LoadError> {
     match model.file(path) {
         None => Ok(None),
         Some(_) => json_file(model, path).map(Some),

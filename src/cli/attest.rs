@@ -1,0 +1,801 @@
+//! `sanctum attest verify`, and stamping outputs ([`OutputStamper`], for `run`, `chat` and `embed`).
+//!
+//! Where bundles go (`attest::attestation::layout`): `--out FILE` inside a git work tree puts the
+//! bundle at `<root>/.attestations/<path of FILE>.sigstore.json`, outside one beside the file as
+//! `FILE.sigstore.json`; output printed to stdout gets its bundle in the local store,
+//! `$SANCTUM_HOME/attestations/sha256/<output sha256>/<bundle sha256>.sigstore.json`.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::OnceLock;
+
+use anyhow::{Context as _, bail};
+use attest::Sha256Digest;
+use attest::attestation::layout::{self, BUNDLE_SUFFIX, REPO_DIR};
+use attest::attestation::{Step, VerificationError, VerifiedAttestation, Verifier};
+use attest::lockfile::ModelEntry;
+use attest::stamp::{LockInfo, OutputRecord, RunnerInfo, Stamper};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use super::Context;
+use super::context::display_path;
+use super::keys::{read_public, signer_key};
+use super::trust::{Refused, TrustedLock};
+
+#[derive(Debug, Subcommand)]
+pub enum AttestCommand {
+    /// Verify output attestations (for CI): bundle files or folders, an artifact, or a git range.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Bundle files, or folders searched for *.sigstore.json.
+    bundles: Vec<PathBuf>,
+    /// The output the bundles attest: its sha256 must be their subject's. Alone, its bundle is found by
+    /// the repository convention or in the local store.
+    #[arg(long, value_name = "FILE")]
+    artifact: Option<PathBuf>,
+    /// Verify every attestation added or changed under .attestations/ in these commits (e.g.
+    /// origin/main..HEAD), against the outputs as of the range's end; outputs edited after
+    /// generation are allowed and reported.
+    #[arg(long, value_name = "REV_RANGE")]
+    git: Option<String>,
+    /// Trust this signer public key as well as the policy's [[signer]] keys (repeatable).
+    #[arg(long, value_name = "PUB")]
+    key: Vec<PathBuf>,
+    /// Report format.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+pub fn run(cmd: AttestCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AttestCommand::Verify(args) => verify(args, ctx),
+    }
+}
+
+/// Flags of the commands whose outputs are stamped; flatten into their arguments.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Write the output to FILE (atomically) instead of stdout; its attestation goes to
+    /// <repo>/.attestations/<path>.sigstore.json (or FILE.sigstore.json outside a git work tree).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Put the rendered prompt's text in the attestation (its sha256 is always there).
+    #[arg(long)]
+    pub attest_prompt: bool,
+}
+
+/// Stamps the outputs of one command: open it once, then [`OutputStamper::emit`] each output.
+// Called by run/chat/embed once they are wired to stamp (see the issue note).
+#[allow(dead_code)]
+pub struct OutputStamper {
+    stamper: Stamper,
+    home: PathBuf,
+    lock: TrustedLock,
+    attest_prompt: bool,
+}
+
+#[allow(dead_code)]
+impl OutputStamper {
+    /// Reads the lock under the policy, opens (or creates, with a notice) the signer key without ever
+    /// prompting, and hashes the running binary. Call before generating, so a missing passphrase stops
+    /// the command before any work.
+    pub fn open(ctx: &Context, args: &OutputArgs) -> anyhow::Result<Self> {
+        let lock = ctx.trusted_lock()?;
+        let key = signer_key(ctx)?;
+        let stamper = Stamper::new(
+            key,
+            runner_info()?,
+            LockInfo {
+                digest: lock.digest,
+                signer: lock.status.signer_record(),
+            },
+        );
+        Ok(Self {
+            stamper,
+            home: ctx.home()?,
+            lock,
+            attest_prompt: args.attest_prompt,
+        })
+    }
+
+    /// The lock entry of an approved model, for [`OutputRecord::model`].
+    pub fn model(&self, name: &str) -> anyhow::Result<&ModelEntry> {
+        Ok(self.lock.lock.model(name)?)
+    }
+
+    /// Stamps one output and stores its attestation. With `out`, writes the output there atomically
+    /// and the bundle by the repository convention (the subject name becomes the repository-relative
+    /// path); without, puts the bundle in the local store. Prints the bundle's path on stderr and
+    /// returns it. `record.include_prompt_text` is set from `--attest-prompt`.
+    pub fn emit(
+        &self,
+        out: Option<&Path>,
+        mut record: OutputRecord<'_>,
+    ) -> anyhow::Result<PathBuf> {
+        record.include_prompt_text = self.attest_prompt;
+        let path = match out {
+            Some(out) => {
+                let placement = layout::placement_for_output(out).with_context(|| {
+                    format!("cannot place the attestation of {}", out.display())
+                })?;
+                let record = OutputRecord {
+                    name: &placement.subject_name,
+                    ..record
+                };
+                let stamp = self.stamper.stamp(&record)?;
+                layout::write_atomic(out, record.bytes)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                layout::write_atomic(&placement.bundle, &stamp.json)
+                    .with_context(|| format!("cannot write {}", placement.bundle.display()))?;
+                placement.bundle
+            }
+            None => {
+                let stamp = self.stamper.stamp(&record)?;
+                let path =
+                    layout::store_path(&self.home, &stamp.subject.digest.sha256, &stamp.json);
+                layout::write_atomic(&path, &stamp.json)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                path
+            }
+        };
+        eprintln!("sanctum: attestation: {}", display_path(&path));
+        Ok(path)
+    }
+}
+
+/// This build: version, git commit (from build.rs) and the sha256 of the running executable.
+#[allow(dead_code)]
+pub fn runner_info() -> anyhow::Result<RunnerInfo> {
+    static BINARY: OnceLock<Sha256Digest> = OnceLock::new();
+    let binary = match BINARY.get() {
+        Some(d) => *d,
+        None => {
+            let exe = std::env::current_exe().context("cannot find the running executable")?;
+            let file = std::fs::File::open(&exe)
+                .with_context(|| format!("cannot read {}", exe.display()))?;
+            let (digest, _) = Sha256Digest::of_reader(file)
+                .with_context(|| format!("cannot hash {}", exe.display()))?;
+            *BINARY.get_or_init(|| digest)
+        }
+    };
+    Ok(RunnerInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        git_commit: option_env!("SANCTUM_GIT_COMMIT")
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned),
+        binary_sha256: binary,
+    })
+}
+
+/// What the output a bundle attests is compared with.
+enum Artifact {
+    /// Not available: step 5 is skipped.
+    None,
+    /// Given with --artifact: must match.
+    Strict { label: String, digest: Sha256Digest },
+    /// Found by convention (the file beside, or in the repository): a difference means the output was
+    /// edited after generation, which is allowed and reported.
+    Found {
+        label: String,
+        digest: Option<Sha256Digest>,
+        /// For --git: the repository-relative path, to look for the attested version in history.
+        git_path: Option<String>,
+    },
+}
+
+struct Target {
+    label: String,
+    bytes: Vec<u8>,
+    artifact: Artifact,
+}
+
+/// The result for one bundle.
+struct Checked {
+    label: String,
+    outcome: Result<VerifiedAttestation, VerificationError>,
+    /// Step 5 outcome when it was not decided by the verifier: checked by convention, or edited.
+    subject: SubjectResult,
+    artifact: Option<String>,
+    notes: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SubjectResult {
+    Checked,
+    Skipped,
+    Edited,
+}
+
+fn verify(args: VerifyArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let mut policy = ctx.policy()?;
+    for path in &args.key {
+        policy.signers.add(display_path(path), read_public(path)?);
+    }
+    let lock = ctx.lock_file()?;
+    let lock_status = lock.status(&policy)?;
+    let verifier = Verifier::new(
+        &policy.signers,
+        &lock.lock,
+        &policy.licenses,
+        lock_status.as_ref().cloned(),
+    );
+
+    let mut targets = Vec::new();
+    let mut git = None;
+    if let Some(range) = &args.git {
+        let repo = GitRange::open(range)?;
+        targets.extend(repo.targets()?);
+        git = Some(repo);
+    }
+    let strict = match &args.artifact {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("cannot read artifact {}", path.display()))?;
+            Some((display_path(path), Sha256Digest::of(&bytes)))
+        }
+        None => None,
+    };
+    let mut bundle_files = Vec::new();
+    for path in &args.bundles {
+        if path.is_dir() {
+            find_bundles(path, &mut bundle_files)
+                .with_context(|| format!("cannot search {}", path.display()))?;
+        } else {
+            bundle_files.push(path.clone());
+        }
+    }
+    if args.bundles.is_empty()
+        && args.git.is_none()
+        && let (Some(path), Some((_, digest))) = (&args.artifact, &strict)
+    {
+        bundle_files.extend(bundles_for_artifact(ctx, path, digest)?);
+        if bundle_files.is_empty() {
+            eprintln!(
+                "sanctum: no attestation found for {} (looked for its bundle by the repository convention and in the local store)",
+                display_path(path)
+            );
+            return Err(Refused(format!("{} has no attestation", display_path(path))).into());
+        }
+    }
+    if args.bundles.is_empty() && args.git.is_none() && args.artifact.is_none() {
+        bail!(
+            "nothing to verify: give bundle files or folders, --artifact FILE, or --git REV_RANGE"
+        );
+    }
+    for path in bundle_files {
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("cannot read bundle {}", path.display()))?;
+        let artifact = match &strict {
+            Some((label, digest)) => Artifact::Strict {
+                label: label.clone(),
+                digest: *digest,
+            },
+            None => match layout::output_for_bundle(&path).filter(|p| p.is_file()) {
+                Some(output) => {
+                    let digest = std::fs::read(&output).ok().map(|b| Sha256Digest::of(&b));
+                    Artifact::Found {
+                        label: display_path(&output),
+                        digest,
+                        git_path: None,
+                    }
+                }
+                None => Artifact::None,
+            },
+        };
+        targets.push(Target {
+            label: display_path(&path),
+            bytes,
+            artifact,
+        });
+    }
+
+    let checked: Vec<Checked> = targets
+        .into_iter()
+        .map(|t| check(&verifier, t, git.as_ref()))
+        .collect();
+    let failed = checked.iter().filter(|c| c.outcome.is_err()).count();
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        Format::Json => {
+            let doc = json!({
+                "ok": failed == 0,
+                "policy": policy.source.as_deref().map(display_path),
+                "lockfile": {
+                    "path": display_path(&lock.path),
+                    "sha256": Sha256Digest::of(&lock.bytes).to_hex(),
+                    "status": match &lock_status {
+                        Ok(s) => s.describe(),
+                        Err(e) => format!("refused: {e}"),
+                    },
+                },
+                "git": args.git,
+                "attestations": checked.iter().map(report_json).collect::<Vec<_>>(),
+                "summary": {"total": checked.len(), "passed": checked.len() - failed, "failed": failed},
+            });
+            serde_json::to_writer_pretty(&mut out, &doc)?;
+            writeln!(out)?;
+        }
+        Format::Human => {
+            writeln!(
+                out,
+                "lockfile {}: {}",
+                display_path(&lock.path),
+                match &lock_status {
+                    Ok(s) => s.describe(),
+                    Err(e) => format!("REFUSED: {e}"),
+                }
+            )?;
+            if checked.is_empty() {
+                writeln!(
+                    out,
+                    "no attestations to verify{}",
+                    args.git
+                        .as_deref()
+                        .map(|r| format!(" in {r}"))
+                        .unwrap_or_default()
+                )?;
+            }
+            for c in &checked {
+                report_human(&mut out, c)?;
+            }
+            writeln!(
+                out,
+                "{} attestation(s): {} passed, {failed} failed",
+                checked.len(),
+                checked.len() - failed
+            )?;
+        }
+    }
+    if failed > 0 {
+        return Err(Refused(format!("{failed} attestation(s) failed verification")).into());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(verifier: &Verifier<'_>, target: Target, git: Option<&GitRange>) -> Checked {
+    let mut notes = Vec::new();
+    let (strict, label) = match &target.artifact {
+        Artifact::Strict { digest, label } => (Some(*digest), Some(label.clone())),
+        Artifact::Found { label, .. } => (None, Some(label.clone())),
+        Artifact::None => (None, None),
+    };
+    let outcome = verifier.verify(&target.bytes, strict.as_ref());
+    let mut subject = if strict.is_some() {
+        SubjectResult::Checked
+    } else {
+        SubjectResult::Skipped
+    };
+    if let (
+        Ok(v),
+        Artifact::Found {
+            label,
+            digest,
+            git_path,
+        },
+    ) = (&outcome, &target.artifact)
+    {
+        let attested = v.subject().digest.sha256;
+        match digest {
+            Some(d) if *d == attested => subject = SubjectResult::Checked,
+            Some(_) => {
+                subject = SubjectResult::Edited;
+                let history = match (git, git_path) {
+                    (Some(g), Some(p)) => match g.commit_with(p, &attested) {
+                        Some(commit) => format!(
+                            " (the attested version is in commit {}; it changed since)",
+                            &commit[..12.min(commit.len())]
+                        ),
+                        None => " (no commit in the range holds the attested version)".into(),
+                    },
+                    _ => String::new(),
+                };
+                notes.push(format!("{label} was edited after generation{history}"));
+            }
+            None => notes.push(format!(
+                "{label} is gone: the attested output is not there any more"
+            )),
+        }
+        if let Some(p) = git_path
+            && v.subject().name != *p
+        {
+            notes.push(format!(
+                "the subject is named {:?} but the attestation sits at the path of {p}",
+                v.subject().name
+            ));
+        }
+    }
+    Checked {
+        label: target.label,
+        outcome,
+        subject,
+        artifact: label,
+        notes,
+    }
+}
+
+fn report_human(out: &mut impl Write, c: &Checked) -> std::io::Result<()> {
+    match &c.outcome {
+        Ok(v) => {
+            writeln!(out, "PASS  {}", c.label)?;
+            let subject = v.subject();
+            let checked = match c.subject {
+                SubjectResult::Checked => format!(
+                    "matches {}",
+                    c.artifact.as_deref().unwrap_or("the artifact")
+                ),
+                SubjectResult::Edited => "edited since, see below".into(),
+                SubjectResult::Skipped => "output not checked".into(),
+            };
+            writeln!(
+                out,
+                "      subject {} sha256:{} ({checked})",
+                subject.name,
+                &subject.digest.sha256.to_hex()[..16]
+            )?;
+            let p = v.predicate();
+            writeln!(
+                out,
+                "      {} by model {} sha256:{} ({}), sanctum {}, signed by {} (key {})",
+                serde_json::to_value(p.task)
+                    .ok()
+                    .and_then(|t| t.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                p.model.name,
+                &p.model.digest.sha256.to_hex()[..16],
+                p.model.license,
+                p.runner.version,
+                v.signer,
+                v.hint.short()
+            )?;
+        }
+        Err(e) => {
+            writeln!(out, "FAIL  {}", c.label)?;
+            writeln!(out, "      {e}")?;
+        }
+    }
+    for note in &c.notes {
+        writeln!(out, "      note: {note}")?;
+    }
+    Ok(())
+}
+
+fn report_json(c: &Checked) -> serde_json::Value {
+    let failed_step = c.outcome.as_ref().err().map(VerificationError::step);
+    let steps: Vec<_> = Step::ALL
+        .iter()
+        .map(|&step| {
+            let result = match failed_step {
+                Some(f) if step == f => "fail",
+                Some(f) if step > f => "not-run",
+                _ if step == Step::SubjectDigest => match c.subject {
+                    SubjectResult::Checked => "pass",
+                    SubjectResult::Skipped => "skipped",
+                    SubjectResult::Edited => "edited",
+                },
+                _ => "pass",
+            };
+            json!({"step": step.number(), "id": step.id(), "name": step.name(), "result": result})
+        })
+        .collect();
+    let mut doc = json!({
+        "bundle": c.label,
+        "ok": c.outcome.is_ok(),
+        "artifact": c.artifact,
+        "steps": steps,
+        "notes": c.notes,
+    });
+    match &c.outcome {
+        Ok(v) => {
+            let p = v.predicate();
+            doc["subject"] =
+                json!({"name": v.subject().name, "sha256": v.subject().digest.sha256.to_hex()});
+            doc["signer"] = json!({"name": v.signer, "hint": v.hint.as_str()});
+            doc["model"] = json!({"name": p.model.name, "sha256": p.model.digest.sha256.to_hex(), "license": p.model.license});
+            doc["predicate"] = serde_json::to_value(p).unwrap_or_default();
+        }
+        Err(e) => {
+            doc["error"] =
+                json!({"step": e.step().number(), "id": e.step().id(), "message": e.to_string()});
+        }
+    }
+    doc
+}
+
+/// Every `*.sigstore.json` below `dir` (not inside `.git`), sorted.
+fn find_bundles(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries = std::fs::read_dir(dir)?.collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() && entry.file_name() != ".git" {
+            find_bundles(&path, out)?;
+        } else if kind.is_file() && path.to_str().is_some_and(|p| p.ends_with(BUNDLE_SUFFIX)) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The bundles of an artifact: by the repository convention (or beside it), else in the local store.
+fn bundles_for_artifact(
+    ctx: &Context,
+    artifact: &Path,
+    digest: &Sha256Digest,
+) -> anyhow::Result<Vec<PathBuf>> {
+    if let Ok(placement) = layout::placement_for_output(artifact)
+        && placement.bundle.is_file()
+    {
+        return Ok(vec![placement.bundle]);
+    }
+    Ok(layout::store_bundles(&ctx.home()?, digest)?)
+}
+
+/// A git repository and a revision range in it.
+struct GitRange {
+    top: PathBuf,
+    range: String,
+    end: String,
+}
+
+impl GitRange {
+    fn open(range: &str) -> anyhow::Result<Self> {
+        let top = git(None, &["rev-parse", "--show-toplevel"])?;
+        let top = PathBuf::from(String::from_utf8_lossy(&top).trim());
+        let revs = git(Some(&top), &["rev-parse", range])?;
+        let end = String::from_utf8_lossy(&revs)
+            .lines()
+            .find(|l| !l.starts_with('^'))
+            .map(str::to_owned)
+            .with_context(|| format!("{range}: no end revision"))?;
+        Ok(Self {
+            top,
+            range: range.to_owned(),
+            end,
+        })
+    }
+
+    /// Bundles added or changed under .attestations/ in the range, read as of its end.
+    fn targets(&self) -> anyhow::Result<Vec<Target>> {
+        let names = git(
+            Some(&self.top),
+            &[
+                "log",
+                "--format=",
+                "--name-only",
+                "-z",
+                "--diff-filter=AM",
+                &self.range,
+                "--",
+                REPO_DIR,
+            ],
+        )?;
+        let paths: BTreeSet<String> = names
+            .split(|b| *b == 0)
+            .map(|p| String::from_utf8_lossy(p).trim().to_owned())
+            .filter(|p| p.ends_with(BUNDLE_SUFFIX))
+            .collect();
+        let mut targets = Vec::new();
+        for path in paths {
+            let Some(bytes) = self.blob(&self.end, &path) else {
+                continue; // added, then removed within the range
+            };
+            let artifact = match layout::output_for_repo_bundle(&path) {
+                Some(output) => Artifact::Found {
+                    label: output.clone(),
+                    digest: self.blob(&self.end, &output).map(|b| Sha256Digest::of(&b)),
+                    git_path: Some(output),
+                },
+                None => Artifact::None,
+            };
+            targets.push(Target {
+                label: path,
+                bytes,
+                artifact,
+            });
+        }
+        Ok(targets)
+    }
+
+    fn blob(&self, rev: &str, path: &str) -> Option<Vec<u8>> {
+        git(
+            Some(&self.top),
+            &["cat-file", "blob", &format!("{rev}:{path}")],
+        )
+        .ok()
+    }
+
+    /// The newest commit in the range whose version of `path` has sha256 `digest`.
+    fn commit_with(&self, path: &str, digest: &Sha256Digest) -> Option<String> {
+        let log = git(
+            Some(&self.top),
+            &["log", "--format=%H", &self.range, "--", path],
+        )
+        .ok()?;
+        String::from_utf8_lossy(&log)
+            .lines()
+            .find(|commit| {
+                self.blob(commit, path)
+                    .is_some_and(|b| Sha256Digest::of(&b) == *digest)
+            })
+            .map(str::to_owned)
+    }
+}
+
+fn git(dir: Option<&Path>, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let mut cmd = Command::new("git");
+    if let Some(dir) = dir {
+        cmd.arg("-C").arg(dir);
+    }
+    let output = cmd.args(args).output().context("cannot run git")?;
+    if !output.status.success() {
+        bail!(
+            "git {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use attest::lockfile::{
+        HfSource, LockedFile, Lockfile, ModelEntry, Source, Task, model_digest,
+    };
+    use attest::policy::KeyRing;
+    use attest::statement::{OutputTask, RuntimeRecord, UsageRecord};
+
+    use super::*;
+
+    fn context() -> (tempfile::TempDir, Context) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = vec![LockedFile {
+            path: "model.safetensors".into(),
+            sha256: Sha256Digest::of(b"w"),
+            size: 1,
+        }];
+        let mut lock = Lockfile::new();
+        lock.models.push(ModelEntry {
+            name: "m".into(),
+            task: Task::Embed,
+            architecture: "bert".into(),
+            license: "MIT".into(),
+            digest: model_digest(&files),
+            upstream: None,
+            source: Source::Hf(HfSource {
+                repo: "o/m".into(),
+                revision: "r".into(),
+                files: None,
+            }),
+            import: None,
+            files,
+        });
+        let lock_path = dir.path().join("models.lock");
+        std::fs::write(&lock_path, lock.to_toml()).unwrap();
+        std::fs::write(dir.path().join("policy.toml"), "version = 1\n").unwrap();
+        let ctx = Context::new(Some(lock_path), Some(dir.path().join("home")), true)
+            .with_policy(Some(dir.path().join("policy.toml")));
+        (dir, ctx)
+    }
+
+    fn record<'a>(model: &'a ModelEntry, bytes: &'a [u8]) -> OutputRecord<'a> {
+        let now = SystemTime::now();
+        OutputRecord {
+            name: "stdout",
+            bytes,
+            task: OutputTask::Embed,
+            model,
+            runtime: RuntimeRecord {
+                device: "cpu".into(),
+                threads: 1,
+                quantization: None,
+            },
+            sampling: None,
+            prompt: "[\"a text\"]",
+            include_prompt_text: false,
+            usage: UsageRecord {
+                prompt_tokens: 3,
+                completion_tokens: 0,
+            },
+            started: now,
+            finished: now,
+        }
+    }
+
+    /// The signer key is made on first use (0600) and reused; printed outputs go to the store, `--out`
+    /// outputs beside their file (outside a repository) or under `.attestations/` (inside one).
+    #[test]
+    fn output_stamper_creates_the_signer_key_and_places_bundles() {
+        if std::env::var_os(super::super::keys::SIGNING_KEY_ENV).is_some() {
+            return; // the environment chose another key
+        }
+        let (dir, ctx) = context();
+        let args = OutputArgs {
+            out: None,
+            attest_prompt: true,
+        };
+        let stamper = OutputStamper::open(&ctx, &args).unwrap();
+        let key_path = dir.path().join("home/keys/signer.key");
+        assert!(key_path.is_file() && dir.path().join("home/keys/signer.pub").is_file());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let again = OutputStamper::open(&ctx, &args).unwrap();
+        assert_eq!(
+            again.stamper.hint(),
+            stamper.stamper.hint(),
+            "the key is reused"
+        );
+
+        let entry = stamper.model("m").unwrap().clone();
+        let printed = stamper
+            .emit(None, record(&entry, b"[[0.1, 0.2]]\n"))
+            .unwrap();
+        assert!(printed.starts_with(dir.path().join("home/attestations/sha256")));
+
+        let mut signers = KeyRing::new();
+        signers.add(
+            "me",
+            read_public(&dir.path().join("home/keys/signer.pub")).unwrap(),
+        );
+        let lock = ctx.lock_file().unwrap();
+        let policy = ctx.policy().unwrap();
+        let verifier = Verifier::new(
+            &signers,
+            &lock.lock,
+            &policy.licenses,
+            Ok(attest::lock_signature::LockStatus::Unsigned),
+        );
+        let v = verifier
+            .verify(
+                &std::fs::read(&printed).unwrap(),
+                Some(&Sha256Digest::of(b"[[0.1, 0.2]]\n")),
+            )
+            .unwrap();
+        assert_eq!(v.subject().name, "stdout");
+        assert_eq!(
+            v.predicate().prompt.text.as_deref(),
+            Some("[\"a text\"]"),
+            "--attest-prompt"
+        );
+
+        // Inside a git work tree: the output written atomically, the bundle under .attestations/.
+        let repo = dir.path().join("repo");
+        std::fs::create_dir_all(repo.join(".git")).unwrap();
+        std::fs::create_dir_all(repo.join("gen")).unwrap();
+        let out = repo.join("gen/e.json");
+        let bundle = stamper.emit(Some(&out), record(&entry, b"[]\n")).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"[]\n");
+        assert_eq!(
+            bundle,
+            repo.canonicalize()
+                .unwrap()
+                .join(".attestations/gen/e.json.sigstore.json")
+        );
+        let v = verifier
+            .verify(
+                &std::fs::read(&bundle).unwrap(),
+                Some(&Sha256Digest::of(b"[]\n")),
+            )
+            .unwrap();
+        assert_eq!(v.subject().name, "gen/e.json");
+    }
+}
