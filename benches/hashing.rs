@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use attest::Sha256Digest;
-use attest::lockfile::{LockedFile, ModelEntry, Source, Task, HfSource, model_digest};
+use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task, model_digest};
 use attest::progress::NoProgress;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -29,8 +29,9 @@ fn verify_model_dir(c: &mut Criterion) {
     let mut files = Vec::new();
     for shard in 0..4u8 {
         let data = vec![shard; 32 * MIB];
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![data.len()], &data)
-            .expect("tensor view");
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![data.len()], &data)
+                .expect("tensor view");
         let bytes = safetensors::serialize([("w", view)], None).expect("serialize");
         let path = format!("model-{shard}.safetensors");
         std::fs::write(dir.path().join(&path), &bytes).expect("write shard");

@@ -13,16 +13,22 @@ const MINILM: &str = "all-minilm-l6-v2";
 const SMOLLM: &str = "smollm2-135m-instruct";
 
 /// A pickle stream (protocol 4) like the start of a PyTorch checkpoint's data.pkl.
-const PICKLE: &[u8] = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94.";
+const PICKLE: &[u8] =
+    b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x94.";
 
 fn refused(copy: &StoreCopy, model: &str) -> assert_cmd::assert::Assert {
-    copy.sanctum().args(["models", "verify", model]).assert().code(1)
+    copy.sanctum()
+        .args(["models", "verify", model])
+        .assert()
+        .code(1)
 }
 
 #[test]
 fn untouched_real_models_verify() {
     for model in [MINILM, SMOLLM] {
-        let Some(copy) = StoreCopy::of(model) else { return };
+        let Some(copy) = StoreCopy::of(model) else {
+            return;
+        };
         copy.sanctum()
             .args(["models", "verify", model])
             .assert()
@@ -34,29 +40,42 @@ fn untouched_real_models_verify() {
 
 #[test]
 fn one_flipped_byte_is_refused_with_both_digests() {
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     let path = copy.file("model.safetensors");
     let mut bytes = fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     fs::write(&path, &bytes).unwrap();
     refused(&copy, MINILM)
-        .stdout(contains("FAIL  model.safetensors: sha256 mismatch: expected 53aa51172d142c89"))
+        .stdout(contains(
+            "FAIL  model.safetensors: sha256 mismatch: expected 53aa51172d142c89",
+        ))
         .stderr(contains("failed verification"));
 }
 
 #[test]
 fn truncated_and_appended_files_are_refused() {
-    let Some(copy) = StoreCopy::of(SMOLLM) else { return };
+    let Some(copy) = StoreCopy::of(SMOLLM) else {
+        return;
+    };
     let path = copy.file("model.safetensors");
     let size = fs::metadata(&path).unwrap().len();
-    OpenOptions::new().write(true).open(&path).unwrap().set_len(size - 4096).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(size - 4096)
+        .unwrap();
     refused(&copy, SMOLLM).stdout(contains(format!(
         "model.safetensors: size mismatch: the lock says {size} bytes, the file has {}",
         size - 4096
     )));
 
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     OpenOptions::new()
         .append(true)
         .open(copy.file("tokenizer.json"))
@@ -68,13 +87,17 @@ fn truncated_and_appended_files_are_refused() {
 
 #[test]
 fn unlisted_missing_and_pickle_files_are_refused() {
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     fs::write(copy.file("notes.txt"), "hello").unwrap();
     refused(&copy, MINILM).stdout(contains("notes.txt: not listed in the lock"));
     fs::remove_file(copy.file("notes.txt")).unwrap();
 
     fs::write(copy.file("pytorch_model.bin"), PICKLE).unwrap();
-    refused(&copy, MINILM).stdout(contains("pytorch_model.bin: not listed in the lock (pickle data"));
+    refused(&copy, MINILM).stdout(contains(
+        "pytorch_model.bin: not listed in the lock (pickle data",
+    ));
     fs::remove_file(copy.file("pytorch_model.bin")).unwrap();
 
     fs::remove_file(copy.file("1_Pooling/config.json")).unwrap();
@@ -84,7 +107,9 @@ fn unlisted_missing_and_pickle_files_are_refused() {
 #[test]
 fn pickle_named_safetensors_is_refused_as_pickle() {
     // In the store, replacing the real weights.
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     let path = copy.file("model.safetensors");
     let size = fs::metadata(&path).unwrap().len() as usize;
     let mut evil = PICKLE.to_vec();
@@ -104,14 +129,20 @@ fn pickle_named_safetensors_is_refused_as_pickle() {
 /// Header edits that keep the file's size, so the format check (not the size check) must catch them.
 #[test]
 fn malformed_headers_in_real_weights_are_refused() {
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     let path = copy.file("model.safetensors");
     let original = fs::read(&path).unwrap();
     let header_len = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(original[8..8 + header_len].to_vec()).unwrap();
 
     let with_header = |new_header: &str| {
-        assert_eq!(new_header.len(), header.len(), "edits keep the header length");
+        assert_eq!(
+            new_header.len(),
+            header.len(),
+            "edits keep the header length"
+        );
         let mut bytes = original.clone();
         bytes[8..8 + header_len].copy_from_slice(new_header.as_bytes());
         bytes
@@ -125,11 +156,23 @@ fn malformed_headers_in_real_weights_are_refused() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("exceeds the file", with_len(original.len() as u64)),
         ("is absurd", with_len(u64::MAX / 2)),
-        ("unknown dtype \"Q32\"", with_header(&header.replacen("\"F32\"", "\"Q32\"", 1))),
+        (
+            "unknown dtype \"Q32\"",
+            with_header(&header.replacen("\"F32\"", "\"Q32\"", 1)),
+        ),
         ("not valid JSON", with_header(&header.replacen('{', "[", 1))),
-        ("overlap", with_header(&header.replacen("[4096,5632]", "[2560,4096]", 1))),
-        ("belong to no tensor", with_header(&header.replacen("[4096,5632]", "[5632,7168]", 1))),
-        ("which has only", with_header(&header.replacen(",47678464]", ",97678464]", 1))),
+        (
+            "overlap",
+            with_header(&header.replacen("[4096,5632]", "[2560,4096]", 1)),
+        ),
+        (
+            "belong to no tensor",
+            with_header(&header.replacen("[4096,5632]", "[5632,7168]", 1)),
+        ),
+        (
+            "which has only",
+            with_header(&header.replacen(",47678464]", ",97678464]", 1)),
+        ),
     ];
     for (refusal, bytes) in cases {
         assert_eq!(bytes.len(), original.len());
@@ -146,7 +189,9 @@ fn malformed_headers_in_real_weights_are_refused() {
 
 #[test]
 fn symlinks_out_of_the_model_directory_are_refused() {
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     let outside = copy.home.path().join("outside.json");
     fs::copy(copy.file("config.json"), &outside).unwrap();
     fs::remove_file(copy.file("config.json")).unwrap();
@@ -156,19 +201,25 @@ fn symlinks_out_of_the_model_directory_are_refused() {
 
 #[test]
 fn models_not_in_the_lock_are_refused() {
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     copy.sanctum()
         .args(["models", "verify", "llama-unapproved"])
         .assert()
         .code(1)
-        .stderr(contains("model \"llama-unapproved\" is not in the lockfile (approved: "));
+        .stderr(contains(
+            "model \"llama-unapproved\" is not in the lockfile (approved: ",
+        ));
 }
 
 /// A file swapped on disk after verification cannot reach the loader: the loader gets the verified
 /// bytes, which stay those the lock pins.
 #[test]
 fn file_replaced_after_verification_cannot_reach_the_loader() {
-    let Some(copy) = StoreCopy::of(MINILM) else { return };
+    let Some(copy) = StoreCopy::of(MINILM) else {
+        return;
+    };
     let (_, lock) = load_repo_lock();
     let entry = lock.model(MINILM).unwrap();
     let progress = attest::progress::NoProgress;
@@ -180,10 +231,23 @@ fn file_replaced_after_verification_cannot_reach_the_loader() {
     fs::rename(&evil, copy.file("model.safetensors")).unwrap();
 
     let weights = verified.file("model.safetensors").unwrap();
-    assert_eq!(weights.sha256, entry.files.iter().find(|f| f.path == "model.safetensors").unwrap().sha256);
+    assert_eq!(
+        weights.sha256,
+        entry
+            .files
+            .iter()
+            .find(|f| f.path == "model.safetensors")
+            .unwrap()
+            .sha256
+    );
     assert_eq!(attest::Sha256Digest::of(&weights.bytes), weights.sha256);
     let tensors = safetensors::SafeTensors::deserialize(&weights.bytes).unwrap();
-    assert!(tensors.names().iter().any(|n| n.contains("embeddings.word_embeddings")));
+    assert!(
+        tensors
+            .names()
+            .iter()
+            .any(|n| n.contains("embeddings.word_embeddings"))
+    );
     // A fresh load now refuses the swapped file.
     let err = attest::verify::load_verified(entry, &copy.model_dir, &progress).unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
@@ -214,7 +278,11 @@ fn in_place_rewrites_racing_the_loader_never_leak_through() {
         });
         let (mut ok, mut refused) = (0, 0);
         for _ in 0..300 {
-            match attest::verify::load_verified(entry, &tiny.model_dir, &attest::progress::NoProgress) {
+            match attest::verify::load_verified(
+                entry,
+                &tiny.model_dir,
+                &attest::progress::NoProgress,
+            ) {
                 Ok(model) => {
                     assert_eq!(model.file("model.safetensors").unwrap().bytes, good);
                     ok += 1;

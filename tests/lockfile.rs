@@ -15,7 +15,11 @@ fn lock_paths_that_escape_the_model_directory_are_refused() {
         ("a/./model.safetensors", "'.' component"),
     ] {
         let tiny = TinyModel::new(&[("model.safetensors", &weights)]);
-        fs::write(&tiny.lock, lock_text("tiny", &[(path, &weights)], HF_SOURCE)).unwrap();
+        fs::write(
+            &tiny.lock,
+            lock_text("tiny", &[(path, &weights)], HF_SOURCE),
+        )
+        .unwrap();
         tiny.sanctum()
             .args(["models", "verify", "tiny"])
             .assert()
@@ -45,7 +49,10 @@ fn lock_listing_pickle_weights_is_refused() {
     let tiny = TinyModel::new(&[("model.safetensors", &tiny_safetensors())]);
     let text = lock_text(
         "tiny",
-        &[("model.safetensors", &tiny_safetensors()), ("pytorch_model.bin", b"x")],
+        &[
+            ("model.safetensors", &tiny_safetensors()),
+            ("pytorch_model.bin", b"x"),
+        ],
         HF_SOURCE,
     );
     fs::write(&tiny.lock, text).unwrap();
@@ -74,20 +81,36 @@ fn the_shipped_lock_lists_both_real_models() {
     let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let models = doc["models"].as_array().unwrap();
     let names: Vec<&str> = models.iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert!(names.contains(&"smollm2-135m-instruct") && names.contains(&"all-minilm-l6-v2"), "{names:?}");
+    assert!(
+        names.contains(&"smollm2-135m-instruct") && names.contains(&"all-minilm-l6-v2"),
+        "{names:?}"
+    );
     for m in models {
         assert_eq!(m["state"], "not pulled");
         assert_eq!(m["license"], "Apache-2.0");
         for f in m["files"].as_array().unwrap() {
-            assert!(f["store_path"].as_str().unwrap().starts_with(home.path().to_str().unwrap()));
+            assert!(
+                f["store_path"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(home.path().to_str().unwrap())
+            );
         }
     }
 }
 
 #[test]
 fn list_shows_state_of_a_pulled_model() {
-    let tiny = TinyModel::new(&[("model.safetensors", &tiny_safetensors()), ("config.json", b"{}")]);
-    tiny.sanctum().args(["models", "list"]).assert().success().stdout(contains("tiny")).stdout(contains("pulled"));
+    let tiny = TinyModel::new(&[
+        ("model.safetensors", &tiny_safetensors()),
+        ("config.json", b"{}"),
+    ]);
+    tiny.sanctum()
+        .args(["models", "list"])
+        .assert()
+        .success()
+        .stdout(contains("tiny"))
+        .stdout(contains("pulled"));
     tiny.sanctum()
         .args(["models", "list", "--verify"])
         .assert()

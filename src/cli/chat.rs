@@ -10,7 +10,9 @@ use runner::chat::GenerateError;
 use runner::template::Message;
 
 use super::Context;
-use super::run::{GenerationArgs, ModelArgs, StdoutSink, load_chat, summary};
+use super::run::{GenerationArgs, ModelArgs, StdoutSink, load_chat, reply_record, summary};
+use super::stamp::{OutputArgs, OutputStamper};
+use ::attest::statement::OutputTask;
 
 #[derive(Debug, Args)]
 pub struct ChatArgs {
@@ -20,9 +22,19 @@ pub struct ChatArgs {
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
     #[command(flatten)]
+    attest: PromptArgs,
+    #[command(flatten)]
     generation: GenerationArgs,
     #[command(flatten)]
     model_args: ModelArgs,
+}
+
+/// Every reply is stamped into the local attestation store.
+#[derive(Debug, Args)]
+struct PromptArgs {
+    /// Put each rendered prompt's text in its reply's attestation (its sha256 is always there).
+    #[arg(long)]
+    attest_prompt: bool,
 }
 
 const HELP: &str = "/reset forgets the conversation, /exit (or Ctrl-D) leaves";
@@ -31,6 +43,14 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let options = args.generation.options();
     options.sampling.validate()?;
     let verbose = args.model_args.verbose;
+    let stamper = OutputStamper::open(
+        ctx,
+        &OutputArgs {
+            out: None,
+            attest_prompt: args.attest.attest_prompt,
+        },
+    )?;
+    let entry = stamper.model(&args.model)?;
     let mut loaded = load_chat(ctx, &args.model, &args.model_args)?;
     if !loaded.model.has_template() {
         anyhow::bail!(
@@ -81,6 +101,7 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             _ => {}
         }
         history.push(Message::new("user", input));
+        let started = std::time::SystemTime::now();
         let prompt = loaded.model.render(&history, true)?;
         let tokens = loaded.model.tokenize_rendered(&prompt)?;
         let mut sink = StdoutSink::new();
@@ -97,7 +118,19 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             Err(e) => return Err(e.into()),
         };
         let _ = sink.write(if sink.ends_with_newline { "\n" } else { "\n\n" });
-        sink.finish().context("writing to stdout")?;
+        let printed = sink.finish().context("writing to stdout")?;
+        stamper.emit(
+            None,
+            reply_record(
+                &loaded,
+                entry,
+                OutputTask::Chat,
+                &options,
+                (&prompt, &printed),
+                &generation,
+                started,
+            ),
+        )?;
         history.push(Message::new("assistant", generation.text.as_str()));
         if verbose {
             eprintln!(

@@ -92,7 +92,11 @@ impl Context {
             return Ok(lock.clone());
         }
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
-        if let Some(found) = cwd.ancestors().map(|d| d.join("models.lock")).find(|p| p.is_file()) {
+        if let Some(found) = cwd
+            .ancestors()
+            .map(|d| d.join("models.lock"))
+            .find(|p| p.is_file())
+        {
             return Ok(found);
         }
         let in_home = self.home()?.join("models.lock");
@@ -110,7 +114,9 @@ impl Context {
     fn config(&self) -> anyhow::Result<Config> {
         let path = self.home()?.join("config.toml");
         match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str(&text).with_context(|| format!("config file {}", path.display())),
+            Ok(text) => {
+                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
             Err(e) => Err(e).with_context(|| format!("cannot read config file {}", path.display())),
         }

@@ -12,6 +12,9 @@ use serde_json::json;
 
 use super::Context;
 use super::run::{RuntimeArgs, open_verified};
+use super::stamp::{OutputArgs, OutputStamper};
+use ::attest::stamp::OutputRecord;
+use ::attest::statement::{OutputTask, RuntimeRecord, UsageRecord};
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
@@ -26,6 +29,8 @@ pub struct EmbedArgs {
     #[arg(long, short)]
     verbose: bool,
     #[command(flatten)]
+    output: OutputArgs,
+    #[command(flatten)]
     runtime: RuntimeArgs,
 }
 
@@ -36,6 +41,8 @@ enum Format {
 }
 
 pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let started_at = std::time::SystemTime::now();
+    let stamper = OutputStamper::open(ctx, &args.output)?;
     let (device, threads, device_name) = args.runtime.start()?;
     let texts = if args.texts.is_empty() {
         read_lines()?
@@ -68,7 +75,7 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         );
     }
 
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = Vec::new();
     match args.format {
         Format::Json => {
             let items: Vec<_> = texts
@@ -99,7 +106,36 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    out.flush()?;
+    let path = args.output.out.as_deref();
+    if path.is_none() {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&out)?;
+        stdout.flush()?;
+    }
+    let prompt = texts.join("\n");
+    stamper.emit(
+        path,
+        OutputRecord {
+            name: "stdout",
+            bytes: &out,
+            task: OutputTask::Embed,
+            model: stamper.model(&args.model)?,
+            runtime: RuntimeRecord {
+                device: device_name,
+                threads: threads as u32,
+                quantization: Some("f32".into()),
+            },
+            sampling: None,
+            prompt: &prompt,
+            include_prompt_text: false,
+            usage: UsageRecord {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+            started: started_at,
+            finished: std::time::SystemTime::now(),
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

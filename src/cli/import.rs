@@ -67,9 +67,9 @@ fn gguf(args: GgufArgs) -> anyhow::Result<ExitCode> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let name = args.name.unwrap_or_else(|| {
-        input.split('.').next().unwrap_or_default().to_lowercase()
-    });
+    let name = args
+        .name
+        .unwrap_or_else(|| input.split('.').next().unwrap_or_default().to_lowercase());
     let files: Vec<LockedFile> = imported
         .files
         .iter()

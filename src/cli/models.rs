@@ -87,7 +87,11 @@ fn pull(args: PullArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()?;
     for entry in entries {
         let started = Instant::now();
-        progress.note(&format!("pulling {} ({})", entry.name, human_size(entry.total_size())));
+        progress.note(&format!(
+            "pulling {} ({})",
+            entry.name,
+            human_size(entry.total_size())
+        ));
         let outcome = store.pull(entry, &options, &progress)?;
         let dir = display_path(&store.model_dir(entry));
         let took = started.elapsed().as_secs_f64();
@@ -95,7 +99,9 @@ fn pull(args: PullArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             PullOutcome::AlreadyPresent => {
                 eprintln!("{}: already in the store and verified ({dir})", entry.name)
             }
-            PullOutcome::Pulled => eprintln!("{}: pulled and verified in {took:.1}s ({dir})", entry.name),
+            PullOutcome::Pulled => {
+                eprintln!("{}: pulled and verified in {took:.1}s ({dir})", entry.name)
+            }
             PullOutcome::Repaired { problem } => eprintln!(
                 "{}: the stored copy was damaged ({problem}); replaced with a verified one in {took:.1}s",
                 entry.name
@@ -158,7 +164,11 @@ fn list(args: ListArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         }
         Format::Table => {
-            writeln!(out, "{:<24} {:<6} {:<12} {:>9}  {:<19} STATE", "NAME", "TASK", "LICENSE", "SIZE", "DIGEST")?;
+            writeln!(
+                out,
+                "{:<24} {:<6} {:<12} {:>9}  {:<19} STATE",
+                "NAME", "TASK", "LICENSE", "SIZE", "DIGEST"
+            )?;
             for (entry, state) in &states {
                 writeln!(
                     out,

@@ -19,6 +19,9 @@ use runner::template::Message;
 use serde_json::json;
 
 use super::Context;
+use super::stamp::{OutputArgs, OutputStamper};
+use ::attest::stamp::OutputRecord;
+use ::attest::statement::{OutputTask, RuntimeRecord, SamplingRecord, UsageRecord, f32_as_decimal};
 
 /// `--quant`: a format, or `auto` (by model size, see `runner::quant::auto`).
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +53,8 @@ pub struct RunArgs {
     /// Print one JSON object (text, usage, timings, model, quantization, device) instead of streaming.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(flatten)]
     generation: GenerationArgs,
     #[command(flatten)]
@@ -135,6 +140,55 @@ impl GenerationArgs {
                 seed,
             },
         }
+    }
+}
+
+/// The sampling settings as an attestation records them.
+pub fn sampling_record(options: &GenerateOptions) -> SamplingRecord {
+    let s = &options.sampling;
+    SamplingRecord {
+        temperature: f32_as_decimal(s.temperature),
+        top_k: s.top_k as u64,
+        top_p: f32_as_decimal(s.top_p),
+        min_p: f32_as_decimal(s.min_p),
+        repeat_penalty: f32_as_decimal(s.repeat_penalty),
+        repeat_last_n: s.repeat_last_n as u64,
+        seed: s.seed,
+        max_tokens: options.max_tokens.map(|n| n as u64),
+        stop: options.stop.clone(),
+    }
+}
+
+/// What an attestation records of a reply printed as `printed`: the rendered prompt, the settings and
+/// the token counts.
+pub fn reply_record<'a>(
+    loaded: &'a Loaded,
+    entry: &'a ::attest::lockfile::ModelEntry,
+    task: OutputTask,
+    options: &GenerateOptions,
+    (prompt, printed): (&'a str, &'a [u8]),
+    generation: &Generation,
+    started: SystemTime,
+) -> OutputRecord<'a> {
+    OutputRecord {
+        name: "stdout",
+        bytes: printed,
+        task,
+        model: entry,
+        runtime: RuntimeRecord {
+            device: loaded.device.clone(),
+            threads: loaded.threads as u32,
+            quantization: Some(loaded.model.quant().name().to_owned()),
+        },
+        sampling: Some(sampling_record(options)),
+        prompt,
+        include_prompt_text: false,
+        usage: UsageRecord {
+            prompt_tokens: generation.prompt_tokens as u64,
+            completion_tokens: generation.tokens.len() as u64,
+        },
+        started,
+        finished: SystemTime::now(),
     }
 }
 
@@ -284,6 +338,8 @@ pub fn summary(loaded: &Loaded, generation: &Generation) -> String {
 pub struct StdoutSink {
     out: std::io::Stdout,
     error: Option<std::io::Error>,
+    /// Exactly the bytes written, for the attestation's subject.
+    pub written: Vec<u8>,
     pub ends_with_newline: bool,
 }
 
@@ -292,6 +348,7 @@ impl StdoutSink {
         Self {
             out: std::io::stdout(),
             error: None,
+            written: Vec::new(),
             ends_with_newline: true,
         }
     }
@@ -300,6 +357,7 @@ impl StdoutSink {
         let mut out = self.out.lock();
         match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
             Ok(()) => {
+                self.written.extend_from_slice(text.as_bytes());
                 self.ends_with_newline = text.ends_with('\n');
                 ControlFlow::Continue(())
             }
@@ -310,48 +368,78 @@ impl StdoutSink {
         }
     }
 
-    /// The write error, if one stopped the stream.
-    pub fn finish(self) -> std::io::Result<()> {
+    /// The bytes written, or the write error that stopped the stream.
+    pub fn finish(self) -> std::io::Result<Vec<u8>> {
         match self.error {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(self.written),
         }
     }
 }
 
 pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let started = SystemTime::now();
     let prompt = read_prompt(args.prompt.as_deref())?;
     let options = args.generation.options();
     options.sampling.validate()?;
+    // Before any work: a signer key that cannot be opened stops the command here.
+    let stamper = OutputStamper::open(ctx, &args.output)?;
     let mut loaded = load_chat(ctx, &args.model, &args.model_args)?;
     let model = &mut loaded.model;
-    let tokens = if args.raw {
-        model.tokenize_raw(&prompt)?
+    let rendered = if args.raw {
+        prompt
     } else {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(Message::new("system", system.as_str()));
         }
         messages.push(Message::new("user", prompt.as_str()));
-        model.tokenize_rendered(&model.render(&messages, true)?)?
+        model.render(&messages, true)?
+    };
+    let tokens = if args.raw {
+        model.tokenize_raw(&rendered)?
+    } else {
+        model.tokenize_rendered(&rendered)?
     };
 
-    if args.json {
+    let out = args.output.out.as_deref();
+    let (printed, generation) = if args.json || out.is_some() {
         let generation = model.generate(&tokens, &options, &mut |_| ControlFlow::Continue(()))?;
-        let out = run_json(&loaded, &options, &generation);
-        let mut stdout = std::io::stdout().lock();
-        serde_json::to_writer_pretty(&mut stdout, &out)?;
-        writeln!(stdout)?;
-        return Ok(ExitCode::SUCCESS);
+        let bytes = if args.json {
+            let mut doc = serde_json::to_vec_pretty(&run_json(&loaded, &options, &generation))?;
+            doc.push(b'\n');
+            doc
+        } else {
+            generation.text.clone().into_bytes()
+        };
+        if out.is_none() {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&bytes)?;
+            stdout.flush()?;
+        }
+        (bytes, generation)
+    } else {
+        let mut sink = StdoutSink::new();
+        let generation = model.generate(&tokens, &options, &mut |text| sink.write(text))?;
+        if !sink.ends_with_newline {
+            let _ = sink.write("\n");
+        }
+        (sink.finish().context("writing to stdout")?, generation)
+    };
+    let entry = stamper.model(&args.model)?;
+    let record = reply_record(
+        &loaded,
+        entry,
+        OutputTask::Run,
+        &options,
+        (&rendered, &printed),
+        &generation,
+        started,
+    );
+    stamper.emit(out, record)?;
+    if !args.json {
+        eprintln!("{}", summary(&loaded, &generation));
     }
-
-    let mut sink = StdoutSink::new();
-    let generation = model.generate(&tokens, &options, &mut |text| sink.write(text))?;
-    if !sink.ends_with_newline {
-        let _ = sink.write("\n");
-    }
-    sink.finish().context("writing to stdout")?;
-    eprintln!("{}", summary(&loaded, &generation));
     Ok(ExitCode::SUCCESS)
 }
 

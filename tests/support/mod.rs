@@ -28,7 +28,9 @@ pub fn real_store() -> Option<PathBuf> {
     match std::env::var_os("SANCTUM_TEST_HOME") {
         Some(home) => Some(PathBuf::from(home)),
         None if std::env::var_os("SANCTUM_REQUIRE_REAL_MODELS").is_some() => {
-            panic!("SANCTUM_REQUIRE_REAL_MODELS is set but SANCTUM_TEST_HOME is not: run scripts/test")
+            panic!(
+                "SANCTUM_REQUIRE_REAL_MODELS is set but SANCTUM_TEST_HOME is not: run scripts/test"
+            )
         }
         None => {
             eprintln!("skipped: real models not available (run scripts/test to pull them)");
@@ -71,7 +73,10 @@ impl StoreCopy {
     /// `sanctum --store <copy> --lock <repo lock> ARGS`.
     pub fn sanctum(&self) -> Command {
         let mut cmd = sanctum();
-        cmd.arg("--store").arg(self.home.path()).arg("--lock").arg(repo_lock());
+        cmd.arg("--store")
+            .arg(self.home.path())
+            .arg("--lock")
+            .arg(repo_lock());
         cmd
     }
 
@@ -99,15 +104,18 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// A tiny valid Safetensors file: one f32 tensor "w" of shape [2, 3].
 pub fn tiny_safetensors() -> Vec<u8> {
     let data: Vec<u8> = (0..6u8).flat_map(|i| f32::from(i).to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3], &data).unwrap();
     safetensors::serialize([("w", view)], None).unwrap()
 }
 
 /// A lockfile text with one model `name` whose files are `files` (path, bytes) and the given source
 /// table (TOML lines after `[model.source]`).
 pub fn lock_text(name: &str, files: &[(&str, &[u8])], source: &str) -> String {
-    let mut listing: Vec<(String, String)> =
-        files.iter().map(|(p, b)| (p.to_string(), sha256_hex(b))).collect();
+    let mut listing: Vec<(String, String)> = files
+        .iter()
+        .map(|(p, b)| (p.to_string(), sha256_hex(b)))
+        .collect();
     listing.sort();
     let text: String = listing.iter().map(|(p, d)| format!("{d}  {p}\n")).collect();
     let digest = sha256_hex(text.as_bytes());
@@ -151,12 +159,19 @@ impl TinyModel {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, bytes).unwrap();
         }
-        Self { home, lock, model_dir }
+        Self {
+            home,
+            lock,
+            model_dir,
+        }
     }
 
     pub fn sanctum(&self) -> Command {
         let mut cmd = sanctum();
-        cmd.arg("--store").arg(self.home.path()).arg("--lock").arg(&self.lock);
+        cmd.arg("--store")
+            .arg(self.home.path())
+            .arg("--lock")
+            .arg(&self.lock);
         cmd
     }
 }

