@@ -629,3 +629,73 @@ fn minilm_embeddings_rank_paraphrases_above_unrelated_sentences() {
     assert!((bread - 0.755).abs() < 0.01, "{bread}");
     assert!((horse - 0.247).abs() < 0.01, "{horse}");
 }
+
+/// `run` stamps what it writes: with `--out` inside a git work tree the bundle lands in
+/// `.attestations/`, verifies with the signer key made on first use, and an edit to the output is
+/// caught; printed output gets its bundle in the local store, named by the printed bytes' sha256.
+#[test]
+fn every_output_is_stamped_and_verifies() {
+    let _guard = one_at_a_time();
+    let tiny = TinyChat::new();
+    let repo = tiny.home.path().join("repo");
+    fs::create_dir_all(&repo).unwrap();
+    let git = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .arg(&repo)
+        .status()
+        .unwrap();
+    assert!(git.success());
+    let reply = [
+        "run",
+        "tiny",
+        "hello",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+    ];
+    tiny.sanctum()
+        .current_dir(&repo)
+        .args(reply)
+        .args(["--out", "reply.txt"])
+        .assert()
+        .success()
+        .stdout("")
+        .stderr(contains(
+            "attestation: .attestations/reply.txt.sigstore.json",
+        ));
+    assert_eq!(fs::read_to_string(repo.join("reply.txt")).unwrap(), "Hé€!");
+
+    let key = tiny.home.path().join("store/keys/signer.pub");
+    let verify = |artifact_edited: bool| {
+        let mut cmd = tiny.sanctum();
+        cmd.current_dir(&repo)
+            .args([
+                "attest",
+                "verify",
+                ".attestations",
+                "--artifact",
+                "reply.txt",
+                "--key",
+            ])
+            .arg(&key);
+        let assert = cmd.assert();
+        if artifact_edited {
+            assert.code(1).stdout(contains("step 5 (subject digest)"));
+        } else {
+            assert.success().stdout(contains("PASS"));
+        }
+    };
+    verify(false);
+    fs::write(repo.join("reply.txt"), "Paris").unwrap();
+    verify(true);
+
+    let printed = "Hé€!\n";
+    let digest = crate::support::sha256_hex(printed.as_bytes());
+    tiny.sanctum()
+        .args(reply)
+        .assert()
+        .success()
+        .stdout(printed)
+        .stderr(contains(format!("attestations/sha256/{digest}/")));
+}
