@@ -6,7 +6,10 @@
 //! `.startswith()`...), and the variables `messages`, `add_generation_prompt`, `bos_token`,
 //! `eos_token` (plus `unk_token` and `pad_token` when set).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::Serde;
@@ -237,91 +240,21 @@ fn python_compact_json(v: &serde_json::Value) -> String {
     }
 }
 
-/// transformers' `strftime_now(format)`: the current UTC time, for the common `strftime` codes.
-fn strftime_now(format: String) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    strftime(&format, secs)
+/// transformers' `strftime_now(format)`: the current UTC time formatted with `strftime` codes.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    strftime(&format, DateTime::<Utc>::from(SystemTime::now()))
 }
 
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
-
-/// Formats a Unix time (UTC) with `%Y %y %m %d %e %B %b %H %M %S %j %%`; other codes stay as written.
-fn strftime(format: &str, unix_secs: u64) -> String {
-    let days = (unix_secs / 86_400) as i64;
-    let rem = unix_secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
-    let day_of_year = days - days_from_civil(year, 1, 1) + 1;
+/// Formats `time` with `strftime` codes; an unknown code fails the render instead of panicking.
+fn strftime(format: &str, time: DateTime<Utc>) -> Result<String, minijinja::Error> {
     let mut out = String::new();
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        let Some(code) = chars.next() else {
-            out.push('%');
-            break;
-        };
-        let month_name = MONTHS[(month - 1) as usize];
-        match code {
-            'Y' => out += &year.to_string(),
-            'y' => out += &format!("{:02}", year.rem_euclid(100)),
-            'm' => out += &format!("{month:02}"),
-            'd' => out += &format!("{day:02}"),
-            'e' => out += &format!("{day:>2}"),
-            'B' => out += month_name,
-            'b' => out += &month_name[..3],
-            'H' => out += &format!("{:02}", rem / 3600),
-            'M' => out += &format!("{:02}", rem % 3600 / 60),
-            'S' => out += &format!("{:02}", rem % 60),
-            'j' => out += &format!("{day_of_year:03}"),
-            '%' => out.push('%'),
-            other => {
-                out.push('%');
-                out.push(other);
-            }
-        }
-    }
-    out
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    write!(out, "{}", time.format(format)).map_err(|_| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("strftime_now: unsupported format {format:?}"),
+        )
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -330,14 +263,19 @@ mod tests {
 
     #[test]
     fn dates_format_like_strftime() {
+        let at = |secs: i64| DateTime::<Utc>::from_timestamp(secs, 0).unwrap();
         // 2024-07-26 13:05:09 UTC
-        let t = 1_722_085_509 - 86_400;
-        assert_eq!(strftime("%d %b %Y", t), "26 Jul 2024");
+        let t = at(1_722_085_509 - 86_400);
+        assert_eq!(strftime("%d %b %Y", t).unwrap(), "26 Jul 2024");
         assert_eq!(
-            strftime("%Y-%m-%d %H:%M:%S %j %%", t),
+            strftime("%Y-%m-%d %H:%M:%S %j %%", t).unwrap(),
             "2024-07-26 13:05:09 208 %"
         );
-        assert_eq!(strftime("%B %e, %y", 0), "January  1, 70");
+        assert_eq!(strftime("%B %e, %y", at(0)).unwrap(), "January  1, 70");
+        assert!(
+            strftime("%Q", t).is_err(),
+            "an unknown code is an error, not a panic"
+        );
     }
 
     #[test]
