@@ -118,10 +118,9 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
 #[cfg(feature = "inference")]
 fn inference_refusal(cause: &(dyn std::error::Error + 'static)) -> bool {
     use runner::store::PullError;
-    cause.is::<models::Refused>()
-        || cause
-            .downcast_ref::<PullError>()
-            .is_some_and(PullError::is_refusal)
+    cause
+        .downcast_ref::<PullError>()
+        .is_some_and(PullError::is_refusal)
 }
 
 #[cfg(not(feature = "inference"))]

@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::Context;
 use super::context::display_path;
+use super::trust::Refused;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
@@ -59,11 +60,6 @@ enum Format {
     Table,
     Json,
 }
-
-/// A check said no; the details were already printed.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
 
 pub fn run(cmd: ModelsCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
     match cmd {
