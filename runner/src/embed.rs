@@ -196,6 +196,15 @@ impl Embedder {
 
     /// Embeds `texts`, in order. Texts are batched by similar length to keep padding small.
     pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Ok(self.embed_counted(texts)?.0)
+    }
+
+    /// [`Embedder::embed`], also returning how many tokens the texts made (special tokens included,
+    /// padding not), for usage reports and attestations.
+    pub fn embed_counted<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+    ) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
         let lengths: Vec<usize> = texts
             .iter()
             .map(|t| {
@@ -215,7 +224,7 @@ impl Embedder {
                 out[i] = v;
             }
         }
-        Ok(out)
+        Ok((out, lengths.iter().sum()))
     }
 
     /// One forward pass over up to a batch of texts.

@@ -890,8 +890,11 @@ fn batching_and_padding_do_not_change_embeddings() {
         "the man is riding a horse .",
         "food",
     ];
-    let batch = e.embed(&texts).unwrap();
+    let (batch, tokens) = e.embed_counted(&texts).unwrap();
     assert_eq!(batch.len(), texts.len());
+    // "a man" is [CLS] a man [SEP]: 4 tokens; the batch counts each text once, without padding.
+    assert_eq!(e.embed_counted(&["a man"]).unwrap().1, 4);
+    assert!(tokens > 4 * texts.len(), "{tokens}");
     for (text, v) in texts.iter().zip(&batch) {
         let alone = e.embed(&[text]).unwrap();
         assert!(close(&alone[0], v), "{text}");

@@ -56,7 +56,7 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let load_time = verify_time + started.elapsed();
 
     let started = Instant::now();
-    let vectors = embedder.embed(&texts)?;
+    let (vectors, tokens) = embedder.embed_counted(&texts)?;
     let took = started.elapsed().as_secs_f64();
     if args.verbose {
         eprintln!(
@@ -129,7 +129,7 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             prompt: &prompt,
             include_prompt_text: false,
             usage: UsageRecord {
-                prompt_tokens: 0,
+                prompt_tokens: tokens as u64,
                 completion_tokens: 0,
             },
             started: started_at,
