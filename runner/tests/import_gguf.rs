@@ -651,6 +651,11 @@ fn refuses_a_non_empty_out_dir_and_leaves_it_alone() {
 fn smollm2() -> Option<PathBuf> {
     match std::env::var_os("SANCTUM_TEST_SMOLLM2_GGUF") {
         Some(p) if Path::new(&p).is_file() => Some(PathBuf::from(p)),
+        _ if std::env::var_os("SANCTUM_REQUIRE_REAL_MODELS").is_some() => {
+            panic!(
+                "SANCTUM_REQUIRE_REAL_MODELS is set but SANCTUM_TEST_SMOLLM2_GGUF names no file: run scripts/test"
+            )
+        }
         _ => {
             eprintln!(
                 "skipped: set SANCTUM_TEST_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf \
