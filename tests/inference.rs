@@ -14,6 +14,7 @@ use predicates::prelude::PredicateBooleanExt;
 use predicates::str::contains;
 use tempfile::TempDir;
 
+use crate::support::byte_level::bytes_to_unicode;
 use crate::support::hf_server::HfServer;
 use crate::support::{self, TinyModel, lock_text, sanctum, tiny_safetensors};
 
@@ -33,23 +34,6 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 const VOCAB: usize = 288;
 const IM_END: usize = 258;
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-fn bytes_to_unicode() -> Vec<char> {
-    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
-    printable.extend(0xA1..=0xAC);
-    printable.extend(0xAE..=0xFF);
-    let mut extra = 0;
-    (0..256u32)
-        .map(|b| {
-            if printable.contains(&b) {
-                char::from_u32(b).unwrap()
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap()
-            }
-        })
-        .collect()
-}
 
 fn chain_model_files() -> Vec<(String, Vec<u8>)> {
     let h = VOCAB;

@@ -353,17 +353,7 @@ impl Store {
         progress: &dyn Progress,
     ) -> Result<(), PullError> {
         let (files, dest): (Vec<HfFile>, &Path) = match (&source.files, &entry.import) {
-            (Some(inputs), Some(_)) => (
-                inputs
-                    .iter()
-                    .map(|path| HfFile {
-                        path: path.clone(),
-                        size: None,
-                        sha256: None,
-                    })
-                    .collect(),
-                fetched,
-            ),
+            (Some(inputs), Some(_)) => (inputs.iter().map(HfFile::unpinned).collect(), fetched),
             (None, None) => (
                 entry
                     .files

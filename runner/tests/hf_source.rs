@@ -251,11 +251,7 @@ fn resolves_a_branch_once_and_pins_every_file_to_its_commit() {
     // No expectations: the server's sizes are used and nothing is hashed.
     let lock: Vec<_> = files
         .iter()
-        .map(|(path, _)| HfFile {
-            path: path.clone(),
-            size: None,
-            sha256: None,
-        })
+        .map(|(path, _)| HfFile::unpinned(path))
         .collect();
     let staging = Staging::new();
     let endpoint = server.endpoint();
@@ -417,11 +413,7 @@ fn a_stream_cut_midway_fails_even_without_expectations_and_leaves_no_file() {
     server.truncate_after(WEIGHTS, 1024 * 1024 + 5);
     let lock: Vec<_> = files
         .iter()
-        .map(|(path, _)| HfFile {
-            path: path.clone(),
-            size: None,
-            sha256: None,
-        })
+        .map(|(path, _)| HfFile::unpinned(path))
         .collect();
     let staging = Staging::new();
     let endpoint = server.endpoint();
@@ -459,11 +451,7 @@ fn a_missing_file_is_a_404_naming_it_and_nothing_is_downloaded() {
     let files = repo_files();
     let server = HfServer::start(REPO, COMMIT, files.clone());
     let mut lock = locked(&files);
-    lock.push(HfFile {
-        path: "2_Dense/model.safetensors".to_string(),
-        size: None,
-        sha256: None,
-    });
+    lock.push(HfFile::unpinned("2_Dense/model.safetensors"));
     let staging = Staging::new();
     let endpoint = server.endpoint();
 
@@ -618,11 +606,7 @@ fn paths_that_could_leave_dest_are_refused_before_any_request() {
     let endpoint = server.endpoint();
     let staging = Staging::new();
     for bad in ["../escape", "/etc/passwd", "a/./b", "dir/"] {
-        let lock = [HfFile {
-            path: bad.to_string(),
-            size: None,
-            sha256: None,
-        }];
+        let lock = [HfFile::unpinned(bad)];
         let err = fetch(
             &request(&endpoint, COMMIT, &lock),
             &staging.dest,

@@ -6,6 +6,10 @@
 //! maps each token to one successor, so greedy generation follows a table: after "\n" it writes
 //! `Hé€!` byte by byte (é and € are split across tokens) and then `<|im_end|>`.
 
+#[path = "../../tests/support/byte_level.rs"]
+mod byte_level;
+use byte_level::bytes_to_unicode;
+
 use std::collections::HashMap;
 use std::fs;
 use std::ops::ControlFlow;
@@ -107,24 +111,6 @@ const EOT: u32 = 256; // <|endoftext|>
 const IM_START: u32 = 257;
 const IM_END: u32 = 258;
 const VOCAB: usize = 288; // model rows; ids above 258 are never produced by the tokenizer
-
-/// GPT-2's byte-to-unicode table.
-fn bytes_to_unicode() -> Vec<char> {
-    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
-    printable.extend(0xA1..=0xAC);
-    printable.extend(0xAE..=0xFF);
-    let mut extra = 0;
-    (0..256u32)
-        .map(|b| {
-            if printable.contains(&b) {
-                char::from_u32(b).unwrap()
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap()
-            }
-        })
-        .collect()
-}
 
 fn tokenizer_json() -> Vec<u8> {
     let vocab: serde_json::Map<String, serde_json::Value> = bytes_to_unicode()

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod attested;
+pub mod byte_level;
 pub mod hf_server;
 
 use std::fs;

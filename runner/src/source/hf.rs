@@ -66,6 +66,17 @@ pub struct HfFile {
     pub sha256: Option<Sha256Digest>,
 }
 
+impl HfFile {
+    /// A file to fetch with no expectations: the hub's size is used and nothing is hashed.
+    pub fn unpinned(path: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            size: None,
+            sha256: None,
+        }
+    }
+}
+
 /// Why a fetch failed. Each names the repository, and the file and endpoint where they matter.
 #[derive(Debug, thiserror::Error)]
 pub enum HfError {
