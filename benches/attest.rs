@@ -10,7 +10,7 @@ use attest::Sha256Digest;
 use attest::attestation::Verifier;
 use attest::keys::SigningKey;
 use attest::lock_signature::LockStatus;
-use attest::lockfile::{HfSource, LockedFile, Lockfile, ModelEntry, Source, Task, model_digest};
+use attest::lockfile::{HfSource, LockedFile, Lockfile, ModelEntry, Source, Task};
 use attest::policy::{KeyRing, LicensePolicy};
 use attest::stamp::{LockInfo, OutputRecord, RunnerInfo, Stamper};
 use attest::statement::{OutputTask, RuntimeRecord, SamplingRecord, UsageRecord};
@@ -30,21 +30,19 @@ fn entry() -> ModelEntry {
         size: 1 << 20,
     })
     .collect();
-    ModelEntry {
-        name: "smollm2-135m-instruct".into(),
-        task: Task::Chat,
-        architecture: "llama".into(),
-        license: "Apache-2.0".into(),
-        digest: model_digest(&files),
-        upstream: None,
-        source: Source::Hf(HfSource {
-            repo: "o/m".into(),
-            revision: "r".into(),
-            files: None,
-        }),
-        import: None,
+    let source = Source::Hf(HfSource {
+        repo: "o/m".into(),
+        revision: "r".into(),
+        files: None,
+    });
+    ModelEntry::new(
+        "smollm2-135m-instruct",
+        Task::Chat,
+        "llama",
+        "Apache-2.0",
+        source,
         files,
-    }
+    )
 }
 
 fn record<'a>(model: &'a ModelEntry, output: &'a [u8], prompt: &'a str) -> OutputRecord<'a> {

@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use attest::Sha256Digest;
-use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task, model_digest};
+use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task};
 use attest::progress::NoProgress;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -41,21 +41,12 @@ fn verify_model_dir(c: &mut Criterion) {
             size: bytes.len() as u64,
         });
     }
-    let entry = ModelEntry {
-        name: "bench".into(),
-        task: Task::Chat,
-        architecture: "llama".into(),
-        license: "Apache-2.0".into(),
-        digest: model_digest(&files),
-        upstream: None,
-        source: Source::Hf(HfSource {
-            repo: "org/bench".into(),
-            revision: "main".into(),
-            files: None,
-        }),
-        import: None,
-        files,
-    };
+    let source = Source::Hf(HfSource {
+        repo: "org/bench".into(),
+        revision: "main".into(),
+        files: None,
+    });
+    let entry = ModelEntry::new("bench", Task::Chat, "llama", "Apache-2.0", source, files);
     let mut group = c.benchmark_group("verify");
     group.throughput(Throughput::Bytes(entry.total_size()));
     group.sample_size(20);

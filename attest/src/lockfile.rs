@@ -331,6 +331,29 @@ impl Default for Lockfile {
 const LOCKFILE_HEADER: &str = "# sanctum approved-models lockfile. Format: docs/lockfile.md\n\n";
 
 impl ModelEntry {
+    /// An entry for `files` with its digest derived from them, and no upstream or import (set those
+    /// fields after, when there are any).
+    pub fn new(
+        name: impl Into<String>,
+        task: Task,
+        architecture: impl Into<String>,
+        license: impl Into<String>,
+        source: Source,
+        files: Vec<LockedFile>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            task,
+            architecture: architecture.into(),
+            license: license.into(),
+            digest: model_digest(&files),
+            upstream: None,
+            source,
+            import: None,
+            files,
+        }
+    }
+
     /// Checks name, paths, formats and that `digest` matches `files`.
     pub fn check(&self) -> Result<(), LockError> {
         check_name(&self.name)?;
@@ -465,23 +488,17 @@ mod tests {
     }
 
     fn entry(name: &str, files: Vec<LockedFile>) -> ModelEntry {
+        let source = Source::Hf(HfSource {
+            repo: "org/model".into(),
+            revision: "0123456789abcdef0123456789abcdef01234567".into(),
+            files: None,
+        });
         ModelEntry {
-            name: name.into(),
-            task: Task::Embed,
-            architecture: "bert".into(),
-            license: "Apache-2.0".into(),
-            digest: model_digest(&files),
             upstream: Some(Upstream {
                 repo: "org/model".into(),
                 revision: None,
             }),
-            source: Source::Hf(HfSource {
-                repo: "org/model".into(),
-                revision: "0123456789abcdef0123456789abcdef01234567".into(),
-                files: None,
-            }),
-            import: None,
-            files,
+            ..ModelEntry::new(name, Task::Embed, "bert", "Apache-2.0", source, files)
         }
     }
 

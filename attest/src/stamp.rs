@@ -5,16 +5,13 @@
 //! use std::time::SystemTime;
 //! use attest::Sha256Digest;
 //! use attest::keys::SigningKey;
-//! use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task, model_digest};
+//! use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task};
 //! use attest::stamp::{LockInfo, OutputRecord, RunnerInfo, Stamper};
 //! use attest::statement::{OutputTask, RuntimeRecord, UsageRecord};
 //!
 //! # let files = vec![LockedFile { path: "model.safetensors".into(), sha256: Sha256Digest::of(b"w"), size: 1 }];
-//! # let entry = ModelEntry {
-//! #     name: "m".into(), task: Task::Chat, architecture: "llama".into(), license: "MIT".into(),
-//! #     digest: model_digest(&files), upstream: None, import: None, files,
-//! #     source: Source::Hf(HfSource { repo: "o/m".into(), revision: "r".into(), files: None }),
-//! # };
+//! # let source = Source::Hf(HfSource { repo: "o/m".into(), revision: "r".into(), files: None });
+//! # let entry = ModelEntry::new("m", Task::Chat, "llama", "MIT", source, files);
 //! // Once per process: the key, the runner build and the lock in force.
 //! let runner = RunnerInfo { version: "0.1.0".into(), git_commit: None, binary_sha256: Sha256Digest::of(b"exe") };
 //! let lock = LockInfo { digest: Sha256Digest::of(b"lock"), signer: None };

@@ -15,7 +15,7 @@ use std::fs;
 use std::ops::ControlFlow;
 
 use attest::Sha256Digest;
-use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task, model_digest};
+use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task};
 use attest::progress::NoProgress;
 use attest::verify::{VerifiedModel, load_verified};
 use runner::chat::{
@@ -52,21 +52,12 @@ fn verified(
             size: bytes.len() as u64,
         });
     }
-    let entry = ModelEntry {
-        name: name.to_owned(),
-        task,
-        architecture: architecture.to_owned(),
-        license: "Apache-2.0".to_owned(),
-        digest: model_digest(&locked),
-        upstream: None,
-        source: Source::Hf(HfSource {
-            repo: "org/tiny".to_owned(),
-            revision: "0123456789abcdef0123456789abcdef01234567".to_owned(),
-            files: None,
-        }),
-        import: None,
-        files: locked,
-    };
+    let source = Source::Hf(HfSource {
+        repo: "org/tiny".to_owned(),
+        revision: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+        files: None,
+    });
+    let entry = ModelEntry::new(name, task, architecture, "Apache-2.0", source, locked);
     let model = load_verified(&entry, dir.path(), &NoProgress).unwrap();
     (dir, model)
 }

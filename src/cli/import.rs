@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use attest::Sha256Digest;
 use attest::lockfile::{
-    HfSource, Import, ImportFormat, LockedFile, ModelEntry, PypiSource, Source, Task, model_digest,
+    HfSource, Import, ImportFormat, LockedFile, ModelEntry, PypiSource, Source, Task,
 };
 use clap::{Args, Subcommand};
 use runner::import::gguf::import_gguf;
@@ -115,23 +115,24 @@ fn gguf(args: GgufArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let entry = ModelEntry {
-        name,
-        task: Task::Chat,
-        architecture: imported.architecture.clone(),
-        license: args.license,
-        digest: model_digest(&files),
         upstream: args.upstream.map(|repo| attest::lockfile::Upstream {
             repo,
             revision: None,
         }),
-        source,
         import: Some(Import {
             format: ImportFormat::Gguf,
             input,
             input_sha256: imported.input_sha256,
             converter: format!("sanctum {}", env!("CARGO_PKG_VERSION")),
         }),
-        files,
+        ..ModelEntry::new(
+            name,
+            Task::Chat,
+            imported.architecture.clone(),
+            args.license,
+            source,
+            files,
+        )
     };
     entry
         .check()

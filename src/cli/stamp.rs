@@ -136,9 +136,7 @@ mod tests {
     use std::time::SystemTime;
 
     use attest::attestation::Verifier;
-    use attest::lockfile::{
-        HfSource, LockedFile, Lockfile, ModelEntry, Source, Task, model_digest,
-    };
+    use attest::lockfile::{HfSource, LockedFile, Lockfile, ModelEntry, Source, Task};
     use attest::policy::KeyRing;
     use attest::statement::{OutputTask, RuntimeRecord, UsageRecord};
 
@@ -153,21 +151,19 @@ mod tests {
             size: 1,
         }];
         let mut lock = Lockfile::new();
-        lock.models.push(ModelEntry {
-            name: "m".into(),
-            task: Task::Embed,
-            architecture: "bert".into(),
-            license: "MIT".into(),
-            digest: model_digest(&files),
-            upstream: None,
-            source: Source::Hf(HfSource {
-                repo: "o/m".into(),
-                revision: "r".into(),
-                files: None,
-            }),
-            import: None,
-            files,
+        let source = Source::Hf(HfSource {
+            repo: "o/m".into(),
+            revision: "r".into(),
+            files: None,
         });
+        lock.models.push(ModelEntry::new(
+            "m",
+            Task::Embed,
+            "bert",
+            "MIT",
+            source,
+            files,
+        ));
         let lock_path = dir.path().join("models.lock");
         std::fs::write(&lock_path, lock.to_toml()).unwrap();
         std::fs::write(dir.path().join("policy.toml"), "version = 1\n").unwrap();

@@ -13,7 +13,7 @@ use assert_cmd::Command;
 use attest::Sha256Digest;
 use attest::attestation::layout;
 use attest::keys::SigningKey;
-use attest::lockfile::{HfSource, LockedFile, Lockfile, ModelEntry, Source, Task, model_digest};
+use attest::lockfile::{HfSource, LockedFile, Lockfile, ModelEntry, Source, Task};
 use attest::stamp::{LockInfo, OutputRecord, RunnerInfo, Stamper};
 use attest::statement::{OutputTask, RuntimeRecord, SamplingRecord, UsageRecord};
 use tempfile::TempDir;
@@ -44,21 +44,12 @@ pub fn model(name: &str, license: &str, weights: &[u8]) -> ModelEntry {
             size: weights.len() as u64,
         },
     ];
-    ModelEntry {
-        name: name.into(),
-        task: Task::Chat,
-        architecture: "llama".into(),
-        license: license.into(),
-        digest: model_digest(&files),
-        upstream: None,
-        source: Source::Hf(HfSource {
-            repo: format!("org/{name}"),
-            revision: "0123456789abcdef0123456789abcdef01234567".into(),
-            files: None,
-        }),
-        import: None,
-        files,
-    }
+    let source = Source::Hf(HfSource {
+        repo: format!("org/{name}"),
+        revision: "0123456789abcdef0123456789abcdef01234567".into(),
+        files: None,
+    });
+    ModelEntry::new(name, Task::Chat, "llama", license, source, files)
 }
 
 impl Repo {

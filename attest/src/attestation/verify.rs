@@ -400,21 +400,12 @@ mod tests {
                 size: weights.len() as u64,
             },
         ];
-        ModelEntry {
-            name: name.into(),
-            task: Task::Chat,
-            architecture: "llama".into(),
-            license: license.into(),
-            digest: model_digest(&files),
-            upstream: None,
-            source: Source::Hf(HfSource {
-                repo: "o/m".into(),
-                revision: "r".into(),
-                files: None,
-            }),
-            import: None,
-            files,
-        }
+        let source = Source::Hf(HfSource {
+            repo: "o/m".into(),
+            revision: "r".into(),
+            files: None,
+        });
+        ModelEntry::new(name, Task::Chat, "llama", license, source, files)
     }
 
     fn fixture() -> Fixture {
