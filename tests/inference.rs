@@ -21,7 +21,7 @@ use crate::support::{self, TinyModel, lock_text, sanctum, tiny_safetensors};
 static MODEL_RUNS: Mutex<()> = Mutex::new(());
 
 /// Serializes the tests that run a model.
-fn one_at_a_time() -> MutexGuard<'static, ()> {
+pub(crate) fn one_at_a_time() -> MutexGuard<'static, ()> {
     MODEL_RUNS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -4,6 +4,7 @@ mod support;
 
 mod attacks;
 mod attestation;
+mod bench;
 mod inference;
 mod lockfile;
 mod pull;

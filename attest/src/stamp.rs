@@ -44,9 +44,10 @@ use crate::dsse::IN_TOTO_PAYLOAD_TYPE;
 use crate::keys::{KeyError, KeyHint, SigningKey};
 use crate::lockfile::ModelEntry;
 use crate::statement::{
-    FileRecord, LockRecord, ModelRecord, OUTPUT_PREDICATE_TYPE, OutputPredicate, OutputTask,
-    PromptRecord, RunnerRecord, RuntimeRecord, STATEMENT_TYPE, SamplingRecord, SignerRecord,
-    Statement, Subject, UsageRecord, canonical_json, rfc3339,
+    BENCH_PREDICATE_TYPE, BenchModelRecord, BenchPredicate, FileRecord, LockRecord, ModelRecord,
+    OUTPUT_PREDICATE_TYPE, OutputPredicate, OutputTask, ProfileRecord, PromptRecord, RunnerRecord,
+    RuntimeRecord, STATEMENT_TYPE, SamplingRecord, SignerRecord, Statement, Subject, UsageRecord,
+    canonical_json, rfc3339,
 };
 
 /// The sanctum build doing the stamping.
@@ -174,7 +175,40 @@ impl Stamper {
 
     /// Signs the output's attestation.
     pub fn stamp(&self, record: &OutputRecord<'_>) -> Result<Stamp, KeyError> {
-        let statement = self.statement(record);
+        self.sign(self.statement(record))
+    }
+
+    /// Signs a benchmark result's attestation: the subject is the result file (`name`, exactly
+    /// `bytes`), the predicate records the build, the model, the hardware and the profile.
+    pub fn stamp_bench(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        record: BenchRecord,
+    ) -> Result<Stamp, KeyError> {
+        self.sign(Statement {
+            type_: STATEMENT_TYPE.to_owned(),
+            subject: vec![Subject {
+                name: name.to_owned(),
+                digest: Sha256Digest::of(bytes).into(),
+            }],
+            predicate_type: BENCH_PREDICATE_TYPE.to_owned(),
+            predicate: BenchPredicate {
+                runner: self.runner.clone(),
+                model: BenchModelRecord {
+                    name: record.model.name.clone(),
+                    digest: record.model.digest.into(),
+                },
+                lockfile: self.lock.clone(),
+                hardware: record.hardware,
+                profile: record.profile,
+                started_at: rfc3339(record.started),
+                finished_at: rfc3339(record.finished),
+            },
+        })
+    }
+
+    fn sign<P: serde::Serialize>(&self, statement: Statement<P>) -> Result<Stamp, KeyError> {
         let subject = statement.subject[0].clone();
         let bundle = Bundle::sign(IN_TOTO_PAYLOAD_TYPE, canonical_json(&statement), &self.key)?;
         let json = bundle.to_json();
@@ -184,4 +218,19 @@ impl Stamper {
             json,
         })
     }
+}
+
+/// A benchmark result to stamp and what produced it.
+#[derive(Debug, Clone)]
+pub struct BenchRecord<'a> {
+    /// The lock entry of the model benchmarked.
+    pub model: &'a ModelEntry,
+    /// The machine as detected (`runner::hardware::HardwareProfile` as JSON).
+    pub hardware: serde_json::Value,
+    /// The profile the results were filed under.
+    pub profile: Option<ProfileRecord>,
+    /// When the benchmark started.
+    pub started: SystemTime,
+    /// When its results were complete.
+    pub finished: SystemTime,
 }

@@ -23,6 +23,10 @@ pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 /// gets a new URI.
 pub const OUTPUT_PREDICATE_TYPE: &str = "https://example.invalid/sanctum/attestation/output/v1";
 
+/// predicateType of sanctum's benchmark attestations (`sanctum bench --attest`): the subject is the
+/// result JSON, the predicate a [`BenchPredicate`].
+pub const BENCH_PREDICATE_TYPE: &str = "https://example.invalid/sanctum/attestation/bench/v1";
+
 /// An in-toto Statement v1 with a predicate of type `P`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Statement<P> {
@@ -167,6 +171,53 @@ pub struct OutputPredicate {
     pub started_at: String,
     /// RFC 3339 UTC time the output was complete.
     pub finished_at: String,
+}
+
+/// What produced a benchmark result: the build, the model, the hardware it ran on and the profile it
+/// was filed under. Hardware and profile are kept as the JSON the runner wrote (their shape is
+/// `runner::hardware::HardwareProfile`), so that verifying needs no inference code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BenchPredicate {
+    /// The sanctum build that ran the benchmark.
+    pub runner: RunnerRecord,
+    /// The model benchmarked: name and model digest.
+    pub model: BenchModelRecord,
+    /// The lockfile that approved it.
+    pub lockfile: LockRecord,
+    /// The machine as detected while the benchmark ran.
+    pub hardware: serde_json::Value,
+    /// The hardware profile the results were filed under, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileRecord>,
+    /// RFC 3339 UTC time the benchmark started.
+    pub started_at: String,
+    /// RFC 3339 UTC time the results were complete.
+    pub finished_at: String,
+}
+
+/// The model of a benchmark.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BenchModelRecord {
+    /// Name in the lock.
+    pub name: String,
+    /// The model digest.
+    pub digest: DigestSet,
+}
+
+/// The hardware profile a benchmark was run under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProfileRecord {
+    /// The profile's name.
+    pub name: String,
+    /// sha256 of the profile file's bytes.
+    pub digest: DigestSet,
+    /// Where the machine differed from it (non-empty only when run with `--force`).
+    pub mismatches: Vec<String>,
+    /// The profile's content.
+    pub content: serde_json::Value,
 }
 
 /// Which command made an output.

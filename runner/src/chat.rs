@@ -34,6 +34,22 @@ const END_OF_TURN: [&str; 8] = [
     "</s>",
 ];
 
+/// Bytes the checkpoint's tensors take once loaded: each quantized matrix at its format's bits per
+/// weight, every other tensor (norms, biases) as f32.
+fn weight_bytes(st: &SliceSafetensors<'_>, choices: &[Choice]) -> u64 {
+    st.tensors()
+        .iter()
+        .map(|(name, view)| {
+            let elements = view.shape().iter().product::<usize>() as f64;
+            let bits = choices
+                .iter()
+                .find(|c| c.tensor == *name)
+                .map_or(32.0, |c| c.used.bits_per_weight());
+            (elements * bits / 8.0) as u64
+        })
+        .sum()
+}
+
 /// Prompt tokens are fed in chunks of this many, to bound the attention matrix's size.
 const PROMPT_CHUNK: usize = 512;
 
@@ -172,6 +188,10 @@ pub struct ChatModel {
     stop_tokens: Vec<u32>,
     quant: Quant,
     choices: Vec<Choice>,
+    /// Weights in the checkpoint.
+    parameters: u64,
+    /// Bytes the weights take in the formats they run in.
+    weight_bytes: u64,
     device: Device,
     /// Tokens whose keys and values are in the model's cache, in order.
     cached: Vec<u32>,
@@ -285,7 +305,7 @@ impl ChatModel {
 
         let digest = model.digest;
         let weights_path = "model.safetensors";
-        let (llama, choices, quant) = {
+        let (llama, choices, quant, parameters, weight_bytes) = {
             let bytes = models::file_bytes(&model, weights_path)?;
             let st = SliceSafetensors::new(bytes).map_err(|source| LoadError::Weights {
                 model: name.clone(),
@@ -312,7 +332,8 @@ impl ChatModel {
                 .forward(&[0, 0][..context.min(2)])
                 .map_err(weights_error)?;
             llama.clear_kv_cache();
-            (llama, choices, quant)
+            let weight_bytes = weight_bytes(&st, &choices);
+            (llama, choices, quant, parameters, weight_bytes)
         };
         drop(model);
         Ok(Self {
@@ -324,6 +345,8 @@ impl ChatModel {
             stop_tokens,
             quant,
             choices,
+            parameters,
+            weight_bytes,
             device: options.device.clone(),
             cached: Vec::new(),
         })
@@ -347,6 +370,22 @@ impl ChatModel {
     /// The format each weight matrix got, with the reason when it differs from the one asked for.
     pub fn choices(&self) -> &[Choice] {
         &self.choices
+    }
+
+    /// Weights in the checkpoint (llama-bench's `params`).
+    pub fn parameters(&self) -> u64 {
+        self.parameters
+    }
+
+    /// Bytes the weights take in the formats they run in (llama-bench's `size`); a tied output head
+    /// counts once.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.model.vocab()
     }
 
     /// Where it runs.
@@ -416,6 +455,26 @@ impl ChatModel {
         self.cached.len()
     }
 
+    /// Feeds `tokens` after the cached ones (in chunks of at most 512, llama.cpp's default
+    /// micro-batch) and returns the logits that follow the last. Generation and benchmarks share it.
+    pub fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        if self.cached.len() + tokens.len() > self.model.context() {
+            return Err(GenerateError::PromptTooLong {
+                tokens: self.cached.len() + tokens.len(),
+                context: self.model.context(),
+            });
+        }
+        let mut logits = None;
+        for chunk in tokens.chunks(PROMPT_CHUNK) {
+            logits = Some(self.model.forward(chunk)?);
+            self.cached.extend_from_slice(chunk);
+        }
+        match logits {
+            Some(l) => Ok(l.to_vec1()?),
+            None => Err(GenerateError::EmptyPrompt),
+        }
+    }
+
     /// Generates a reply to `prompt` (token ids), calling `on_text` with each piece of text as soon
     /// as it is complete; `on_text` returning `Break` stops generation.
     pub fn generate(
@@ -448,15 +507,7 @@ impl ChatModel {
         self.cached.truncate(common);
 
         let started = Instant::now();
-        let mut logits = None;
-        for chunk in prompt[common..].chunks(PROMPT_CHUNK) {
-            logits = Some(self.model.forward(chunk)?);
-            self.cached.extend_from_slice(chunk);
-        }
-        let Some(logits) = logits else {
-            return Err(GenerateError::EmptyPrompt);
-        };
-        let mut logits: Vec<f32> = logits.to_vec1()?;
+        let mut logits = self.eval(&prompt[common..])?;
         let prompt_time = started.elapsed();
 
         let mut sampler = Sampler::new(options.sampling.clone());
@@ -494,8 +545,7 @@ impl ChatModel {
             if self.model.cached() >= context {
                 break StopReason::ContextFull;
             }
-            logits = self.model.forward(&[next])?.to_vec1()?;
-            self.cached.push(next);
+            logits = self.eval(&[next])?;
             passes += 1;
         };
         let decode_time = decode_started.elapsed();

@@ -4,10 +4,13 @@
 //! weights quantized in memory at load ([`quant`]). Nothing here loads a byte that `attest` has not
 //! verified against the lock.
 
+pub mod bench;
 pub mod chat;
 pub mod device;
 pub mod embed;
+pub mod hardware;
 pub mod import;
+pub mod kernels;
 pub mod models;
 pub mod quant;
 pub mod sampling;
@@ -15,3 +18,7 @@ pub mod source;
 pub mod store;
 pub mod stream;
 pub mod template;
+
+/// candle at the version the runner is built with, so benchmarks can compare its kernels with
+/// [`kernels`].
+pub use candle_core;

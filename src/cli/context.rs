@@ -142,6 +142,12 @@ impl Context {
     }
 
     #[cfg(feature = "inference")]
+    /// True with `--quiet`: no progress on stderr.
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+
+    #[cfg(feature = "inference")]
     /// Progress bars on a terminal, nothing otherwise.
     pub fn progress(&self) -> TermProgress {
         TermProgress::new(!self.quiet)

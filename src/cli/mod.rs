@@ -2,10 +2,14 @@
 
 mod attest;
 #[cfg(feature = "inference")]
+mod bench;
+#[cfg(feature = "inference")]
 mod chat;
 mod context;
 #[cfg(feature = "inference")]
 mod embed;
+#[cfg(feature = "inference")]
+mod hw;
 #[cfg(feature = "inference")]
 mod import;
 mod keys;
@@ -70,6 +74,13 @@ enum Command {
     /// Sentence embeddings from an approved embedding model, as JSON.
     #[cfg(feature = "inference")]
     Embed(embed::EmbedArgs),
+    /// Benchmark a model per weight format (llama-bench's tests and more); compare results.
+    #[cfg(feature = "inference")]
+    Bench(bench::BenchArgs),
+    /// This machine as a hardware profile.
+    #[cfg(feature = "inference")]
+    #[command(subcommand)]
+    Hw(hw::HwCommand),
     /// Signing keys: generate, show.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -96,6 +107,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Chat(args) => chat::run(args, &ctx),
         #[cfg(feature = "inference")]
         Command::Embed(args) => embed::run(args, &ctx),
+        #[cfg(feature = "inference")]
+        Command::Bench(args) => bench::run(args, &ctx),
+        #[cfg(feature = "inference")]
+        Command::Hw(cmd) => hw::run(cmd),
         Command::Keys(cmd) => keys::run(cmd, &ctx),
         Command::Attest(cmd) => attest::run(cmd, &ctx),
         Command::Lock(cmd) => lock::run(cmd, &ctx),

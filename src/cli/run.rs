@@ -27,6 +27,13 @@ use ::attest::statement::{OutputTask, RuntimeRecord, SamplingRecord, UsageRecord
 #[derive(Debug, Clone, Copy)]
 pub struct QuantArg(Option<Quant>);
 
+impl QuantArg {
+    /// The format asked for; None for `auto`.
+    pub fn format(self) -> Option<Quant> {
+        self.0
+    }
+}
+
 impl std::str::FromStr for QuantArg {
     type Err = runner::quant::UnknownQuant;
 
@@ -290,21 +297,14 @@ pub fn load_chat(ctx: &Context, name: &str, args: &ModelArgs) -> anyhow::Result<
 }
 
 fn report_load(model: &ChatModel, auto: bool, load_time: Duration, threads: usize, device: &str) {
-    let mut counts: Vec<(String, usize)> = Vec::new();
-    for choice in model.choices() {
-        match counts.iter_mut().find(|(q, _)| *q == choice.used.name()) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((choice.used.name().to_owned(), 1)),
-        }
-    }
-    let mix: Vec<String> = counts.iter().map(|(q, n)| format!("{n} × {q}")).collect();
+    let mix = runner::bench::mix(model.choices());
     eprintln!(
         "{}: loaded and verified in {:.2} s; --quant {}{}: {}; {device}, {threads} threads; context {}",
         model.name(),
         load_time.as_secs_f64(),
         model.quant(),
         if auto { " (auto)" } else { "" },
-        mix.join(", "),
+        mix,
         model.context()
     );
     for choice in model.choices().iter().filter(|c| c.reason.is_some()) {

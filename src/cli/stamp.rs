@@ -11,8 +11,9 @@ use std::sync::OnceLock;
 use anyhow::Context as _;
 use attest::Sha256Digest;
 use attest::attestation::layout;
+use attest::keys::KeyError;
 use attest::lockfile::ModelEntry;
-use attest::stamp::{LockInfo, OutputRecord, RunnerInfo, Stamper};
+use attest::stamp::{BenchRecord, LockInfo, OutputRecord, RunnerInfo, Stamp, Stamper};
 use clap::Args;
 
 use super::Context;
@@ -78,24 +79,51 @@ impl OutputStamper {
         mut record: OutputRecord<'_>,
     ) -> anyhow::Result<PathBuf> {
         record.include_prompt_text = self.attest_prompt;
+        let bytes = record.bytes;
+        self.place(out, bytes, |name| {
+            self.stamper.stamp(&OutputRecord {
+                name,
+                ..record.clone()
+            })
+        })
+    }
+
+    /// Stamps a benchmark result (`bytes`) and stores it and its attestation as [`Self::emit`] does.
+    pub fn emit_bench(
+        &self,
+        out: Option<&Path>,
+        bytes: &[u8],
+        record: BenchRecord<'_>,
+    ) -> anyhow::Result<PathBuf> {
+        self.place(out, bytes, |name| {
+            self.stamper.stamp_bench(name, bytes, record.clone())
+        })
+    }
+
+    /// Signs with `stamp` (given the subject name) and places output and bundle: with `out`, the
+    /// output written there atomically and the bundle by the repository convention (the subject
+    /// name being the repository-relative path); without, the bundle in the local store under the
+    /// subject name `stdout`. Prints the bundle's path on stderr and returns it.
+    fn place(
+        &self,
+        out: Option<&Path>,
+        bytes: &[u8],
+        stamp: impl FnOnce(&str) -> Result<Stamp, KeyError>,
+    ) -> anyhow::Result<PathBuf> {
         let path = match out {
             Some(out) => {
                 let placement = layout::placement_for_output(out).with_context(|| {
                     format!("cannot place the attestation of {}", out.display())
                 })?;
-                let record = OutputRecord {
-                    name: &placement.subject_name,
-                    ..record
-                };
-                let stamp = self.stamper.stamp(&record)?;
-                layout::write_atomic(out, record.bytes)
+                let stamp = stamp(&placement.subject_name)?;
+                layout::write_atomic(out, bytes)
                     .with_context(|| format!("cannot write {}", out.display()))?;
                 layout::write_atomic(&placement.bundle, &stamp.json)
                     .with_context(|| format!("cannot write {}", placement.bundle.display()))?;
                 placement.bundle
             }
             None => {
-                let stamp = self.stamper.stamp(&record)?;
+                let stamp = stamp("stdout")?;
                 let path =
                     layout::store_path(&self.home, &stamp.subject.digest.sha256, &stamp.json);
                 layout::write_atomic(&path, &stamp.json)

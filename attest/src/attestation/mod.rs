@@ -4,4 +4,4 @@
 pub mod layout;
 pub mod verify;
 
-pub use verify::{Step, VerificationError, VerifiedAttestation, Verifier};
+pub use verify::{Step, VerificationError, VerifiedAttestation, VerifiedBench, Verifier};

@@ -15,15 +15,17 @@
 use std::fmt;
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::bundle::{BundleError, CheckedBundle};
 use crate::digest::Sha256Digest;
 use crate::keys::KeyHint;
 use crate::lock_signature::{LockStatus, LockTrustError};
-use crate::lockfile::{LockedFile, Lockfile, model_digest};
+use crate::lockfile::{LockedFile, Lockfile, ModelEntry, model_digest};
 use crate::policy::{Denied, KeyRing, LicensePolicy};
 use crate::statement::{
-    OUTPUT_PREDICATE_TYPE, OutputPredicate, Statement, StatementError, Subject, parse_statement,
+    BENCH_PREDICATE_TYPE, BenchPredicate, OUTPUT_PREDICATE_TYPE, OutputPredicate, Statement,
+    StatementError, Subject, parse_statement,
 };
 
 /// One verification step.
@@ -270,59 +272,12 @@ impl<'a> Verifier<'a> {
         bundle: &[u8],
         output: Option<&Sha256Digest>,
     ) -> Result<VerifiedAttestation, VerificationError> {
-        // 1. well-formed bundle
-        let bundle = CheckedBundle::from_json(bundle)?;
-        // 2. trusted signer
-        let signer = self
-            .signers
-            .get(&bundle.hint)
-            .ok_or_else(|| VerificationError::UntrustedSigner(bundle.hint.clone()))?;
-        // 3. signature
-        signer
-            .key
-            .verify(&bundle.envelope.pae(), bundle.signature())
-            .map_err(|_| VerificationError::BadSignature {
-                signer: signer.name.clone(),
-                hint: bundle.hint.clone(),
-            })?;
-        // 4. statement type
-        let statement: Statement<OutputPredicate> = parse_statement(
-            &bundle.envelope.payload_type,
-            &bundle.envelope.payload,
-            OUTPUT_PREDICATE_TYPE,
-        )?;
-        // 5. subject digest
-        let subject = &statement.subject[0];
-        if let Some(actual) = output
-            && *actual != subject.digest.sha256
-        {
-            return Err(VerificationError::SubjectMismatch {
-                name: subject.name.clone(),
-                attested: subject.digest.sha256,
-                actual: *actual,
-            });
-        }
+        let (statement, signer, hint) =
+            self.signed_statement::<OutputPredicate>(bundle, OUTPUT_PREDICATE_TYPE, output)?;
         // 6. model in lock
         let model = &statement.predicate.model;
         let digest = model.digest.sha256;
-        let entry = match self.lock.models.iter().find(|m| m.name == model.name) {
-            None => {
-                return Err(LockMismatch::UnknownModel {
-                    name: model.name.clone(),
-                    digest,
-                }
-                .into());
-            }
-            Some(entry) if entry.digest != digest => {
-                return Err(LockMismatch::OtherDigest {
-                    name: model.name.clone(),
-                    attested: digest,
-                    locked: entry.digest,
-                }
-                .into());
-            }
-            Some(entry) => entry,
-        };
+        let entry = self.approved(&model.name, digest)?;
         let attested: Vec<LockedFile> = model.files.iter().map(LockedFile::from).collect();
         let mut sorted_attested: Vec<_> = attested
             .iter()
@@ -342,7 +297,99 @@ impl<'a> Verifier<'a> {
             }
             .into());
         }
-        // 7. license
+        let lock = self.license_and_lock(entry)?;
+        Ok(VerifiedAttestation {
+            signer,
+            hint,
+            subject_checked: output.is_some(),
+            statement,
+            lock,
+        })
+    }
+
+    /// The same eight steps for a benchmark result's attestation (`sanctum bench --attest`): the
+    /// statement must carry the bench predicate, `result` is the sha256 of the result file, and
+    /// step 6 checks the model's name and digest (a benchmark records no per-file list).
+    pub fn verify_bench(
+        &self,
+        bundle: &[u8],
+        result: &Sha256Digest,
+    ) -> Result<VerifiedBench, VerificationError> {
+        let (statement, signer, _) =
+            self.signed_statement::<BenchPredicate>(bundle, BENCH_PREDICATE_TYPE, Some(result))?;
+        let model = &statement.predicate.model;
+        let entry = self.approved(&model.name, model.digest.sha256)?;
+        let lock = self.license_and_lock(entry)?;
+        Ok(VerifiedBench {
+            signer,
+            statement,
+            lock,
+        })
+    }
+
+    /// Steps 1 to 5: a well-formed bundle signed by a trusted signer, holding a statement of
+    /// `predicate_type` about `output` (when given). Returns it with the signer's name and hint.
+    fn signed_statement<P: DeserializeOwned>(
+        &self,
+        bundle: &[u8],
+        predicate_type: &'static str,
+        output: Option<&Sha256Digest>,
+    ) -> Result<(Statement<P>, String, KeyHint), VerificationError> {
+        // 1. well-formed bundle
+        let bundle = CheckedBundle::from_json(bundle)?;
+        // 2. trusted signer
+        let signer = self
+            .signers
+            .get(&bundle.hint)
+            .ok_or_else(|| VerificationError::UntrustedSigner(bundle.hint.clone()))?;
+        // 3. signature
+        signer
+            .key
+            .verify(&bundle.envelope.pae(), bundle.signature())
+            .map_err(|_| VerificationError::BadSignature {
+                signer: signer.name.clone(),
+                hint: bundle.hint.clone(),
+            })?;
+        // 4. statement type
+        let statement: Statement<P> = parse_statement(
+            &bundle.envelope.payload_type,
+            &bundle.envelope.payload,
+            predicate_type,
+        )?;
+        // 5. subject digest
+        let subject = &statement.subject[0];
+        if let Some(actual) = output
+            && *actual != subject.digest.sha256
+        {
+            return Err(VerificationError::SubjectMismatch {
+                name: subject.name.clone(),
+                attested: subject.digest.sha256,
+                actual: *actual,
+            });
+        }
+        Ok((statement, signer.name.clone(), bundle.hint))
+    }
+
+    /// Step 6's first half: the lock approves `name` at `digest`.
+    fn approved(&self, name: &str, digest: Sha256Digest) -> Result<&ModelEntry, VerificationError> {
+        match self.lock.models.iter().find(|m| m.name == name) {
+            None => Err(LockMismatch::UnknownModel {
+                name: name.to_owned(),
+                digest,
+            }
+            .into()),
+            Some(entry) if entry.digest != digest => Err(LockMismatch::OtherDigest {
+                name: name.to_owned(),
+                attested: digest,
+                locked: entry.digest,
+            }
+            .into()),
+            Some(entry) => Ok(entry),
+        }
+    }
+
+    /// Steps 7 and 8: the policy allows the model's license, and the lock passed the policy.
+    fn license_and_lock(&self, entry: &ModelEntry) -> Result<LockStatus, VerificationError> {
         self.licenses
             .check(&entry.license)
             .map_err(|reason| VerificationError::License {
@@ -350,19 +397,21 @@ impl<'a> Verifier<'a> {
                 license: entry.license.clone(),
                 reason,
             })?;
-        // 8. lock signature
-        let lock = self
-            .lock_status
+        self.lock_status
             .clone()
-            .map_err(VerificationError::LockSignature)?;
-        Ok(VerifiedAttestation {
-            signer: signer.name.clone(),
-            hint: bundle.hint,
-            subject_checked: output.is_some(),
-            statement,
-            lock,
-        })
+            .map_err(VerificationError::LockSignature)
     }
+}
+
+/// A benchmark attestation that passed every step.
+#[derive(Debug, Clone)]
+pub struct VerifiedBench {
+    /// The signer's name in the policy.
+    pub signer: String,
+    /// The statement.
+    pub statement: Statement<BenchPredicate>,
+    /// The lock's standing.
+    pub lock: LockStatus,
 }
 
 #[cfg(test)]
@@ -512,6 +561,81 @@ mod tests {
             "{err}"
         );
         err.step()
+    }
+
+    /// A benchmark result's bundle verifies; a result edited afterwards, a forged signature, an
+    /// output bundle passed off as a benchmark and a model the lock does not approve are refused.
+    #[test]
+    fn bench_attestations_verify_and_attacks_are_refused() {
+        use crate::stamp::BenchRecord;
+        let f = fixture();
+        let result = br#"{"results":[{"test":"pp512","avg_ts":512.0}]}"#;
+        let stamp = |model: &ModelEntry| {
+            f.stamper
+                .stamp_bench(
+                    "bench.json",
+                    result,
+                    BenchRecord {
+                        model,
+                        hardware: serde_json::json!({"cpu": {"model": "AMD EPYC"}}),
+                        profile: None,
+                        started: UNIX_EPOCH,
+                        finished: UNIX_EPOCH + Duration::from_secs(60),
+                    },
+                )
+                .unwrap()
+                .json
+        };
+        let bundle = stamp(&f.lock.models[0]);
+        let verified = f
+            .verifier()
+            .verify_bench(&bundle, &Sha256Digest::of(result))
+            .unwrap();
+        assert_eq!(verified.signer, "ci");
+        assert_eq!(verified.statement.predicate.model.name, "chat-model");
+        assert_eq!(
+            verified.statement.predicate.hardware["cpu"]["model"],
+            "AMD EPYC"
+        );
+
+        let bench_step =
+            |r: Result<VerifiedBench, VerificationError>| r.expect_err("refused").step();
+        let edited = br#"{"results":[{"test":"pp512","avg_ts":999.0}]}"#;
+        assert_eq!(
+            bench_step(
+                f.verifier()
+                    .verify_bench(&bundle, &Sha256Digest::of(edited))
+            ),
+            Step::SubjectDigest
+        );
+        let forged = edit(&bundle, |v| {
+            let mut statement = payload(v);
+            statement["predicate"]["hardware"]["cpu"]["model"] = "Faster CPU".into();
+            set_payload(v, &statement);
+        });
+        assert_eq!(
+            bench_step(
+                f.verifier()
+                    .verify_bench(&forged, &Sha256Digest::of(result))
+            ),
+            Step::Signature
+        );
+        let output_bundle = f.bundle(result);
+        assert_eq!(
+            bench_step(
+                f.verifier()
+                    .verify_bench(&output_bundle, &Sha256Digest::of(result))
+            ),
+            Step::StatementType
+        );
+        let unlisted = entry("other-model", "MIT", b"other");
+        assert_eq!(
+            bench_step(
+                f.verifier()
+                    .verify_bench(&stamp(&unlisted), &Sha256Digest::of(result))
+            ),
+            Step::ModelInLock
+        );
     }
 
     #[test]

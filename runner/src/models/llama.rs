@@ -5,12 +5,15 @@
 //! on the two halves of each head), so nothing is permuted. Qwen2 differs only by biases on the q, k,
 //! v projections; Mistral's sliding window equals or exceeds the contexts run here.
 
-use candle_core::quantized::QMatMul;
+use std::sync::Arc;
+
 use candle_core::safetensors::SliceSafetensors;
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use serde::Deserialize;
 
-use crate::quant::{self, Choice, Quant, Role};
+use crate::kernels::ops::{self, AttentionShape};
+use crate::kernels::{self, PackedMatrix, Scratch};
+use crate::quant::{self, Choice, Matrix, Quant, Role};
 
 /// The variants of the family, as `config.json` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,7 +184,7 @@ impl Config {
 /// A linear layer: a (possibly quantized) weight and an optional bias.
 #[derive(Debug, Clone)]
 struct Linear {
-    weight: QMatMul,
+    weight: Matrix,
     bias: Option<Tensor>,
 }
 
@@ -261,10 +264,10 @@ struct Layer {
 /// A loaded Llama-family model with its key/value cache.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed: QMatMul,
+    embed: Matrix,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Matrix,
     cos: Tensor,
     sin: Tensor,
     eps: f32,
@@ -276,6 +279,8 @@ pub struct Llama {
     device: Device,
     /// Tokens whose keys and values are in the cache.
     cached: usize,
+    /// The CPU path, when every matrix is on sanctum's kernels; candle's ops otherwise.
+    cpu: Option<CpuModel>,
 }
 
 /// Reads tensors out of a verified Safetensors buffer and quantizes them one at a time.
@@ -305,7 +310,7 @@ impl Loader<'_> {
     }
 
     /// A `[rows, cols]` matrix in the chosen format.
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize, role: Role) -> Result<QMatMul> {
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize, role: Role) -> Result<Matrix> {
         let t = self.raw(name)?;
         if t.dims() != [rows, cols] {
             candle_core::bail!("{name}: shape {:?}, expected [{rows}, {cols}]", t.dims());
@@ -421,8 +426,11 @@ impl Llama {
             .to_dtype(DType::F32)?
             .reshape((context, 1))?;
         let freqs = positions.matmul(&inv_freq)?;
-        let cos = freqs.cos()?.to_device(device)?;
-        let sin = freqs.sin()?.to_device(device)?;
+        let cos = freqs.cos()?;
+        let sin = freqs.sin()?;
+        let cpu = CpuModel::new(&embed, &lm_head, &layers, &norm, &cos, &sin)?;
+        let cos = cos.to_device(device)?;
+        let sin = sin.to_device(device)?;
 
         let model = Self {
             embed,
@@ -439,6 +447,7 @@ impl Llama {
             vocab: config.vocab_size,
             device: device.clone(),
             cached: 0,
+            cpu,
         };
         Ok((model, loader.choices))
     }
@@ -472,10 +481,19 @@ impl Llama {
         for layer in &mut self.layers {
             layer.cache = KvCache::default();
         }
+        if let Some(cpu) = &mut self.cpu {
+            cpu.clear();
+        }
     }
 
     /// Feeds `tokens` after the cached ones; returns the logits (f32, `[vocab]`) that follow the last.
     pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        // From outside the pool every matmul's parallel loop would cost a hand-off and a wake-up,
+        // a third of generation's time.
+        kernels::on_pool(|| self.forward_tokens(tokens))
+    }
+
+    fn forward_tokens(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let seq = tokens.len();
         if seq == 0 {
             candle_core::bail!("forward needs at least one token");
@@ -487,6 +505,17 @@ impl Llama {
                 pos + seq,
                 self.context
             );
+        }
+        if let Some(cpu) = &mut self.cpu {
+            let shape = CpuShape {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
+                eps: self.eps,
+            };
+            let logits = cpu.forward(shape, tokens, pos)?;
+            self.cached = pos + seq;
+            return Tensor::from_slice(logits, logits.len(), &Device::Cpu);
         }
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.embedding(&ids)?;
@@ -523,6 +552,242 @@ impl Llama {
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
         let logits = self.lm_head.forward(&last)?;
         logits.squeeze(0)?.to_dtype(DType::F32)
+    }
+}
+
+/// Sizes the CPU path needs from the model.
+#[derive(Debug, Clone, Copy)]
+struct CpuShape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+}
+
+/// One decoder layer on the CPU path: the packed matrices (shared with the candle path's
+/// [`Layer`]), its norms as plain vectors, and its key/value cache, `[kv_heads, capacity,
+/// head_dim]` f32 (head-major, so attention streams each head's keys), grown as positions arrive.
+#[derive(Debug, Clone)]
+struct CpuLayer {
+    input_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    q: Arc<PackedMatrix>,
+    k: Arc<PackedMatrix>,
+    v: Arc<PackedMatrix>,
+    o: Arc<PackedMatrix>,
+    gate: Arc<PackedMatrix>,
+    up: Arc<PackedMatrix>,
+    down: Arc<PackedMatrix>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    capacity: usize,
+}
+
+impl CpuLayer {
+    /// Writes the keys and values of positions `pos..` (`[seq, kv_heads × head_dim]`), growing
+    /// the cache by at least [`CACHE_CHUNK`] positions (or doubling) when it is full.
+    fn append(&mut self, k: &[f32], v: &[f32], pos: usize, head_dim: usize) {
+        let width = self.k.rows();
+        let (kv_heads, seq) = (width / head_dim, k.len() / width);
+        if pos + seq > self.capacity {
+            let capacity = (pos + seq)
+                .next_multiple_of(CACHE_CHUNK)
+                .max(2 * self.capacity);
+            let grow = |old: &[f32]| {
+                let mut new = vec![0f32; kv_heads * capacity * head_dim];
+                for h in 0..kv_heads {
+                    let n = pos * head_dim;
+                    new[h * capacity * head_dim..][..n]
+                        .copy_from_slice(&old[h * self.capacity * head_dim..][..n]);
+                }
+                new
+            };
+            self.keys = grow(&self.keys);
+            self.values = grow(&self.values);
+            self.capacity = capacity;
+        }
+        for (cache, new) in [(&mut self.keys, k), (&mut self.values, v)] {
+            for (i, row) in new.chunks_exact(width).enumerate() {
+                for (h, head) in row.chunks_exact(head_dim).enumerate() {
+                    cache[(h * self.capacity + pos + i) * head_dim..][..head_dim]
+                        .copy_from_slice(head);
+                }
+            }
+        }
+    }
+}
+
+/// Buffers the CPU path reuses from call to call, so a generated token allocates nothing once they
+/// have grown.
+#[derive(Debug, Clone, Default)]
+struct Buffers {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    logits: Vec<f32>,
+    attention: Vec<f32>,
+    scratch: Scratch,
+}
+
+/// The forward pass on plain f32 buffers and sanctum's kernels, used on the CPU when every matrix
+/// is q8_0 or q4_0 and there are no biases. At one token per call candle's per-op overhead (a
+/// tensor and a dispatch per op, two dozen ops per layer) cost as much as the matmuls.
+#[derive(Debug, Clone)]
+struct CpuModel {
+    embed: Arc<PackedMatrix>,
+    lm_head: Arc<PackedMatrix>,
+    norm: Vec<f32>,
+    /// `[context, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    layers: Vec<CpuLayer>,
+    bufs: Buffers,
+}
+
+impl CpuModel {
+    /// The CPU path for these weights, or None when one of them is not on sanctum's kernels.
+    fn new(
+        embed: &Matrix,
+        lm_head: &Matrix,
+        layers: &[Layer],
+        norm: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Option<Self>> {
+        let packed = |l: &Linear| match (&l.weight, &l.bias) {
+            (Matrix::Packed(p), None) => Some(p.clone()),
+            _ => None,
+        };
+        let (Matrix::Packed(embed), Matrix::Packed(lm_head)) = (embed, lm_head) else {
+            return Ok(None);
+        };
+        let mut cpu_layers = Vec::with_capacity(layers.len());
+        for l in layers {
+            let (Some(q), Some(k), Some(v), Some(o), Some(gate), Some(up), Some(down)) = (
+                packed(&l.q),
+                packed(&l.k),
+                packed(&l.v),
+                packed(&l.o),
+                packed(&l.gate),
+                packed(&l.up),
+                packed(&l.down),
+            ) else {
+                return Ok(None);
+            };
+            cpu_layers.push(CpuLayer {
+                input_norm: l.input_norm.to_device(&Device::Cpu)?.to_vec1()?,
+                post_attention_norm: l.post_attention_norm.to_device(&Device::Cpu)?.to_vec1()?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+                keys: Vec::new(),
+                values: Vec::new(),
+                capacity: 0,
+            });
+        }
+        Ok(Some(Self {
+            embed: embed.clone(),
+            lm_head: lm_head.clone(),
+            norm: norm.to_device(&Device::Cpu)?.to_vec1()?,
+            cos: cos.flatten_all()?.to_vec1()?,
+            sin: sin.flatten_all()?.to_vec1()?,
+            layers: cpu_layers,
+            bufs: Buffers::default(),
+        }))
+    }
+
+    fn clear(&mut self) {
+        for layer in &mut self.layers {
+            layer.keys = Vec::new();
+            layer.values = Vec::new();
+            layer.capacity = 0;
+        }
+    }
+
+    /// Feeds `tokens` at positions `pos..`; returns the logits after the last.
+    fn forward(&mut self, shape: CpuShape, tokens: &[u32], pos: usize) -> Result<&[f32]> {
+        let seq = tokens.len();
+        let hidden = self.embed.cols();
+        let half = shape.head_dim / 2;
+        let (cos, sin) = (
+            &self.cos[pos * half..(pos + seq) * half],
+            &self.sin[pos * half..(pos + seq) * half],
+        );
+        let b = &mut self.bufs;
+        b.x.resize(seq * hidden, 0.0);
+        b.h.resize(seq * hidden, 0.0);
+        for (&id, row) in tokens.iter().zip(b.x.chunks_exact_mut(hidden)) {
+            let id = id as usize;
+            if id >= self.embed.rows() {
+                candle_core::bail!(
+                    "token id {id} is outside the vocabulary of {}",
+                    self.embed.rows()
+                );
+            }
+            self.embed.dequantize_row(id, row);
+        }
+
+        for layer in &mut self.layers {
+            ops::rms_norm(&b.x, &layer.input_norm, shape.eps, &mut b.h);
+            matmul(&layer.q, &b.h, &mut b.q, &mut b.scratch)?;
+            matmul(&layer.k, &b.h, &mut b.k, &mut b.scratch)?;
+            matmul(&layer.v, &b.h, &mut b.v, &mut b.scratch)?;
+            ops::rope(&mut b.q, shape.head_dim, cos, sin);
+            ops::rope(&mut b.k, shape.head_dim, cos, sin);
+            layer.append(&b.k, &b.v, pos, shape.head_dim);
+            b.att.resize(b.q.len(), 0.0);
+            let attention_shape = AttentionShape {
+                heads: shape.heads,
+                kv_heads: shape.kv_heads,
+                head_dim: shape.head_dim,
+                pos,
+                capacity: layer.capacity,
+                seq,
+            };
+            ops::attention(
+                attention_shape,
+                &b.q,
+                &layer.keys,
+                &layer.values,
+                &mut b.att,
+                &mut b.attention,
+            );
+            matmul(&layer.o, &b.att, &mut b.proj, &mut b.scratch)?;
+            add(&mut b.x, &b.proj);
+            ops::rms_norm(&b.x, &layer.post_attention_norm, shape.eps, &mut b.h);
+            matmul(&layer.gate, &b.h, &mut b.gate, &mut b.scratch)?;
+            matmul(&layer.up, &b.h, &mut b.up, &mut b.scratch)?;
+            ops::silu_mul(&mut b.gate, &b.up);
+            matmul(&layer.down, &b.gate, &mut b.proj, &mut b.scratch)?;
+            add(&mut b.x, &b.proj);
+        }
+        let last = &b.x[(seq - 1) * hidden..];
+        ops::rms_norm(last, &self.norm, shape.eps, &mut b.h[..hidden]);
+        matmul(&self.lm_head, &b.h[..hidden], &mut b.logits, &mut b.scratch)?;
+        Ok(&b.logits)
+    }
+}
+
+/// `y = x · wᵀ` into `y`, sized to fit.
+fn matmul(w: &PackedMatrix, x: &[f32], y: &mut Vec<f32>, scratch: &mut Scratch) -> Result<()> {
+    y.resize(x.len() / w.cols() * w.rows(), 0.0);
+    w.matmul(x, y, scratch)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (x, &y) in x.iter_mut().zip(y) {
+        *x += y;
     }
 }
 
@@ -614,6 +879,106 @@ mod tests {
         c.len = 5;
         let (k, _) = c.append(&t, &t, 10_000)?;
         assert_eq!(k.dims(), [1, 2, 8, 4]);
+        Ok(())
+    }
+
+    /// A random two-layer model (GQA, tied embeddings) as Safetensors bytes, and its config.
+    fn tiny_model() -> (Config, Vec<u8>) {
+        let cfg: Config = serde_json::from_str(
+            r#"{"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+                "num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
+                "rope_theta":10000.0,"vocab_size":96,"tie_word_embeddings":true}"#,
+        )
+        .expect("config parses");
+        let mut state = 5u64;
+        let mut values = |n: usize, scale: f32| -> Vec<u8> {
+            (0..n)
+                .flat_map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let v = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale;
+                    v.to_le_bytes()
+                })
+                .collect()
+        };
+        let (h, i, kv) = (64, 128, 32);
+        let mut tensors = vec![(
+            "model.embed_tokens.weight".to_owned(),
+            vec![96, h],
+            values(96 * h, 1.0),
+        )];
+        tensors.push(("model.norm.weight".to_owned(), vec![h], values(h, 1.0)));
+        for l in 0..2 {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("input_layernorm.weight", vec![h]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("self_attn.q_proj.weight", vec![h, h]),
+                ("self_attn.k_proj.weight", vec![kv, h]),
+                ("self_attn.v_proj.weight", vec![kv, h]),
+                ("self_attn.o_proj.weight", vec![h, h]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ] {
+                let n = shape.iter().product();
+                tensors.push((format!("{p}.{name}"), shape, values(n, 0.3)));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    data,
+                )
+                .expect("view");
+                (name.clone(), view)
+            })
+            .collect();
+        (
+            cfg,
+            safetensors::serialize(views, None).expect("serializes"),
+        )
+    }
+
+    /// The CPU path against candle's ops on the same packed weights: a prompt, single tokens, and a
+    /// truncated cache refilled.
+    #[test]
+    fn cpu_path_matches_candle_ops() -> Result<()> {
+        let (cfg, bytes) = tiny_model();
+        let st = SliceSafetensors::new(&bytes)?;
+        for quant in [Quant::Q8_0, Quant::Q4_0] {
+            let load = || Llama::load(&cfg, Variant::Llama, &st, quant, &Device::Cpu, 64);
+            let (mut fast, _) = load()?;
+            let (mut reference, _) = load()?;
+            assert!(fast.cpu.is_some(), "{quant}: the CPU path is not used");
+            reference.cpu = None;
+            let steps: [&[u32]; 5] = [&[1, 5, 9, 3, 77], &[4], &[95], &[0, 2], &[8]];
+            for (n, tokens) in steps.iter().enumerate() {
+                if n == 3 {
+                    fast.truncate(4);
+                    reference.truncate(4);
+                }
+                let a: Vec<f32> = fast.forward(tokens)?.to_vec1()?;
+                let b: Vec<f32> = reference.forward(tokens)?.to_vec1()?;
+                let err: f32 = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).powi(2))
+                    .sum::<f32>()
+                    .sqrt();
+                let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+                assert!(
+                    err / norm < 1e-4,
+                    "{quant} step {n}: relative error {}",
+                    err / norm
+                );
+                assert_eq!(fast.cached(), reference.cached());
+            }
+        }
         Ok(())
     }
 

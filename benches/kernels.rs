@@ -1,0 +1,104 @@
+//! Quantized matmul throughput at SmolLM2-135M's shapes: sanctum's kernels (q8_0, q4_0) against
+//! candle's `QMatMul` (q8_0, q4_0, q4k, f16) in the same run, for one activation row (generation)
+//! and 512 rows (a prompt). Elements are multiply-adds (`m × rows × cols`).
+//!
+//! `cargo bench --bench kernels`; threads follow `RAYON_NUM_THREADS` like `sanctum --threads`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use runner::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use runner::candle_core::{Device, Module, Tensor};
+use runner::kernels::{Format, PackedMatrix, Scratch};
+
+/// `[rows, cols]` of SmolLM2-135M's projections (q/o, k/v, gate/up, down).
+const LAYER_SHAPES: [(usize, usize); 4] = [(576, 576), (192, 576), (1536, 576), (576, 1536)];
+/// The output head, only multiplied for the last position.
+const HEAD: (usize, usize) = (49152, 576);
+
+fn values(n: usize, mut state: u64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 0.2 - 0.1
+        })
+        .collect()
+}
+
+/// Times `iters` calls made from a worker of the global pool, as the model makes them (see
+/// `Llama::forward`): from outside, every parallel call would pay a hand-off to the pool and back.
+fn in_pool(iters: u64, mut f: impl FnMut() + Send) -> Duration {
+    runner::kernels::on_pool(|| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        start.elapsed()
+    })
+}
+
+fn matmuls(c: &mut Criterion, group_name: &str, m: usize, shapes: &[(usize, usize)]) {
+    let mut group = c.benchmark_group(group_name);
+    group.sample_size(if m == 1 { 50 } else { 10 });
+    for &(rows, cols) in shapes {
+        let w = values(rows * cols, 1);
+        let x = values(m * cols, 2);
+        let shape = format!("{rows}x{cols}");
+        group.throughput(Throughput::Elements((m * rows * cols) as u64));
+        for (name, format) in [
+            ("sanctum q8_0", Format::Q8_0),
+            ("sanctum q4_0", Format::Q4_0),
+        ] {
+            let packed = PackedMatrix::quantize(format, &w, rows, cols).expect("quantizes");
+            let mut y = vec![0f32; m * rows];
+            let mut scratch = Scratch::default();
+            group.bench_function(BenchmarkId::new(name, &shape), |b| {
+                b.iter_custom(|iters| {
+                    in_pool(iters, || {
+                        packed
+                            .matmul(black_box(&x), &mut y, &mut scratch)
+                            .expect("fits")
+                    })
+                })
+            });
+        }
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("tensor");
+        let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).expect("tensor");
+        for (name, dtype) in [
+            ("candle q8_0", GgmlDType::Q8_0),
+            ("candle q4_0", GgmlDType::Q4_0),
+            ("candle q4k", GgmlDType::Q4K),
+            ("candle f16", GgmlDType::F16),
+        ] {
+            if !cols.is_multiple_of(dtype.block_size()) {
+                continue;
+            }
+            let q = QTensor::quantize(&wt, dtype).expect("quantizes");
+            let mm = QMatMul::QTensor(std::sync::Arc::new(q));
+            group.bench_function(BenchmarkId::new(name, &shape), |b| {
+                b.iter_custom(|iters| {
+                    in_pool(iters, || {
+                        black_box(mm.forward(black_box(&xt)).expect("multiplies"));
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+fn matvec(c: &mut Criterion) {
+    let mut shapes = LAYER_SHAPES.to_vec();
+    shapes.push(HEAD);
+    matmuls(c, "matvec m=1", 1, &shapes);
+}
+
+fn matmul_prompt(c: &mut Criterion) {
+    matmuls(c, "matmul m=512", 512, &LAYER_SHAPES);
+}
+
+criterion_group!(benches, matvec, matmul_prompt);
+criterion_main!(benches);

@@ -1,0 +1,214 @@
+//! The kernels against candle: the same weights bit for bit, and products close to candle's
+//! quantized matmul and to the exact f32 product, on every path this CPU has.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+use super::*;
+
+/// Deterministic pseudo-random values in `[-scale, scale)`.
+fn values(n: usize, mut state: u64, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn ggml(format: Format) -> GgmlDType {
+    match format {
+        Format::Q8_0 => GgmlDType::Q8_0,
+        Format::Q4_0 => GgmlDType::Q4_0,
+    }
+}
+
+const FORMATS: [Format; 2] = [Format::Q8_0, Format::Q4_0];
+
+/// `y = x · wᵀ` in f64.
+fn exact(w: &[f32], x: &[f32], cols: usize) -> Vec<f32> {
+    x.chunks_exact(cols)
+        .flat_map(|x| {
+            w.chunks_exact(cols).map(move |w| {
+                w.iter()
+                    .zip(x)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum::<f64>() as f32
+            })
+        })
+        .collect()
+}
+
+fn relative_rms(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let err: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| f64::from(g - w).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|&w| f64::from(w).powi(2)).sum();
+    (err / norm).sqrt() as f32
+}
+
+/// Weights with some structure ggml's quantizers treat specially: an all-zero block, a block whose
+/// largest magnitude is negative, and values on rounding ties.
+fn awkward_weights(rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = values(rows * cols, 7, 0.5);
+    w[..BLOCK].fill(0.0);
+    w[BLOCK] = -0.9;
+    for (k, v) in w[2 * BLOCK..3 * BLOCK].iter_mut().enumerate() {
+        *v = (k as f32 - 16.0) * 0.25;
+    }
+    w
+}
+
+#[test]
+fn packed_weights_dequantize_to_candles_values() -> candle_core::Result<()> {
+    let (rows, cols) = (24, 320);
+    let w = awkward_weights(rows, cols);
+    let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
+    for format in FORMATS {
+        let want: Vec<f32> = QTensor::quantize(&t, ggml(format))?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        let packed = PackedMatrix::quantize(format, &w, rows, cols)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut got = vec![0f32; rows * cols];
+        for (r, out) in got.chunks_exact_mut(cols).enumerate() {
+            packed.dequantize_row(r, out);
+        }
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{format:?}: {differ} values differ from candle's"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn shapes_that_do_not_fit_are_refused() {
+    assert_eq!(
+        PackedMatrix::quantize(Format::Q8_0, &[0.0; 48], 1, 48).err(),
+        Some(ShapeError::RowLength(48))
+    );
+    assert!(matches!(
+        PackedMatrix::quantize(Format::Q4_0, &[0.0; 64], 2, 64),
+        Err(ShapeError::Values { got: 64, .. })
+    ));
+    let w = PackedMatrix::quantize(Format::Q8_0, &[0.0; 64], 2, 32).expect("fits");
+    let mut y = [0.0; 3];
+    assert!(matches!(
+        w.matmul(&[0.0; 64], &mut y, &mut Scratch::default()),
+        Err(ShapeError::Operands { .. })
+    ));
+}
+
+/// A path against candle's `QMatMul` on the same weights, against the exact product with the
+/// dequantized weights (only the activations' quantization differs), and against the exact product
+/// with the original weights.
+fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_core::Result<()> {
+    if !path.is_available() {
+        return Ok(());
+    }
+    let mut scratch = Scratch::default();
+    for &(rows, cols) in shapes {
+        let w = values(rows * cols, (rows * 31 + cols) as u64, 0.2);
+        let wt = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
+        for format in FORMATS {
+            let candle = QMatMul::from_qtensor(QTensor::quantize(&wt, ggml(format))?)?;
+            let packed = PackedMatrix::quantize(format, &w, rows, cols)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let mut dequantized = vec![0f32; rows * cols];
+            for (r, out) in dequantized.chunks_exact_mut(cols).enumerate() {
+                packed.dequantize_row(r, out);
+            }
+            for &m in ms {
+                let x = values(m * cols, (m * 7 + cols) as u64, 1.0);
+                let mut y = vec![f32::NAN; m * rows];
+                packed
+                    .matmul_on(path, &x, &mut y, &mut scratch)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu)?;
+                let theirs: Vec<f32> = candle.forward(&xt)?.flatten_all()?.to_vec1()?;
+                let what = format!("{path:?} {format:?} m={m} {rows}x{cols}");
+                let vs_candle = relative_rms(&y, &theirs);
+                assert!(vs_candle < 1e-2, "{what}: {vs_candle} from candle");
+                let vs_dequantized = relative_rms(&y, &exact(&dequantized, &x, cols));
+                assert!(
+                    vs_dequantized < 1e-2,
+                    "{what}: {vs_dequantized} from the product with the dequantized weights"
+                );
+                // Tiny shapes have few values to average over: q4_0's error varies more there.
+                let bound = match format {
+                    Format::Q8_0 => 2e-2,
+                    Format::Q4_0 => 0.25,
+                };
+                let vs_exact = relative_rms(&y, &exact(&w, &x, cols));
+                assert!(
+                    vs_exact < bound,
+                    "{what}: {vs_exact} from the exact product"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SmolLM2-135M's shapes plus ones that leave partial tiles and a single serial chunk.
+const SHAPES: [(usize, usize); 6] = [
+    (576, 576),
+    (192, 576),
+    (1536, 576),
+    (576, 1536),
+    (100, 64),
+    (7, 32),
+];
+const MS: [usize; 4] = [1, 3, 7, 64];
+
+#[test]
+fn vnni_path_matches_candle() -> candle_core::Result<()> {
+    check_path(Path::Vnni, &MS, &SHAPES)
+}
+
+#[test]
+fn avx2_path_matches_candle() -> candle_core::Result<()> {
+    check_path(Path::Avx2, &MS, &SHAPES)
+}
+
+#[test]
+fn scalar_path_matches_candle() -> candle_core::Result<()> {
+    check_path(Path::Scalar, &MS, &SHAPES)
+}
+
+#[test]
+fn paths_agree_closely() -> candle_core::Result<()> {
+    let (rows, cols, m) = (37, 288, 5);
+    let w = awkward_weights(rows, cols);
+    let x = values(m * cols, 3, 2.0);
+    let mut scratch = Scratch::default();
+    for format in FORMATS {
+        let packed = PackedMatrix::quantize(format, &w, rows, cols)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut reference = vec![0f32; m * rows];
+        packed
+            .matmul_on(Path::Scalar, &x, &mut reference, &mut scratch)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        for path in Path::ALL.into_iter().filter(|p| p.is_available()) {
+            let mut y = vec![0f32; m * rows];
+            packed
+                .matmul_on(path, &x, &mut y, &mut scratch)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let diff = relative_rms(&y, &reference);
+            assert!(diff < 1e-6, "{path:?} {format:?}: {diff} from scalar");
+        }
+    }
+    Ok(())
+}

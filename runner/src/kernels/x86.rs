@@ -1,0 +1,253 @@
+//! x86-64 micro-kernels: AVX-512-VNNI on 256-bit registers and AVX2, chosen at run time.
+//!
+//! One body serves both formats and both instruction sets: a format says how weights are loaded as
+//! unsigned bytes ([`Unpack`]), an instruction set how bytes are multiplied and summed into 32-bit
+//! lanes ([`Dot`]). Rows are stored in runs of 8 interleaved blocks (see `position` in the parent
+//! module): for each run the kernel loads a weight row's 8 vectors once, and for each activation
+//! row accumulates 8 products into one vector whose lanes are the 8 blocks' dot products; one
+//! multiply by the 8 scale products and one fused add bring them into the f32 accumulator. Blocks
+//! after the last run go one at a time (8 partial sums per block). Each accumulator is summed
+//! across its lanes once at the end.
+#![allow(
+    unsafe_code,
+    reason = "SIMD intrinsics: loads through raw pointers and calls into target-feature functions"
+)]
+
+use std::arch::x86_64::*;
+
+use super::{BLOCK, Format, GROUP, Path, Tile};
+
+/// AVX2, FMA and F16C (the weights' scales), the baseline SIMD path.
+pub(super) fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// AVX-512 VNNI with 256-bit vectors (VL), on top of AVX2.
+pub(super) fn has_vnni() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// The `M × N` outputs of `tile` on `path` (one of the x86 paths).
+pub(super) fn kernel<const M: usize, const N: usize>(path: Path, tile: &Tile<'_>) -> [[f32; N]; M] {
+    match (path, tile.format) {
+        // SAFETY: `Path::is_available` was checked by the caller (`matmul_on` asserts it), so the
+        // CPU has the features these functions are compiled for; `Tile::check` has verified that
+        // the tile's slices hold `M` activation rows and `N` weight rows.
+        (Path::Vnni, Format::Q8_0) => unsafe { vnni::<Q8, M, N>(tile) },
+        // SAFETY: as above.
+        (Path::Vnni, Format::Q4_0) => unsafe { vnni::<Q4, M, N>(tile) },
+        // SAFETY: as above.
+        (_, Format::Q8_0) => unsafe { avx2::<Q8, M, N>(tile) },
+        // SAFETY: as above.
+        (_, Format::Q4_0) => unsafe { avx2::<Q4, M, N>(tile) },
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn vnni<U: Unpack, const M: usize, const N: usize>(tile: &Tile<'_>) -> [[f32; N]; M] {
+    // SAFETY: the caller guarantees the features and the tile's bounds (see `kernel`).
+    unsafe { body::<U, Vnni, M, N>(tile) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2<U: Unpack, const M: usize, const N: usize>(tile: &Tile<'_>) -> [[f32; N]; M] {
+    // SAFETY: the caller guarantees the features and the tile's bounds (see `kernel`).
+    unsafe { body::<U, Avx2, M, N>(tile) }
+}
+
+/// How a format's blocks become unsigned bytes.
+trait Unpack {
+    /// Stored bytes per block.
+    const BYTES: usize;
+    /// The stored value exceeds the signed one by this much.
+    const OFFSET: i8;
+    /// Loads one block stored in ggml's order at `p` (`BYTES` readable bytes).
+    unsafe fn load(p: *const u8) -> __m256i;
+    /// Loads the 8 vectors of an interleaved run at `p` (`GROUP × BYTES` readable bytes).
+    unsafe fn load_group(p: *const u8) -> [__m256i; GROUP];
+}
+
+/// q8_0: 32 bytes per block, already unsigned.
+struct Q8;
+/// q4_0: 16 bytes of nibbles per block.
+struct Q4;
+
+impl Unpack for Q8 {
+    const BYTES: usize = Format::Q8_0.block_bytes();
+    const OFFSET: i8 = Format::Q8_0.offset() as u8 as i8;
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees 32 readable bytes at `p`; the load is unaligned.
+        unsafe { _mm256_loadu_si256(p.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_group(p: *const u8) -> [__m256i; GROUP] {
+        // SAFETY: the caller guarantees 256 readable bytes at `p`, and AVX.
+        unsafe {
+            let mut w = [_mm256_setzero_si256(); GROUP];
+            for (t, w) in w.iter_mut().enumerate() {
+                *w = _mm256_loadu_si256(p.add(32 * t).cast());
+            }
+            w
+        }
+    }
+}
+
+impl Unpack for Q4 {
+    const BYTES: usize = Format::Q4_0.block_bytes();
+    const OFFSET: i8 = Format::Q4_0.offset() as i8;
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees 16 readable bytes at `p`. Both 128-bit halves get the 16
+        // bytes; the upper half is shifted by 4 bits so masking leaves values 0..16 below, 16..32
+        // above, in order.
+        unsafe {
+            let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+            let shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
+            _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_group(p: *const u8) -> [__m256i; GROUP] {
+        // SAFETY: the caller guarantees 128 readable bytes at `p` (4 vectors, each holding two of
+        // the run's vectors in its low and high nibbles), and AVX2.
+        unsafe {
+            let mut w = [_mm256_setzero_si256(); GROUP];
+            let mask = _mm256_set1_epi8(0x0f);
+            for (u, pair) in w.chunks_exact_mut(2).enumerate() {
+                let v = _mm256_loadu_si256(p.add(32 * u).cast());
+                pair[0] = _mm256_and_si256(v, mask);
+                pair[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            }
+            w
+        }
+    }
+}
+
+/// Multiply-accumulate of bytes into 32-bit lanes.
+trait Dot {
+    /// `acc` plus, per lane, the sum of 4 products: `u · x` where the activations carry the
+    /// correction for unsigned weights (`-offset × Σ x`, in `acc` from the start), or
+    /// `(u - offset) · x` on paths that multiply signed weights.
+    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i, offset: i8) -> __m256i;
+}
+
+/// `vpdpbusd` multiplies unsigned by signed bytes and accumulates in one instruction.
+struct Vnni;
+/// `vpmaddubsw` would saturate on q8_0's unsigned bytes, so the weights are made signed and their
+/// signs moved onto the activations (whose corrections are zero on this path).
+struct Avx2;
+
+impl Dot for Vnni {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i, _offset: i8) -> __m256i {
+        // SAFETY: only called from `vnni`, compiled with AVX-512 VNNI and VL.
+        unsafe { _mm256_dpbusd_epi32(acc, u, x) }
+    }
+}
+
+impl Dot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i, offset: i8) -> __m256i {
+        // SAFETY: only called from functions compiled with AVX2.
+        unsafe {
+            let w = _mm256_sub_epi8(u, _mm256_set1_epi8(offset));
+            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+}
+
+/// The micro-kernel (see the module documentation).
+///
+/// # Safety
+/// The CPU must have the features `D` uses, and `tile` must hold `M` activation rows and `N`
+/// weight rows (`Tile::check`).
+#[inline(always)]
+unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize>(
+    tile: &Tile<'_>,
+) -> [[f32; N]; M] {
+    let nb = tile.nb;
+    let row_bytes = nb * U::BYTES;
+    let (wq, ws) = (tile.w_quants.as_ptr(), tile.w_scales.as_ptr());
+    let (xq, xs, xb) = (
+        tile.x_quants.as_ptr(),
+        tile.x_scales.as_ptr(),
+        tile.x_biases.as_ptr(),
+    );
+    // SAFETY: every offset below stays within `N` weight rows of `nb` blocks and `M` activation
+    // rows of `nb` blocks, which the caller guarantees the slices hold.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); N]; M];
+        let full = nb / GROUP * GROUP;
+        for g in (0..full).step_by(GROUP) {
+            for j in 0..N {
+                let w = U::load_group(wq.add(j * row_bytes + g * U::BYTES));
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(j * nb + g).cast()));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let at = i * nb + g;
+                    let x = xq.add(at * BLOCK);
+                    let mut p = _mm256_loadu_si256(xb.add(at).cast());
+                    for (t, &w) in w.iter().enumerate() {
+                        p = D::dot(p, w, _mm256_loadu_si256(x.add(32 * t).cast()), U::OFFSET);
+                    }
+                    let scale = _mm256_mul_ps(_mm256_loadu_ps(xs.add(at)), dw);
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[j]);
+                }
+            }
+        }
+        for b in full..nb {
+            let mut w = [_mm256_setzero_si256(); N];
+            let mut dw = [_mm256_setzero_ps(); N];
+            for j in 0..N {
+                w[j] = U::load(wq.add(j * row_bytes + b * U::BYTES));
+                dw[j] = _mm256_set1_ps(f16_to_f32((*ws.add(j * nb + b)).to_bits()));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let at = i * nb + b;
+                let x = _mm256_loadu_si256(xq.add(at * BLOCK).cast());
+                let dx = _mm256_set1_ps(*xs.add(at));
+                let bias = _mm256_setr_epi32(*xb.add(at), 0, 0, 0, 0, 0, 0, 0);
+                for j in 0..N {
+                    let p = _mm256_cvtepi32_ps(D::dot(bias, w[j], x, U::OFFSET));
+                    acc[j] = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw[j]), acc[j]);
+                }
+            }
+        }
+        let mut out = [[0f32; N]; M];
+        for (out, acc) in out.iter_mut().zip(&acc) {
+            for (y, &v) in out.iter_mut().zip(acc) {
+                *y = hsum(v);
+            }
+        }
+        out
+    }
+}
+
+/// One f16 (as bits) to f32 with F16C.
+#[inline(always)]
+unsafe fn f16_to_f32(bits: u16) -> f32 {
+    // SAFETY: only called from functions compiled with F16C.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
+}
+
+/// The sum of 8 lanes.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: only called from functions compiled with AVX2.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}

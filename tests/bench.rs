@@ -1,0 +1,243 @@
+//! `sanctum bench`, `bench compare` and `hw detect` on the real SmolLM2 (skipped without it): the
+//! results' shape, signed results and attacks on them, hardware-profile refusals.
+//!
+//! Each test runs the model with one thread and holds the lock of the inference tests (see there).
+
+use std::fs;
+use std::path::Path;
+
+use assert_cmd::Command;
+use predicates::str::contains;
+use tempfile::TempDir;
+
+use crate::inference::one_at_a_time;
+use crate::support::{self, sanctum};
+
+const SMOL: &str = "smollm2-135m-instruct";
+
+/// `sanctum` on the real store, with a signing key and an empty policy of `dir`.
+fn real(dir: &Path) -> Option<Command> {
+    let store = support::real_store()?;
+    let mut cmd = sanctum();
+    cmd.arg("--store")
+        .arg(store)
+        .arg("--lock")
+        .arg(support::repo_lock())
+        .arg("--policy")
+        .arg(dir.join("policy.toml"))
+        .env("SANCTUM_SIGNING_KEY", dir.join("ci.key"))
+        .env("SANCTUM_KEY_PASSWORD", "bench test");
+    Some(cmd)
+}
+
+fn setup() -> TempDir {
+    let dir = TempDir::new().unwrap();
+    fs::write(dir.path().join("policy.toml"), "version = 1\n").unwrap();
+    sanctum()
+        .args(["keys", "generate", "--out"])
+        .arg(dir.path().join("ci"))
+        .env("SANCTUM_KEY_PASSWORD", "bench test")
+        .assert()
+        .success();
+    dir
+}
+
+/// A small run: pp16 and tg4, two repetitions, one thread.
+const SMALL: [&str; 8] = ["-p", "16", "-n", "4", "-r", "2", "--threads", "1"];
+
+#[test]
+fn json_results_have_every_sample_and_the_extras() {
+    let dir = setup();
+    let Some(mut cmd) = real(dir.path()) else {
+        return;
+    };
+    let _guard = one_at_a_time();
+    let out = dir.path().join("bench.json");
+    cmd.args(["bench", SMOL, "--quant", "q8_0,q4_0", "-o", "json", "--out"])
+        .arg(&out)
+        .args(SMALL)
+        .assert()
+        .success()
+        .stderr(contains("q4_0 tg4 2/2"));
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let tests: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| (r["quant"].as_str().unwrap(), r["test"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        tests,
+        [
+            ("q8_0", "pp16"),
+            ("q8_0", "tg4"),
+            ("q4_0", "pp16"),
+            ("q4_0", "tg4")
+        ]
+    );
+    for r in results {
+        assert_eq!(r["samples_ts"].as_array().unwrap().len(), 2, "{r}");
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
+        assert!(r["load_verify_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["n_threads"], 1);
+        assert_eq!(r["model_n_params"], 134_515_008);
+        if cfg!(target_os = "linux") {
+            assert!(r["peak_rss_bytes"].as_u64().unwrap() > 100 << 20);
+        }
+        assert_eq!(r["ttft_ms"].is_number(), r["test"] == "pp16", "{r}");
+    }
+    // q4_0 weights take less memory than q8_0 ones (the output head stays q8_0).
+    assert!(results[2]["model_size"].as_u64() < results[0]["model_size"].as_u64());
+    assert!(report["hardware"]["cpu"]["cores"].as_u64().unwrap() >= 1);
+    assert!(
+        report["hardware"]["memory"]["read_bandwidth_gbs"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
+
+#[test]
+fn markdown_uses_llama_bench_columns() {
+    let dir = setup();
+    let Some(mut cmd) = real(dir.path()) else {
+        return;
+    };
+    let _guard = one_at_a_time();
+    cmd.args(["bench", SMOL, "--quant", "q8_0"])
+        .args(SMALL)
+        .assert()
+        .success()
+        .stdout(contains(
+            "| model | size | params | backend | threads | test | t/s |",
+        ))
+        .stdout(contains("| smollm2-135m-instruct q8_0 | "))
+        .stdout(contains(" | 134.52 M | CPU | 1 | pp16 | "))
+        .stdout(contains("| TTFT ms | load+verify s | peak RSS MiB |"));
+}
+
+/// Signed results compare and verify; a result edited after signing is refused by `--verify`; a
+/// drop beyond the threshold exits 1.
+#[test]
+fn signed_results_compare_and_edits_are_refused() {
+    let dir = setup();
+    let Some(mut cmd) = real(dir.path()) else {
+        return;
+    };
+    let _guard = one_at_a_time();
+    let base = dir.path().join("base.json");
+    cmd.args([
+        "bench", SMOL, "--quant", "q8_0", "-o", "json", "--attest", "--out",
+    ])
+    .arg(&base)
+    .args(SMALL)
+    .assert()
+    .success()
+    .stderr(contains("attestation: "));
+    let bundle = dir.path().join("base.json.sigstore.json");
+    assert!(bundle.is_file());
+    let key = dir.path().join("ci.pub");
+    let compare = |base: &Path, new: &Path| {
+        let mut cmd = real(dir.path()).unwrap();
+        cmd.args(["bench", "compare"]).arg(base).arg(new);
+        cmd
+    };
+    compare(&base, &base)
+        .args(["--verify", "--key"])
+        .arg(&key)
+        .assert()
+        .success()
+        .stdout(contains("| 1.000 | ok |"))
+        .stderr(contains("signed by"));
+
+    // A faster result, edited in after signing: the numbers compare, but the signature says no.
+    let mut report: serde_json::Value = serde_json::from_slice(&fs::read(&base).unwrap()).unwrap();
+    for r in report["results"].as_array_mut().unwrap() {
+        let ts = r["avg_ts"].as_f64().unwrap();
+        r["avg_ts"] = (ts * 2.0).into();
+    }
+    let edited = dir.path().join("edited.json");
+    fs::write(&edited, serde_json::to_vec(&report).unwrap()).unwrap();
+    fs::copy(&bundle, dir.path().join("edited.json.sigstore.json")).unwrap();
+    compare(&base, &edited).assert().success();
+    compare(&base, &edited)
+        .args(["--verify", "--key"])
+        .arg(&key)
+        .assert()
+        .code(1)
+        .stderr(contains("step 5 (subject digest)"));
+
+    // Half the speed: a regression (exit 1); within a 60 % threshold: fine.
+    compare(&edited, &base)
+        .assert()
+        .code(1)
+        .stdout(contains("| 0.500 | REGRESSION |"));
+    compare(&edited, &base)
+        .args(["--threshold", "60"])
+        .assert()
+        .success();
+    compare(&base, &dir.path().join("policy.toml"))
+        .assert()
+        .code(2)
+        .stderr(contains("policy.toml is not a `sanctum bench -o json`"));
+}
+
+/// `hw detect` writes a profile this machine matches; a profile of another machine is refused
+/// unless `--force`, which records the differences.
+#[test]
+fn hardware_profiles_gate_the_run() {
+    let dir = setup();
+    let Some(mut cmd) = real(dir.path()) else {
+        return;
+    };
+    let detected = sanctum()
+        .args(["hw", "detect", "--name", "here", "--no-bandwidth"])
+        .output()
+        .unwrap();
+    assert!(detected.status.success());
+    let here = String::from_utf8(detected.stdout).unwrap();
+    assert!(
+        here.contains("name = \"here\"") && here.contains("[cpu]"),
+        "{here}"
+    );
+    let profile = dir.path().join("here.toml");
+    fs::write(&profile, &here).unwrap();
+    let _guard = one_at_a_time();
+    cmd.args([
+        "bench", SMOL, "--quant", "q4_0", "-p", "8", "-n", "0", "-r", "1",
+    ])
+    .args(["--threads", "1", "--profile"])
+    .arg(&profile)
+    .assert()
+    .success();
+
+    let mut other: toml::Table = toml::from_str(&here).unwrap();
+    other["cpu"]["threads"] = toml::Value::Integer(99);
+    let other_path = dir.path().join("other.toml");
+    fs::write(&other_path, toml::to_string(&other).unwrap()).unwrap();
+    let bench_other = |extra: &[&str]| {
+        let mut cmd = real(dir.path()).unwrap();
+        cmd.args([
+            "bench", SMOL, "--quant", "q4_0", "-p", "8", "-n", "0", "-r", "1",
+        ])
+        .args(["--threads", "1", "-o", "json", "--profile"])
+        .arg(&other_path)
+        .args(extra);
+        cmd
+    };
+    bench_other(&[])
+        .assert()
+        .code(1)
+        .stderr(contains("does not match hardware profile"))
+        .stderr(contains("the profile has"));
+    let forced = bench_other(&["--force"]).output().unwrap();
+    assert!(forced.status.success());
+    let stderr = String::from_utf8_lossy(&forced.stderr);
+    assert!(
+        stderr.contains("warning: this machine does not match"),
+        "{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&forced.stdout).unwrap();
+    let mismatches = report["profile"]["mismatches"].to_string();
+    assert!(mismatches.contains(" / 99"), "{mismatches}");
+    assert_eq!(report["results"][0]["test"], "pp8");
+}
