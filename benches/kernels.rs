@@ -17,15 +17,9 @@ const LAYER_SHAPES: [(usize, usize); 4] = [(576, 576), (192, 576), (1536, 576), 
 /// The output head, only multiplied for the last position.
 const HEAD: (usize, usize) = (49152, 576);
 
-fn values(n: usize, mut state: u64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 0.2 - 0.1
-        })
-        .collect()
+/// Weights and activations in `[-0.1, 0.1)`.
+fn values(n: usize, state: u64) -> Vec<f32> {
+    runner::testing::values(n, state, 0.1)
 }
 
 /// Times `iters` calls made from a worker of the global pool, as the model makes them (see

@@ -481,6 +481,38 @@ mod tests {
         );
     }
 
+    /// Every profile shipped in `hardware-profiles/` parses, is named after its file, and says
+    /// whether it was measured (a measured one carries its results).
+    #[test]
+    fn shipped_profiles_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hardware-profiles");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let profile = HardwareProfile::read(&path).unwrap_or_else(|e| panic!("{e}"));
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default();
+            assert_eq!(profile.name, stem, "{}", path.display());
+            assert_eq!(
+                profile.status == ProfileStatus::Measured,
+                !profile.results.is_empty(),
+                "{}: measured profiles carry results, targets none",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(
+            seen >= 4,
+            "expected the shipped profiles in {}",
+            dir.display()
+        );
+    }
+
     #[test]
     fn bandwidth_sum_counts_every_word() {
         let words = vec![1u64; 1003];

@@ -18,6 +18,8 @@ pub mod source;
 pub mod store;
 pub mod stream;
 pub mod template;
+#[doc(hidden)]
+pub mod testing;
 
 /// candle at the version the runner is built with, so benchmarks can compare its kernels with
 /// [`kernels`].

@@ -16,7 +16,9 @@ use serde_json::json;
 use super::Context;
 use super::context::display_path;
 use super::keys::read_public;
-use super::trust::Refused;
+use super::trust::{LockFile, Refused};
+use attest::lock_signature::{LockStatus, LockTrustError};
+use attest::policy::Policy;
 
 #[derive(Debug, Subcommand)]
 pub enum AttestCommand {
@@ -96,19 +98,44 @@ enum SubjectResult {
     Edited,
 }
 
-fn verify(args: VerifyArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
-    let mut policy = ctx.policy()?;
-    for path in &args.key {
-        policy.signers.add(display_path(path), read_public(path)?);
+/// What checking attestations needs: the policy (plus keys trusted on the command line), the lock
+/// and the lock's standing under the policy. Build once, then take a [`Verifier`] from it.
+pub struct Trust {
+    policy: Policy,
+    lock: LockFile,
+    lock_status: Result<LockStatus, LockTrustError>,
+}
+
+impl Trust {
+    /// Reads the policy and the lock; `keys` are public keys to trust as signers as well.
+    pub fn open(ctx: &Context, keys: &[PathBuf]) -> anyhow::Result<Self> {
+        let mut policy = ctx.policy()?;
+        for path in keys {
+            policy.signers.add(display_path(path), read_public(path)?);
+        }
+        let lock = ctx.lock_file()?;
+        let lock_status = lock.status(&policy)?;
+        Ok(Self {
+            policy,
+            lock,
+            lock_status,
+        })
     }
-    let lock = ctx.lock_file()?;
-    let lock_status = lock.status(&policy)?;
-    let verifier = Verifier::new(
-        &policy.signers,
-        &lock.lock,
-        &policy.licenses,
-        lock_status.as_ref().cloned(),
-    );
+
+    /// A verifier under this trust.
+    pub fn verifier(&self) -> Verifier<'_> {
+        Verifier::new(
+            &self.policy.signers,
+            &self.lock.lock,
+            &self.policy.licenses,
+            self.lock_status.as_ref().cloned(),
+        )
+    }
+}
+
+fn verify(args: VerifyArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let trust = Trust::open(ctx, &args.key)?;
+    let verifier = trust.verifier();
 
     let mut targets = Vec::new();
     let mut git = None;
@@ -189,11 +216,11 @@ fn verify(args: VerifyArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         Format::Json => {
             let doc = json!({
                 "ok": failed == 0,
-                "policy": policy.source.as_deref().map(display_path),
+                "policy": trust.policy.source.as_deref().map(display_path),
                 "lockfile": {
-                    "path": display_path(&lock.path),
-                    "sha256": Sha256Digest::of(&lock.bytes).to_hex(),
-                    "status": match &lock_status {
+                    "path": display_path(&trust.lock.path),
+                    "sha256": Sha256Digest::of(&trust.lock.bytes).to_hex(),
+                    "status": match &trust.lock_status {
                         Ok(s) => s.describe(),
                         Err(e) => format!("refused: {e}"),
                     },
@@ -209,8 +236,8 @@ fn verify(args: VerifyArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             writeln!(
                 out,
                 "lockfile {}: {}",
-                display_path(&lock.path),
-                match &lock_status {
+                display_path(&trust.lock.path),
+                match &trust.lock_status {
                     Ok(s) => s.describe(),
                     Err(e) => format!("REFUSED: {e}"),
                 }

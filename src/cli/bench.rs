@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use attest::Sha256Digest;
-use attest::attestation::{Verifier, layout};
+use attest::attestation::layout;
 use attest::lockfile::Task;
 use attest::stamp::BenchRecord;
 use attest::statement::{ProfileRecord, rfc3339};
@@ -21,8 +21,8 @@ use runner::hardware::{self, HardwareProfile};
 use runner::quant::Quant;
 
 use super::Context;
+use super::attest::Trust;
 use super::context::display_path;
-use super::keys::read_public;
 use super::run::{QuantArg, RuntimeArgs, open_verified};
 use super::stamp::{OutputArgs, OutputStamper, runner_info};
 use super::trust::Refused;
@@ -531,18 +531,8 @@ fn verify_results<'a>(
     keys: &[PathBuf],
     files: [(&'a PathBuf, &'a Vec<u8>); 2],
 ) -> anyhow::Result<()> {
-    let mut policy = ctx.policy()?;
-    for path in keys {
-        policy.signers.add(display_path(path), read_public(path)?);
-    }
-    let lock = ctx.lock_file()?;
-    let lock_status = lock.status(&policy)?;
-    let verifier = Verifier::new(
-        &policy.signers,
-        &lock.lock,
-        &policy.licenses,
-        lock_status.as_ref().cloned(),
-    );
+    let trust = Trust::open(ctx, keys)?;
+    let verifier = trust.verifier();
     for (path, bytes) in files {
         let placement = layout::placement_for_output(path).with_context(|| {
             format!(

@@ -1,22 +1,12 @@
 //! The kernels against candle: the same weights bit for bit, and products close to candle's
-//! quantized matmul and to the exact f32 product, on every path this CPU has.
+//! quantized matmul and to the exact f32 product, on every path this CPU has; the attention ops
+//! against their definition.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use super::*;
-
-/// Deterministic pseudo-random values in `[-scale, scale)`.
-fn values(n: usize, mut state: u64, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
+use crate::testing::values;
 
 fn ggml(format: Format) -> GgmlDType {
     match format {
@@ -211,4 +201,97 @@ fn paths_agree_closely() -> candle_core::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Attention in f64, one query and head at a time, as the definition reads.
+fn reference_attention(
+    shape: ops::AttentionShape,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+) -> Vec<f32> {
+    let ops::AttentionShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        pos,
+        capacity,
+        seq,
+    } = shape;
+    let mut out = vec![0f32; seq * heads * hd];
+    for i in 0..seq {
+        for h in 0..heads {
+            let kv = h / (heads / kv_heads) * capacity * hd;
+            let qi = &q[(i * heads + h) * hd..][..hd];
+            let scores: Vec<f64> = (0..=pos + i)
+                .map(|k| {
+                    let key = &keys[kv + k * hd..][..hd];
+                    let dot: f64 = qi.iter().zip(key).map(|(&a, &b)| f64::from(a * b)).sum();
+                    dot / (hd as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s));
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for (d, o) in out[(i * heads + h) * hd..][..hd].iter_mut().enumerate() {
+                let v: f64 = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| w * f64::from(values[kv + k * hd + d]))
+                    .sum();
+                *o = (v / total) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Both attention paths (tiled prompts, single queries) against the definition: grouped heads,
+/// cached positions before the queries, query counts that leave partial tiles and tasks, and a
+/// cache with room to spare.
+#[test]
+fn attention_matches_reference() {
+    for (seq, pos, hd) in [
+        (1, 0, 64),
+        (1, 37, 64),
+        (4, 0, 64),
+        (23, 5, 64),
+        (70, 61, 32),
+        (5, 3, 24),
+    ] {
+        let (heads, kv_heads, capacity) = (6, 2, pos + seq + 3);
+        let shape = ops::AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+            pos,
+            capacity,
+            seq,
+        };
+        let q = values(seq * heads * hd, 3, 2.0);
+        let keys = values(kv_heads * capacity * hd, 4, 2.0);
+        let vals = values(kv_heads * capacity * hd, 5, 1.0);
+        let mut out = vec![0f32; q.len()];
+        let mut scratch = vec![f32::NAN; 11];
+        ops::attention(shape, &q, &keys, &vals, &mut out, &mut scratch);
+        let want = reference_attention(shape, &q, &keys, &vals);
+        let err = relative_rms(&out, &want);
+        assert!(err < 1e-5, "seq {seq} pos {pos} hd {hd}: {err}");
+    }
+}
+
+/// The vectorizable `exp` within a few ulp over the range softmax and SiLU use, and its clamps.
+#[test]
+fn exp_is_close_to_libm() {
+    for k in -100_000..=100_000 {
+        let x = k as f32 * 8.7e-4;
+        let (got, want) = (ops::exp(x), x.exp());
+        assert!(
+            ((got - want) / want).abs() < 4.0 * f32::EPSILON,
+            "{x}: {got} vs {want}"
+        );
+    }
+    assert!(ops::exp(-1e4) < 2e-38 && ops::exp(-1e4) > 0.0);
+    assert!(ops::exp(1e4).is_finite());
+    assert!(ops::exp(f32::NAN).is_nan());
 }
