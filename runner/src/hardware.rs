@@ -265,11 +265,17 @@ fn nvidia_gpu() -> Option<GpuProfile> {
     })
 }
 
-/// Reads the running machine into a profile named `name`. `build_features` are the cargo features
-/// of this sanctum build. With `measure_bandwidth`, streams a 512 MiB buffer with every core to
-/// fill in the memory bandwidth (about a second).
-pub fn detect(name: &str, build_features: &[&str], measure_bandwidth: bool) -> HardwareProfile {
+/// Reads the running machine into a profile named `name` (default: [`default_name`]).
+/// `build_features` are the cargo features of this sanctum build. With `measure_bandwidth`, streams
+/// a 512 MiB buffer with every core to fill in the memory bandwidth (about a second).
+pub fn detect(
+    name: Option<&str>,
+    build_features: &[&str],
+    measure_bandwidth: bool,
+) -> HardwareProfile {
     let model = cpu_model();
+    let cores = num_cpus::get_physical();
+    let name = name.map_or_else(|| default_name(&model, cores), str::to_owned);
     let memory_gib = total_memory_gib();
     let gpu = nvidia_gpu().or_else(|| {
         // Apple GPUs share the SoC's name and its unified memory.
@@ -281,13 +287,13 @@ pub fn detect(name: &str, build_features: &[&str], measure_bandwidth: bool) -> H
     let mut features: Vec<String> = build_features.iter().map(|f| (*f).to_owned()).collect();
     features.sort();
     HardwareProfile {
-        name: name.to_owned(),
+        name,
         description: String::new(),
         status: ProfileStatus::Measured,
         cpu: CpuProfile {
             model,
             arch: std::env::consts::ARCH.to_owned(),
-            cores: num_cpus::get_physical(),
+            cores,
             threads: num_cpus::get(),
             features: isa_features(),
         },
@@ -300,6 +306,19 @@ pub fn detect(name: &str, build_features: &[&str], measure_bandwidth: bool) -> H
         build: BuildProfile { features },
         results: Vec::new(),
     }
+}
+
+/// A profile name for a machine: the CPU's name and its core count as a slug (`amd-epyc-2c`).
+pub fn default_name(cpu_model: &str, cores: usize) -> String {
+    let mut slug = String::new();
+    for c in cpu_model.chars() {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c.to_ascii_lowercase());
+        } else if !slug.ends_with('-') && !slug.is_empty() {
+            slug.push('-');
+        }
+    }
+    format!("{}-{cores}c", slug.trim_end_matches('-'))
 }
 
 /// Memory read bandwidth in GB/s: every hardware thread sums its share of a 512 MiB buffer (far
@@ -429,7 +448,7 @@ mod tests {
 
     #[test]
     fn detected_machine_round_trips_and_matches_itself() {
-        let machine = detect("here", &["inference"], false);
+        let machine = detect(Some("here"), &["inference"], false);
         assert!(machine.cpu.cores >= 1 && machine.cpu.threads >= machine.cpu.cores);
         assert!(machine.memory.total_gib > 0.0 || !cfg!(target_os = "linux"));
         let parsed: HardwareProfile = toml::from_str(&machine.to_toml()).unwrap();
@@ -438,8 +457,21 @@ mod tests {
     }
 
     #[test]
+    fn default_names_are_slugs() {
+        assert_eq!(default_name("AMD EPYC", 2), "amd-epyc-2c");
+        assert_eq!(
+            default_name("12th Gen Intel(R) Core(TM) i7-1255U", 10),
+            "12th-gen-intel-r-core-tm-i7-1255u-10c"
+        );
+        assert_eq!(
+            detect(None, &[], false).name,
+            default_name(&cpu_model(), num_cpus::get_physical())
+        );
+    }
+
+    #[test]
     fn every_difference_is_named() {
-        let profile = detect("here", &["inference"], false);
+        let profile = detect(Some("here"), &["inference"], false);
         let mut other = profile.clone();
         other.cpu.model = "Other CPU".into();
         other.cpu.threads += 2;

@@ -173,7 +173,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
     };
 
     say("measuring memory bandwidth");
-    let machine = hardware::detect(&machine_name(), &build_features(), true);
+    let machine = hardware::detect(None, &build_features(), true);
     let profile = match &args.profile {
         Some(path) => Some(check_profile(path, &machine, args.force)?),
         None => None,
@@ -281,20 +281,6 @@ fn progress(say: &dyn Fn(&str), quant: String, event: Event) {
             test.name()
         )),
     }
-}
-
-/// A default profile name for this machine: the CPU's name and its core count, as a slug.
-pub fn machine_name() -> String {
-    let machine = hardware::detect("", &[], false);
-    let mut slug = String::new();
-    for c in machine.cpu.model.chars() {
-        if c.is_ascii_alphanumeric() {
-            slug.push(c.to_ascii_lowercase());
-        } else if !slug.ends_with('-') && !slug.is_empty() {
-            slug.push('-');
-        }
-    }
-    format!("{}-{}c", slug.trim_end_matches('-'), machine.cpu.cores)
 }
 
 /// Reads `--profile` and holds the machine against it: a mismatch is a refusal unless `force`.
@@ -570,16 +556,5 @@ mod tests {
         assert_eq!(params(6_738_415_616), "6.74 B");
         assert_eq!(backend_name("cuda:0"), "CUDA");
         assert_eq!(backend_name("cpu"), "CPU");
-    }
-
-    #[test]
-    fn machine_name_is_a_slug() {
-        let name = machine_name();
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
-            "{name}"
-        );
-        assert!(name.ends_with('c'));
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use runner::hardware;
 
-use super::bench::{build_features, machine_name};
+use super::bench::build_features;
 
 #[derive(Debug, Subcommand)]
 pub enum HwCommand {
@@ -27,8 +27,8 @@ pub struct DetectArgs {
 pub fn run(cmd: HwCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         HwCommand::Detect(args) => {
-            let name = args.name.unwrap_or_else(machine_name);
-            let profile = hardware::detect(&name, &build_features(), !args.no_bandwidth);
+            let profile =
+                hardware::detect(args.name.as_deref(), &build_features(), !args.no_bandwidth);
             std::io::stdout()
                 .lock()
                 .write_all(profile.to_toml().as_bytes())?;
