@@ -18,7 +18,6 @@ use clap::{Args, Subcommand, ValueEnum};
 use runner::bench::{self, BenchReport, BuildInfo, Event, ProfileUse, RunInfo, Test, TestResult};
 use runner::chat::{ChatModel, LoadOptions};
 use runner::hardware::{self, HardwareProfile};
-use runner::quant::Quant;
 
 use super::Context;
 use super::attest::Trust;
@@ -207,12 +206,13 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             model.quant(),
             load_verify.as_secs_f64()
         ));
+        let quant_name = model.quant().name();
         let samples = bench::run(
             &mut model,
             &tests,
             args.repetitions as usize,
             args.seed,
-            &mut |event| progress(&say, model_quant_label(quant), event),
+            &mut |event| progress(&say, quant_name, event),
         )?;
         let info = RunInfo {
             quant: model.quant().name().to_owned(),
@@ -262,13 +262,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-fn model_quant_label(quant: &QuantArg) -> String {
-    quant
-        .format()
-        .map_or_else(|| "auto".to_owned(), |q: Quant| q.name().to_owned())
-}
-
-fn progress(say: &dyn Fn(&str), quant: String, event: Event) {
+fn progress(say: &dyn Fn(&str), quant: &str, event: Event) {
     match event {
         Event::WarmUp(test) => say(&format!("{quant} {}: warm-up", test.name())),
         Event::Repetition {
