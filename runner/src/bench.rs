@@ -304,10 +304,7 @@ pub fn mix(choices: &[crate::quant::Choice]) -> String {
 
 /// Peak resident memory of this process so far, bytes (`VmHWM`; None off Linux).
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-    let kib: u64 = kib.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
+    crate::hardware::proc_kib("/proc/self/status", "VmHWM").map(|kib| kib * 1024)
 }
 
 /// Starts a new peak-memory window (Linux: `5` into `/proc/self/clear_refs` resets `VmHWM`), so

@@ -143,7 +143,12 @@ impl HardwareProfile {
             path: path.display().to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ProfileError::Parse {
+        Self::parse(&text, path)
+    }
+
+    /// Parses the text of a profile file read from `path` (named in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ProfileError> {
+        toml::from_str(text).map_err(|source| ProfileError::Parse {
             path: path.display().to_string(),
             source: Box::new(source),
         })
@@ -214,11 +219,7 @@ fn total_memory_gib() -> f64 {
     let bytes: Option<u64> = {
         #[cfg(target_os = "linux")]
         {
-            std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-                let kib = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
-                let kib: u64 = kib.trim().trim_end_matches("kB").trim().parse().ok()?;
-                Some(kib * 1024)
-            })
+            proc_kib("/proc/meminfo", "MemTotal").map(|kib| kib * 1024)
         }
         #[cfg(target_os = "macos")]
         {
@@ -230,6 +231,15 @@ fn total_memory_gib() -> f64 {
         }
     };
     bytes.map_or(0.0, |b| round1(b as f64 / (1u64 << 30) as f64))
+}
+
+/// A `Key:   N kB` field of a Linux `/proc` file (`/proc/meminfo`, `/proc/self/status`), in KiB.
+pub(crate) fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 fn round1(x: f64) -> f64 {

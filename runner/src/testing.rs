@@ -1,13 +1,18 @@
 //! Helpers shared by the runner's unit tests and the workspace's benches; not part of the API.
 
+/// One step of the 64-bit LCG behind [`values`].
+pub fn lcg_step(state: u64) -> u64 {
+    state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+}
+
 /// Deterministic pseudo-random values in `[-scale, scale)` from a 64-bit LCG seeded with `state`:
 /// weights and activations for tests and benches that need no model.
 pub fn values(n: usize, mut state: u64, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = lcg_step(state);
             (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
         })
         .collect()

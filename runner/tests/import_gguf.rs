@@ -39,19 +39,9 @@ fn bytes_to_unicode() -> Vec<char> {
     table
 }
 
-/// Deterministic pseudo-random values in [-1, 1).
+/// Deterministic pseudo-random values in [-1, 1) (see `runner::testing::values`).
 fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    runner::testing::values(n, runner::testing::lcg_step(seed), 1.0)
 }
 
 /// llama.cpp's `permute` (convert_hf_to_gguf.py): `w.reshape(n_head, 2, hd/2, cols).swapaxes(1, 2)`.

@@ -80,19 +80,10 @@ fn safetensors_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     safetensors::serialize(views, None).unwrap()
 }
 
-/// Deterministic pseudo-random values in [-scale, scale).
+/// Deterministic pseudo-random values in [-scale, scale): `runner::testing::values` from a seed
+/// stepped once, so nearby seeds give unrelated sequences.
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-        })
-        .collect()
+    runner::testing::values(n, runner::testing::lcg_step(seed), scale)
 }
 
 // ---------------------------------------------------------------------------------------------

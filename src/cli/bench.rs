@@ -283,9 +283,9 @@ fn check_profile(
     machine: &HardwareProfile,
     force: bool,
 ) -> anyhow::Result<(ProfileUse, ProfileRecord)> {
-    let bytes = std::fs::read(path)
+    let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read hardware profile {}", path.display()))?;
-    let profile = HardwareProfile::read(path)?;
+    let profile = HardwareProfile::parse(&text, path)?;
     let mismatches = hardware::mismatches(&profile, machine);
     if !mismatches.is_empty() {
         let list = mismatches
@@ -307,7 +307,7 @@ fn check_profile(
             display_path(path)
         );
     }
-    let digest = Sha256Digest::of(&bytes);
+    let digest = Sha256Digest::of(text.as_bytes());
     let record = ProfileRecord {
         name: profile.name.clone(),
         digest: digest.into(),
