@@ -74,6 +74,7 @@ fn record<'a>(model: &'a ModelEntry, output: &'a [u8], prompt: &'a str) -> Outpu
             prompt_tokens: 40,
             completion_tokens: 256,
         },
+        request: None,
         started: now,
         finished: now,
     }

@@ -8,3 +8,5 @@ mod bench;
 mod inference;
 mod lockfile;
 mod pull;
+mod serve;
+mod serve_clients;

@@ -28,6 +28,7 @@
 //!     prompt: "<|im_start|>user\nHi<|im_end|>\n",
 //!     include_prompt_text: false,
 //!     usage: UsageRecord { prompt_tokens: 9, completion_tokens: 3 },
+//!     request: None,
 //!     started: now,
 //!     finished: now,
 //! })?;
@@ -46,7 +47,7 @@ use crate::lockfile::ModelEntry;
 use crate::statement::{
     BENCH_PREDICATE_TYPE, BenchModelRecord, BenchPredicate, FileRecord, LockRecord, ModelRecord,
     OUTPUT_PREDICATE_TYPE, OutputPredicate, OutputTask, ProfileRecord, PromptRecord, RunnerRecord,
-    RuntimeRecord, STATEMENT_TYPE, SamplingRecord, SignerRecord, Statement, Subject, UsageRecord,
+    RequestRecord, RuntimeRecord, STATEMENT_TYPE, SamplingRecord, SignerRecord, Statement, Subject, UsageRecord,
     canonical_json, rfc3339,
 };
 
@@ -92,6 +93,8 @@ pub struct OutputRecord<'a> {
     pub include_prompt_text: bool,
     /// Token counts.
     pub usage: UsageRecord,
+    /// The HTTP request answered (`sanctum serve`); None for the CLI.
+    pub request: Option<RequestRecord>,
     /// When the work started (before loading the model).
     pub started: SystemTime,
     /// When the output was complete.
@@ -167,6 +170,7 @@ impl Stamper {
                     text: record.include_prompt_text.then(|| record.prompt.to_owned()),
                 },
                 usage: record.usage.clone(),
+                request: record.request.clone(),
                 started_at: rfc3339(record.started),
                 finished_at: rfc3339(record.finished),
             },

@@ -167,6 +167,9 @@ pub struct OutputPredicate {
     pub prompt: PromptRecord,
     /// Token counts.
     pub usage: UsageRecord,
+    /// The HTTP request it answered, for outputs of `sanctum serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestRecord>,
     /// RFC 3339 UTC time the work started.
     pub started_at: String,
     /// RFC 3339 UTC time the output was complete.
@@ -373,6 +376,21 @@ pub struct UsageRecord {
     pub prompt_tokens: u64,
     /// Tokens generated (0 for embeddings).
     pub completion_tokens: u64,
+}
+
+/// The server request an output answered: which API and route, and the response id the client saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestRecord {
+    /// `openai` or `ollama`.
+    pub api: String,
+    /// The route, e.g. `/v1/chat/completions` or `/api/chat`.
+    pub route: String,
+    /// Whether the reply was streamed.
+    pub stream: bool,
+    /// The response id (`chatcmpl-…`), when the API has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// `f32` settings recorded as the decimal they were written as (`0.8`, not `0.800000011920929`).

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{ChatModel, GenerateError};
+use crate::chat::{ChatModel, GenerateError, Session};
 
 /// One llama-bench test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub enum Event {
 /// Runs `tests`, each warmed up once and then repeated `repetitions` times, on an emptied cache each
 /// time. Random token ids come from a generator seeded with `seed`, so runs feed identical inputs.
 pub fn run(
-    model: &mut ChatModel,
+    model: &ChatModel,
     tests: &[Test],
     repetitions: usize,
     seed: u64,
@@ -84,20 +84,21 @@ pub fn run(
     let vocab = model.vocab().max(1) as u32;
     let mut random_token = move || rng.next_u32() % vocab;
     let mut results = Vec::with_capacity(tests.len());
+    let mut session = model.session();
     for &test in tests {
         on_event(Event::WarmUp(test));
         let warm_up = match test {
             Test::Prompt(_) => test,
             Test::Generate(_) => Test::Generate(1),
         };
-        once(model, warm_up, &mut random_token)?;
+        once(model, &mut session, warm_up, &mut random_token)?;
         let mut samples = Samples {
             test,
             times: Vec::with_capacity(repetitions),
             first_token: Vec::new(),
         };
         for done in 1..=repetitions {
-            let (time, first_token) = once(model, test, &mut random_token)?;
+            let (time, first_token) = once(model, &mut session, test, &mut random_token)?;
             samples.times.push(time);
             samples.first_token.extend(first_token);
             on_event(Event::Repetition {
@@ -109,22 +110,22 @@ pub fn run(
         }
         results.push(samples);
     }
-    model.reset();
     Ok(results)
 }
 
 /// One run of a test from an empty cache: its time, and for prompts the time to first token.
 fn once(
-    model: &mut ChatModel,
+    model: &ChatModel,
+    session: &mut Session,
     test: Test,
     random_token: &mut dyn FnMut() -> u32,
 ) -> Result<(Duration, Option<Duration>), GenerateError> {
-    model.reset();
+    session.reset();
     match test {
         Test::Prompt(n) => {
             let prompt: Vec<u32> = (0..n).map(|_| random_token()).collect();
             let started = Instant::now();
-            let logits = model.eval(&prompt)?;
+            let logits = model.eval(session, &prompt)?;
             let time = started.elapsed();
             std::hint::black_box(argmax(&logits));
             Ok((time, Some(started.elapsed())))
@@ -133,7 +134,7 @@ fn once(
             let mut token = random_token();
             let started = Instant::now();
             for _ in 0..n {
-                std::hint::black_box(model.eval(&[token])?);
+                std::hint::black_box(model.eval(session, &[token])?);
                 token = random_token();
             }
             Ok((started.elapsed(), None))

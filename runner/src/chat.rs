@@ -1,9 +1,12 @@
 //! Chat models: a verified model turned into a tokenizer, a chat template and a quantized Llama-family
 //! network, and the generation loop that streams text out of them.
 //!
-//! The key/value cache outlives a generation: the next prompt is compared with the tokens already
-//! in the cache and only the part after their common prefix is fed, so a multi-turn chat does not
-//! re-read its history.
+//! A [`ChatModel`] is shared (`Arc`) by every conversation on it; each conversation has its own
+//! [`Session`] (key/value cache and position). The cache outlives a generation: the next prompt is
+//! compared with the tokens already in the cache and only the part after their common prefix is
+//! fed, so a multi-turn chat does not re-read its history. [`Decoder`] is one sequence's sampling
+//! and text state, shared by [`ChatModel::generate`] and the batch scheduler (`crate::batch`), so
+//! that a request gives the same bytes alone or batched.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -15,7 +18,7 @@ use candle_core::safetensors::SliceSafetensors;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use crate::models::llama::{self, Llama};
+use crate::models::llama::{self, Cache, Llama, Workspace};
 use crate::models::{self, Family, LoadError};
 use crate::quant::{Choice, Quant};
 use crate::sampling::{InvalidParams, Sampler, SamplingParams};
@@ -176,9 +179,15 @@ pub enum GenerateError {
     /// The network failed.
     #[error("inference failed: {0}")]
     Model(#[from] candle_core::Error),
+    /// A batched step failed for every sequence in it.
+    #[error("inference failed: {0}")]
+    Batch(String),
+    /// The batch scheduler has stopped (the server is shutting down).
+    #[error("the model is shutting down")]
+    Stopped,
 }
 
-/// A loaded chat model with its key/value cache.
+/// A loaded chat model: tokenizer, template and weights, shared by every [`Session`] on it.
 pub struct ChatModel {
     name: String,
     digest: Sha256Digest,
@@ -193,8 +202,39 @@ pub struct ChatModel {
     /// Bytes the weights take in the formats they run in.
     weight_bytes: u64,
     device: Device,
-    /// Tokens whose keys and values are in the model's cache, in order.
+}
+
+/// One conversation's state on a [`ChatModel`]: its key/value cache, the tokens in it, and the
+/// buffers its forward passes reuse.
+#[derive(Debug)]
+pub struct Session {
+    cache: Cache,
+    work: Workspace,
+    /// Tokens whose keys and values are in the cache, in order.
     cached: Vec<u32>,
+}
+
+impl Session {
+    /// Forgets the cached conversation.
+    pub fn reset(&mut self) {
+        self.cache.clear();
+        self.cached.clear();
+    }
+
+    /// Tokens currently in the key/value cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.len()
+    }
+
+    /// The cache, for a batched step.
+    pub(crate) fn cache_mut(&mut self) -> &mut Cache {
+        &mut self.cache
+    }
+
+    /// Records that a batched step put `token` into the cache.
+    pub(crate) fn push_cached(&mut self, token: u32) {
+        self.cached.push(token);
+    }
 }
 
 impl std::fmt::Debug for ChatModel {
@@ -323,15 +363,18 @@ impl ChatModel {
                 model: name.clone(),
                 source,
             };
-            let (mut llama, choices) =
+            let (llama, choices) =
                 Llama::load(&config, variant, &st, quant, &options.device, context)
                     .map_err(weights_error)?;
             // Two tokens through the network: kernels that repack weights on first use (for
             // prompts or for single tokens) do it now, so that the first prompt runs at full speed.
             llama
-                .forward(&[0, 0][..context.min(2)])
+                .forward(
+                    &mut llama.new_cache(),
+                    &mut Workspace::default(),
+                    &[0, 0][..context.min(2)],
+                )
                 .map_err(weights_error)?;
-            llama.clear_kv_cache();
             let weight_bytes = weight_bytes(&st, &choices);
             (llama, choices, quant, parameters, weight_bytes)
         };
@@ -348,8 +391,21 @@ impl ChatModel {
             parameters,
             weight_bytes,
             device: options.device.clone(),
-            cached: Vec::new(),
         })
+    }
+
+    /// A new, empty conversation on this model.
+    pub fn session(&self) -> Session {
+        Session {
+            cache: self.model.new_cache(),
+            work: Workspace::default(),
+            cached: Vec::new(),
+        }
+    }
+
+    /// The network, for the batch scheduler.
+    pub(crate) fn network(&self) -> &Llama {
+        &self.model
     }
 
     /// Model name from the lock.
@@ -444,45 +500,33 @@ impl ChatModel {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Forgets the cached conversation.
-    pub fn reset(&mut self) {
-        self.model.clear_kv_cache();
-        self.cached.clear();
-    }
-
-    /// Tokens currently in the key/value cache.
-    pub fn cached_tokens(&self) -> usize {
-        self.cached.len()
-    }
-
-    /// Feeds `tokens` after the cached ones (in chunks of at most 512, llama.cpp's default
-    /// micro-batch) and returns the logits that follow the last. Generation and benchmarks share it.
-    pub fn eval(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
-        if self.cached.len() + tokens.len() > self.model.context() {
+    /// Feeds `tokens` after the ones cached in `session` (in chunks of at most 512, llama.cpp's
+    /// default micro-batch) and returns the logits that follow the last. Generation and benchmarks
+    /// share it.
+    pub fn eval(&self, session: &mut Session, tokens: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        if session.cached.len() + tokens.len() > self.model.context() {
             return Err(GenerateError::PromptTooLong {
-                tokens: self.cached.len() + tokens.len(),
+                tokens: session.cached.len() + tokens.len(),
                 context: self.model.context(),
             });
         }
         let mut logits = None;
         for chunk in tokens.chunks(PROMPT_CHUNK) {
-            logits = Some(self.model.forward(chunk)?);
-            self.cached.extend_from_slice(chunk);
+            logits = Some(self.model.forward(&mut session.cache, &mut session.work, chunk)?);
+            session.cached.extend_from_slice(chunk);
         }
-        match logits {
-            Some(l) => Ok(l.to_vec1()?),
-            None => Err(GenerateError::EmptyPrompt),
-        }
+        logits.ok_or(GenerateError::EmptyPrompt)
     }
 
-    /// Generates a reply to `prompt` (token ids), calling `on_text` with each piece of text as soon
-    /// as it is complete; `on_text` returning `Break` stops generation.
-    pub fn generate(
-        &mut self,
+    /// Checks `prompt` against the context and `options`, reuses the longest prefix `session`
+    /// already holds, feeds the rest, and returns the decoder for the reply with the logits after
+    /// the prompt.
+    pub(crate) fn start(
+        &self,
+        session: &mut Session,
         prompt: &[u32],
         options: &GenerateOptions,
-        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Generation, GenerateError> {
+    ) -> Result<(Decoder, Vec<f32>), GenerateError> {
         options.sampling.validate()?;
         let context = self.model.context();
         if prompt.is_empty() {
@@ -494,82 +538,154 @@ impl ChatModel {
                 context,
             });
         }
-
         // Reuse the cached prefix; always compute at least the last prompt token for its logits.
-        let common = self
+        let common = session
             .cached
             .iter()
             .zip(prompt)
             .take_while(|(a, b)| a == b)
             .count()
             .min(prompt.len() - 1);
-        self.model.truncate(common);
-        self.cached.truncate(common);
-
+        session.cache.truncate(common);
+        session.cached.truncate(common);
         let started = Instant::now();
-        let mut logits = self.eval(&prompt[common..])?;
-        let prompt_time = started.elapsed();
-
-        let mut sampler = Sampler::new(options.sampling.clone());
-        let mut history = prompt.to_vec();
-        let mut tokens = Vec::new();
-        let mut text = String::new();
-        let mut stream = TextStream::new();
-        let mut stops = StopMatcher::new(&options.stop);
-        let mut passes = 0;
-        let decode_started = Instant::now();
-        let mut stop = loop {
-            if options.max_tokens == Some(0) {
-                break StopReason::MaxTokens;
-            }
-            let next = sampler.sample(&mut logits, &history);
-            if self.stop_tokens.contains(&next) {
-                break StopReason::EndOfTurn;
-            }
-            tokens.push(next);
-            history.push(next);
-            let piece = stream.push(&self.tokenizer, next)?;
-            let (emit, stopped) = stops.push(&piece);
-            if !emit.is_empty() {
-                text.push_str(&emit);
-                if on_text(&emit).is_break() {
-                    break StopReason::Cancelled;
-                }
-            }
-            if stopped {
-                break StopReason::StopString;
-            }
-            if options.max_tokens.is_some_and(|max| tokens.len() >= max) {
-                break StopReason::MaxTokens;
-            }
-            if self.model.cached() >= context {
-                break StopReason::ContextFull;
-            }
-            logits = self.eval(&[next])?;
-            passes += 1;
+        let logits = self.eval(session, &prompt[common..])?;
+        let decoder = Decoder {
+            sampler: Sampler::new(options.sampling.clone()),
+            history: prompt.to_vec(),
+            tokens: Vec::new(),
+            text: String::new(),
+            stream: TextStream::new(),
+            stops: StopMatcher::new(&options.stop),
+            max_tokens: options.max_tokens,
+            prompt_tokens: prompt.len(),
+            prompt_evaluated: prompt.len() - common,
+            prompt_time: started.elapsed(),
+            passes: 0,
+            decode_started: Instant::now(),
         };
-        let decode_time = decode_started.elapsed();
+        Ok((decoder, logits))
+    }
+
+    /// Generates a reply to `prompt` (token ids) in `session`, calling `on_text` with each piece of
+    /// text as soon as it is complete; `on_text` returning `Break` stops generation.
+    pub fn generate(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, GenerateError> {
+        let (mut decoder, mut logits) = self.start(session, prompt, options)?;
+        loop {
+            match decoder.step(self, &mut logits, session.cached.len(), on_text)? {
+                Step::Next(token) => {
+                    logits = self.eval(session, &[token])?;
+                    decoder.passes += 1;
+                }
+                Step::Finished(stop) => return decoder.finish(self, stop, on_text),
+            }
+        }
+    }
+}
+
+/// What a sequence does after a token is picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Feed this token and call [`Decoder::step`] with the logits that follow it.
+    Next(u32),
+    /// The reply is complete.
+    Finished(StopReason),
+}
+
+/// One reply being generated: the sampler, the token history the repeat penalty reads, the
+/// incremental detokenizer, the stop strings, and the counts and times of the reply.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    sampler: Sampler,
+    history: Vec<u32>,
+    tokens: Vec<u32>,
+    text: String,
+    stream: TextStream,
+    stops: StopMatcher,
+    max_tokens: Option<usize>,
+    prompt_tokens: usize,
+    prompt_evaluated: usize,
+    prompt_time: Duration,
+    /// Forward passes after the prompt.
+    pub(crate) passes: usize,
+    decode_started: Instant,
+}
+
+impl Decoder {
+    /// Picks the next token from `logits` (which follow `cached` positions), emits its text, and
+    /// says whether to go on.
+    pub(crate) fn step(
+        &mut self,
+        model: &ChatModel,
+        logits: &mut [f32],
+        cached: usize,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Step, GenerateError> {
+        if self.max_tokens == Some(0) {
+            return Ok(Step::Finished(StopReason::MaxTokens));
+        }
+        let next = self.sampler.sample(logits, &self.history);
+        if model.stop_tokens.contains(&next) {
+            return Ok(Step::Finished(StopReason::EndOfTurn));
+        }
+        self.tokens.push(next);
+        self.history.push(next);
+        let piece = self.stream.push(&model.tokenizer, next)?;
+        let (emit, stopped) = self.stops.push(&piece);
+        if !emit.is_empty() {
+            self.text.push_str(&emit);
+            if on_text(&emit).is_break() {
+                return Ok(Step::Finished(StopReason::Cancelled));
+            }
+        }
+        if stopped {
+            return Ok(Step::Finished(StopReason::StopString));
+        }
+        if self.max_tokens.is_some_and(|max| self.tokens.len() >= max) {
+            return Ok(Step::Finished(StopReason::MaxTokens));
+        }
+        if cached >= model.model.context() {
+            return Ok(Step::Finished(StopReason::ContextFull));
+        }
+        Ok(Step::Next(next))
+    }
+
+    /// Flushes the text still held back (an incomplete character, a possible stop string) and
+    /// returns the reply.
+    pub(crate) fn finish(
+        mut self,
+        model: &ChatModel,
+        mut stop: StopReason,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, GenerateError> {
+        let decode_time = self.decode_started.elapsed();
         if !matches!(stop, StopReason::StopString | StopReason::Cancelled) {
-            let piece = stream.finish(&self.tokenizer)?;
-            let (mut emit, stopped) = stops.push(&piece);
+            let piece = self.stream.finish(&model.tokenizer)?;
+            let (mut emit, stopped) = self.stops.push(&piece);
             if stopped {
                 stop = StopReason::StopString;
             } else {
-                emit.push_str(&stops.finish());
+                emit.push_str(&self.stops.finish());
             }
             if !emit.is_empty() {
-                text.push_str(&emit);
+                self.text.push_str(&emit);
                 // Nothing more follows, so a request to stop changes nothing.
                 let _ = on_text(&emit);
             }
         }
         Ok(Generation {
-            text,
-            tokens,
-            prompt_tokens: prompt.len(),
-            prompt_evaluated: prompt.len() - common,
-            prompt_time,
-            decode_passes: passes,
+            text: self.text,
+            tokens: self.tokens,
+            prompt_tokens: self.prompt_tokens,
+            prompt_evaluated: self.prompt_evaluated,
+            prompt_time: self.prompt_time,
+            decode_passes: self.passes,
             decode_time,
             stop,
         })

@@ -4,9 +4,11 @@
 //! weights quantized in memory at load ([`quant`]). Nothing here loads a byte that `attest` has not
 //! verified against the lock.
 
+pub mod batch;
 pub mod bench;
 pub mod chat;
 pub mod device;
+pub mod engine;
 pub mod embed;
 pub mod hardware;
 pub mod import;

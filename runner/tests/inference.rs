@@ -18,6 +18,7 @@ use attest::Sha256Digest;
 use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task};
 use attest::progress::NoProgress;
 use attest::verify::{VerifiedModel, load_verified};
+use runner::batch::{Batcher, Event, Job, Limits, Sink};
 use runner::chat::{
     ChatModel, GenerateError, GenerateOptions, Generation, LoadOptions, StopReason,
 };
@@ -356,7 +357,7 @@ fn ask(model: &mut ChatModel, user: &str, opts: &GenerateOptions) -> (Generation
     let tokens = model.tokenize_rendered(&prompt).unwrap();
     let mut pieces = Vec::new();
     let g = model
-        .generate(&tokens, opts, &mut |t| {
+        .generate(&mut model.session(), &tokens, opts, &mut |t| {
             pieces.push(t.to_owned());
             ControlFlow::Continue(())
         })
@@ -487,12 +488,12 @@ fn stop_strings_and_max_tokens() {
 
 #[test]
 fn a_sink_can_cancel() {
-    let mut model = chain_model(Quant::F32);
+    let model = chain_model(Quant::F32);
     let tokens = model
         .tokenize_rendered(&model.render(&[Message::new("user", "x")], true).unwrap())
         .unwrap();
     let g = model
-        .generate(&tokens, &options(None, &[], greedy()), &mut |_| {
+        .generate(&mut model.session(), &tokens, &options(None, &[], greedy()), &mut |_| {
             ControlFlow::Break(())
         })
         .unwrap();
@@ -571,12 +572,12 @@ fn same_seed_same_bytes() {
 
 #[test]
 fn invalid_sampling_is_refused() {
-    let mut model = chain_model(Quant::F32);
+    let model = chain_model(Quant::F32);
     let bad = SamplingParams {
         top_p: 1.5,
         ..SamplingParams::default()
     };
-    let err = model.generate(&[1, 2], &options(None, &[], bad), &mut |_| {
+    let err = model.generate(&mut model.session(), &[1, 2], &options(None, &[], bad), &mut |_| {
         ControlFlow::Continue(())
     });
     assert!(matches!(err, Err(GenerateError::Sampling(_))));
@@ -587,11 +588,11 @@ fn invalid_sampling_is_refused() {
 
 #[test]
 fn a_prompt_longer_than_the_context_is_an_error() {
-    let mut model = load(&chain_files(1.0, 64), Quant::F32, Some(16)).unwrap();
+    let model = load(&chain_files(1.0, 64), Quant::F32, Some(16)).unwrap();
     assert_eq!(model.context(), 16);
     let long: Vec<u32> = vec![u32::from(b'a'); 16];
     let err = model
-        .generate(&long, &options(None, &[], greedy()), &mut |_| {
+        .generate(&mut model.session(), &long, &options(None, &[], greedy()), &mut |_| {
             ControlFlow::Continue(())
         })
         .unwrap_err();
@@ -609,7 +610,7 @@ fn a_prompt_longer_than_the_context_is_an_error() {
     // Generation that reaches the end of the context stops there.
     let short: Vec<u32> = vec![u32::from(b'a'); 13];
     let g = model
-        .generate(
+        .generate(&mut model.session(), 
             &short,
             &options(
                 None,
@@ -646,13 +647,14 @@ fn a_context_above_the_models_is_refused() {
 fn the_cache_is_reused_across_turns_and_gives_the_same_tokens() {
     let files = random_llama_files();
     let opts = options(Some(6), &[], greedy());
-    let mut chat = load(&files, Quant::F32, None).unwrap();
+    let chat = load(&files, Quant::F32, None).unwrap();
+    let mut session = chat.session();
     let mut history = vec![Message::new("user", "first question")];
     let t1 = chat
         .tokenize_rendered(&chat.render(&history, true).unwrap())
         .unwrap();
     let g1 = chat
-        .generate(&t1, &opts, &mut |_| ControlFlow::Continue(()))
+        .generate(&mut session, &t1, &opts, &mut |_| ControlFlow::Continue(()))
         .unwrap();
     assert_eq!(g1.prompt_evaluated, t1.len());
     history.push(Message::new("assistant", g1.text.as_str()));
@@ -661,7 +663,7 @@ fn the_cache_is_reused_across_turns_and_gives_the_same_tokens() {
         .tokenize_rendered(&chat.render(&history, true).unwrap())
         .unwrap();
     let g2 = chat
-        .generate(&t2, &opts, &mut |_| ControlFlow::Continue(()))
+        .generate(&mut session, &t2, &opts, &mut |_| ControlFlow::Continue(()))
         .unwrap();
     assert!(
         g2.prompt_evaluated < t2.len() - t1.len() + 8,
@@ -670,15 +672,16 @@ fn the_cache_is_reused_across_turns_and_gives_the_same_tokens() {
         t2.len()
     );
 
-    let mut fresh = load(&files, Quant::F32, None).unwrap();
+    let fresh = load(&files, Quant::F32, None).unwrap();
     let g3 = fresh
-        .generate(&t2, &opts, &mut |_| ControlFlow::Continue(()))
+        .generate(&mut fresh.session(), &t2, &opts, &mut |_| ControlFlow::Continue(()))
         .unwrap();
     assert_eq!(g3.prompt_evaluated, t2.len());
     assert_eq!(g2.tokens, g3.tokens);
 
-    chat.reset();
-    assert_eq!(chat.cached_tokens(), 0);
+    assert!(session.cached_tokens() > t2.len());
+    session.reset();
+    assert_eq!(session.cached_tokens(), 0);
 }
 
 #[test]
@@ -889,4 +892,147 @@ fn the_wrong_kind_of_model_is_refused() {
     )
     .unwrap_err();
     assert!(matches!(err, LoadError::WrongTask { .. }), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Continuous batching
+
+/// Flat sampling: the seed decides every token.
+fn sampling(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed,
+        ..SamplingParams::default()
+    }
+}
+
+type Outcome = Result<Generation, GenerateError>;
+
+/// A sink that sends job `index`'s text and end to `tx`, and stops after `cancel_after` pieces.
+fn sink(
+    tx: std::sync::mpsc::Sender<(usize, String, Outcome)>,
+    index: usize,
+    cancel_after: Option<usize>,
+) -> Sink {
+    let mut text = String::new();
+    let mut pieces = 0;
+    Box::new(move |event| match event {
+        Event::Text(t) => {
+            text.push_str(t);
+            pieces += 1;
+            if cancel_after.is_some_and(|n| pieces >= n) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+        Event::Done(result) => {
+            let _ = tx.send((index, std::mem::take(&mut text), result));
+            ControlFlow::Continue(())
+        }
+    })
+}
+
+/// Batched replies are byte-identical to solo ones (same seed, model, quantization); a full
+/// batcher refuses at once; a cancelled reply frees its slot.
+#[test]
+fn batched_replies_equal_solo_replies_and_the_queue_is_bounded() {
+    for quant in [Quant::Q8_0, Quant::F32] {
+        let files = chain_files(0.05, 256);
+        let model = std::sync::Arc::new(load(&files, quant, None).unwrap());
+        let prompt = model
+            .tokenize_rendered(&model.render(&[Message::new("user", "go")], true).unwrap())
+            .unwrap();
+        let jobs: Vec<(u64, usize)> = vec![(1, 30), (2, 5), (3, 40), (4, 17), (5, 1), (6, 25)];
+        let solo: Vec<Generation> = jobs
+            .iter()
+            .map(|&(seed, max)| {
+                model
+                    .generate(
+                        &mut model.session(),
+                        &prompt,
+                        &options(Some(max), &[], sampling(seed)),
+                        &mut |_| ControlFlow::Continue(()),
+                    )
+                    .unwrap()
+            })
+            .collect();
+
+        let batcher = Batcher::new(
+            std::sync::Arc::clone(&model),
+            Limits {
+                parallel: 3,
+                queue: 3,
+            },
+        );
+        // The first job's sink holds the batch thread until released, so the load is known.
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first = {
+            let tx = tx.clone();
+            let mut inner = sink(tx, 0, None);
+            let mut waited = false;
+            Box::new(move |event: Event<'_>| {
+                if !waited {
+                    waited = true;
+                    let _ = gate_rx.recv();
+                }
+                inner(event)
+            }) as Sink
+        };
+        let mut sinks = vec![first];
+        sinks.extend((1..jobs.len()).map(|i| sink(tx.clone(), i, None)));
+        for (&(seed, max), sink) in jobs.iter().zip(sinks) {
+            batcher
+                .submit(Job {
+                    prompt: prompt.clone(),
+                    options: options(Some(max), &[], sampling(seed)),
+                    sink,
+                })
+                .unwrap();
+        }
+        let busy = batcher
+            .submit(Job {
+                prompt: prompt.clone(),
+                options: options(Some(3), &[], greedy()),
+                sink: sink(tx.clone(), 99, None),
+            })
+            .unwrap_err();
+        assert_eq!(busy.active + busy.waiting, 6, "{busy}");
+        gate_tx.send(()).unwrap();
+
+        let mut done: Vec<(usize, String, Generation)> = (0..jobs.len())
+            .map(|_| {
+                let (index, text, result) = rx.recv().unwrap();
+                (index, text, result.unwrap())
+            })
+            .collect();
+        done.sort_by_key(|(index, _, _)| *index);
+        for ((_, text, got), want) in done.iter().zip(&solo) {
+            assert_eq!(text, &got.text, "{quant}: the pieces make the text");
+            assert_eq!((&got.text, &got.tokens), (&want.text, &want.tokens), "{quant}");
+        }
+
+        // A reply whose client goes away ends at its next step and frees its slot.
+        batcher
+            .submit(Job {
+                prompt: prompt.clone(),
+                options: options(Some(200), &[], sampling(9)),
+                sink: sink(tx.clone(), 7, Some(2)),
+            })
+            .unwrap();
+        let (_, _, result) = rx.recv().unwrap();
+        assert_eq!(result.unwrap().stop, StopReason::Cancelled);
+        for _ in 0..100 {
+            if batcher.accepted() == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(batcher.accepted(), 0);
+        batcher.shutdown();
+    }
 }

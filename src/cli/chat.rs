@@ -7,9 +7,11 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Args;
 use runner::chat::GenerateError;
+use runner::engine::Reply;
 use runner::template::Message;
 
 use super::Context;
+
 use super::run::{GenerationArgs, ModelArgs, StdoutSink, load_chat, reply_record, summary};
 use super::stamp::{OutputArgs, OutputStamper};
 use ::attest::statement::OutputTask;
@@ -51,7 +53,8 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         },
     )?;
     let entry = stamper.model(&args.model)?;
-    let mut loaded = load_chat(ctx, &args.model, &args.model_args)?;
+    let loaded = load_chat(ctx, &args.model, &args.model_args)?;
+    let mut session = loaded.model.session();
     if !loaded.model.has_template() {
         anyhow::bail!(
             "model {:?} has no chat template, so it cannot hold a conversation: use `sanctum run --raw`",
@@ -88,7 +91,7 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             "/exit" | "/bye" | "/quit" => break,
             "/reset" | "/clear" => {
                 history = start.clone();
-                loaded.model.reset();
+                session.reset();
                 if interactive {
                     eprintln!("(conversation forgotten)");
                 }
@@ -107,7 +110,7 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         let mut sink = StdoutSink::new();
         let generation = match loaded
             .model
-            .generate(&tokens, &options, &mut |t| sink.write(t))
+            .generate(&mut session, &tokens, &options, &mut |t| sink.write(t))
         {
             Ok(g) => g,
             Err(e @ GenerateError::PromptTooLong { .. }) => {
@@ -124,11 +127,15 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             reply_record(
                 &loaded,
                 entry,
-                OutputTask::Chat,
-                &options,
-                (&prompt, &printed),
-                &generation,
-                started,
+                Reply {
+                    task: OutputTask::Chat,
+                    options: &options,
+                    prompt: &prompt,
+                    bytes: &printed,
+                    generation: &generation,
+                    started,
+                    request: None,
+                },
             ),
         )?;
         history.push(Message::new("assistant", generation.text.as_str()));

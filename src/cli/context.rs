@@ -148,6 +148,18 @@ impl Context {
     }
 
     #[cfg(feature = "inference")]
+    /// The engine over the lock (read under the policy) and the store, pulling from the configured
+    /// sources.
+    pub fn engine(&self) -> anyhow::Result<runner::engine::Engine> {
+        let (_, lock) = self.lockfile()?;
+        Ok(runner::engine::Engine::new(
+            self.store()?,
+            lock,
+            self.pull_options(None)?,
+        ))
+    }
+
+    #[cfg(feature = "inference")]
     /// Progress bars on a terminal, nothing otherwise.
     pub fn progress(&self) -> TermProgress {
         TermProgress::new(!self.quiet)

@@ -7,14 +7,14 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use attest::lockfile::Task;
 use clap::{Args, ValueEnum};
-use runner::embed::Embedder;
+use runner::quant::Quant;
 use serde_json::json;
 
 use super::Context;
-use super::run::{RuntimeArgs, open_verified};
+use super::run::{RuntimeArgs, note_pull};
 use super::stamp::{OutputArgs, OutputStamper};
 use ::attest::stamp::OutputRecord;
-use ::attest::statement::{OutputTask, RuntimeRecord, UsageRecord};
+use ::attest::statement::{OutputTask, UsageRecord};
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
@@ -43,24 +43,23 @@ enum Format {
 pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let started_at = std::time::SystemTime::now();
     let stamper = OutputStamper::open(ctx, &args.output)?;
-    let (device, threads, device_name) = args.runtime.start()?;
+    let runtime = args.runtime.start()?;
     let texts = if args.texts.is_empty() {
         read_lines()?
     } else {
         args.texts
     };
-    let (verified, verify_time) = open_verified(ctx, &args.model, Task::Embed)?;
-    let started = Instant::now();
-    let embedder = Embedder::load(&verified, &device)?;
-    drop(verified);
-    let load_time = verify_time + started.elapsed();
+    let engine = ctx.engine()?;
+    note_pull(ctx, &engine, &args.model, Task::Embed)?;
+    let loaded = engine.load_embedder(&args.model, &runtime.device, &ctx.progress())?;
+    let (embedder, load_time) = (loaded.model, loaded.load_time);
 
     let started = Instant::now();
     let (vectors, tokens) = embedder.embed_counted(&texts)?;
     let took = started.elapsed().as_secs_f64();
     if args.verbose {
         eprintln!(
-            "{}: loaded and verified in {:.2} s; {} texts in {took:.2} s ({:.1}/s); {} pooling{}, {} dimensions; {device_name}, {threads} threads",
+            "{}: loaded and verified in {:.2} s; {} texts in {took:.2} s ({:.1}/s); {} pooling{}, {} dimensions; {}, {} threads",
             embedder.name(),
             load_time.as_secs_f64(),
             texts.len(),
@@ -72,6 +71,8 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 ""
             },
             embedder.dimensions(),
+            runtime.device_name,
+            runtime.threads,
         );
     }
 
@@ -90,7 +91,7 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 "dimensions": embedder.dimensions(),
                 "pooling": embedder.pooling().name(),
                 "normalized": embedder.normalize(),
-                "device": device_name,
+                "device": runtime.device_name,
                 "embeddings": items,
             });
             serde_json::to_writer(&mut out, &doc)?;
@@ -120,11 +121,7 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             bytes: &out,
             task: OutputTask::Embed,
             model: stamper.model(&args.model)?,
-            runtime: RuntimeRecord {
-                device: device_name,
-                threads: threads as u32,
-                quantization: Some("f32".into()),
-            },
+            runtime: runtime.record(Some(Quant::F32)),
             sampling: None,
             prompt: &prompt,
             include_prompt_text: false,
@@ -132,6 +129,7 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 prompt_tokens: tokens as u64,
                 completion_tokens: 0,
             },
+            request: None,
             started: started_at,
             finished: std::time::SystemTime::now(),
         },

@@ -23,6 +23,8 @@ mod progress;
 #[cfg(feature = "inference")]
 mod run;
 #[cfg(feature = "inference")]
+mod serve;
+#[cfg(feature = "inference")]
 mod stamp;
 mod trust;
 
@@ -74,6 +76,9 @@ enum Command {
     /// Sentence embeddings from an approved embedding model, as JSON.
     #[cfg(feature = "inference")]
     Embed(embed::EmbedArgs),
+    /// Serve approved models over the OpenAI and Ollama APIs, every response stamped.
+    #[cfg(feature = "inference")]
+    Serve(serve::ServeArgs),
     /// Benchmark a model per weight format (llama-bench's tests and more); compare results.
     #[cfg(feature = "inference")]
     Bench(bench::BenchArgs),
@@ -108,6 +113,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         #[cfg(feature = "inference")]
         Command::Embed(args) => embed::run(args, &ctx),
         #[cfg(feature = "inference")]
+        Command::Serve(args) => serve::run(args, &ctx),
+        #[cfg(feature = "inference")]
         Command::Bench(args) => bench::run(args, &ctx),
         #[cfg(feature = "inference")]
         Command::Hw(cmd) => hw::run(cmd),
@@ -132,10 +139,14 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
 
 #[cfg(feature = "inference")]
 fn inference_refusal(cause: &(dyn std::error::Error + 'static)) -> bool {
+    use runner::engine::EngineError;
     use runner::store::PullError;
     cause
         .downcast_ref::<PullError>()
         .is_some_and(PullError::is_refusal)
+        || cause
+            .downcast_ref::<EngineError>()
+            .is_some_and(EngineError::is_refusal)
 }
 
 #[cfg(not(feature = "inference"))]

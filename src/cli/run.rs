@@ -4,24 +4,24 @@
 use std::io::{IsTerminal, Read, Write};
 use std::ops::ControlFlow;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use attest::lockfile::Task;
 use attest::verify::VerifiedModel;
 use clap::Args;
 use runner::chat::{ChatModel, GenerateOptions, Generation, LoadOptions};
-use runner::device::{self, Device, DeviceChoice};
+use runner::device::{self, DeviceChoice};
+use runner::engine::{Engine, Reply, Runtime};
 use runner::quant::Quant;
 use runner::sampling::SamplingParams;
-use runner::store::ModelState;
 use runner::template::Message;
 use serde_json::json;
 
 use super::Context;
 use super::stamp::{OutputArgs, OutputStamper};
 use ::attest::stamp::OutputRecord;
-use ::attest::statement::{OutputTask, RuntimeRecord, SamplingRecord, UsageRecord, f32_as_decimal};
+use ::attest::statement::OutputTask;
 
 /// `--quant`: a format, or `auto` (by model size, see `runner::quant::auto`).
 #[derive(Debug, Clone, Copy)]
@@ -150,53 +150,14 @@ impl GenerationArgs {
     }
 }
 
-/// The sampling settings as an attestation records them.
-pub fn sampling_record(options: &GenerateOptions) -> SamplingRecord {
-    let s = &options.sampling;
-    SamplingRecord {
-        temperature: f32_as_decimal(s.temperature),
-        top_k: s.top_k as u64,
-        top_p: f32_as_decimal(s.top_p),
-        min_p: f32_as_decimal(s.min_p),
-        repeat_penalty: f32_as_decimal(s.repeat_penalty),
-        repeat_last_n: s.repeat_last_n as u64,
-        seed: s.seed,
-        max_tokens: options.max_tokens.map(|n| n as u64),
-        stop: options.stop.clone(),
-    }
-}
-
 /// What an attestation records of a reply printed as `printed`: the rendered prompt, the settings and
 /// the token counts.
 pub fn reply_record<'a>(
-    loaded: &'a Loaded,
+    loaded: &Loaded,
     entry: &'a ::attest::lockfile::ModelEntry,
-    task: OutputTask,
-    options: &GenerateOptions,
-    (prompt, printed): (&'a str, &'a [u8]),
-    generation: &Generation,
-    started: SystemTime,
+    reply: Reply<'a>,
 ) -> OutputRecord<'a> {
-    OutputRecord {
-        name: "stdout",
-        bytes: printed,
-        task,
-        model: entry,
-        runtime: RuntimeRecord {
-            device: loaded.device.clone(),
-            threads: loaded.threads as u32,
-            quantization: Some(loaded.model.quant().name().to_owned()),
-        },
-        sampling: Some(sampling_record(options)),
-        prompt,
-        include_prompt_text: false,
-        usage: UsageRecord {
-            prompt_tokens: generation.prompt_tokens as u64,
-            completion_tokens: generation.tokens.len() as u64,
-        },
-        started,
-        finished: SystemTime::now(),
-    }
+    reply.record(&loaded.model, entry, &loaded.runtime)
 }
 
 fn random_seed() -> u64 {
@@ -210,17 +171,14 @@ fn random_seed() -> u64 {
 pub struct Loaded {
     pub model: ChatModel,
     pub load_time: Duration,
-    pub threads: usize,
-    pub device: String,
+    pub runtime: Runtime,
 }
 
 impl RuntimeArgs {
     /// Sets the thread count for candle (before it starts any thread) and opens the device.
-    pub fn start(&self) -> anyhow::Result<(Device, usize, String)> {
+    pub fn start(&self) -> anyhow::Result<Runtime> {
         let threads = set_threads(self.threads.map(usize::from));
-        let dev = self.device.open()?;
-        let name = device::describe(&dev);
-        Ok((dev, threads, name))
+        Ok(Runtime::new(self.device.open()?, threads))
     }
 }
 
@@ -241,70 +199,75 @@ fn set_threads(threads: Option<usize>) -> usize {
     n
 }
 
+/// Prints the notice that an approved model is about to be pulled, when it is missing.
+pub fn note_pull(ctx: &Context, engine: &Engine, name: &str, task: Task) -> anyhow::Result<()> {
+    let entry = engine.entry(name, task)?;
+    if engine.is_missing(entry) {
+        ctx.progress().note(&format!(
+            "{name} is approved but not in the store: pulling it ({:.1} MB)",
+            entry.total_size() as f64 / 1e6
+        ));
+    }
+    Ok(())
+}
+
 /// Finds `name` in the lock, pulls it when it is not in the store yet, and reads it verified.
 pub fn open_verified(
     ctx: &Context,
     name: &str,
     task: Task,
 ) -> anyhow::Result<(VerifiedModel, Duration)> {
-    let (_, lock) = ctx.lockfile()?;
-    let entry = lock.model(name)?;
-    if entry.task != task {
-        let advice = match entry.task {
-            Task::Chat => "use `sanctum run` or `sanctum chat`",
-            Task::Embed => "use `sanctum embed`",
-        };
-        bail!(
-            "model {name:?} is approved for the task {:?}: {advice}",
-            entry.task.to_string()
-        );
-    }
-    let store = ctx.store()?;
-    let progress = ctx.progress();
-    if store.state(entry) == ModelState::Missing {
-        progress.note(&format!(
-            "{name} is approved but not in the store: pulling it ({:.1} MB)",
-            entry.total_size() as f64 / 1e6
-        ));
-        store.pull(entry, &ctx.pull_options(None)?, &progress)?;
-    }
-    let started = Instant::now();
-    let verified = store.open_verified(entry, &progress)?;
-    Ok((verified, started.elapsed()))
+    let engine = ctx.engine()?;
+    note_pull(ctx, &engine, name, task)?;
+    let opened = engine.open_verified(name, task, &ctx.progress())?;
+    Ok((opened.model, opened.load_time))
 }
 
 /// Loads a chat model as the flags say; `--verbose` details go to stderr.
 pub fn load_chat(ctx: &Context, name: &str, args: &ModelArgs) -> anyhow::Result<Loaded> {
-    let (dev, threads, device) = args.runtime.start()?;
-    let (verified, verify_time) = open_verified(ctx, name, Task::Chat)?;
-    let started = Instant::now();
-    let options = LoadOptions {
-        quant: args.quant.0,
-        device: dev,
-        context: args.ctx,
-    };
-    let model = ChatModel::load(verified, &options)?;
-    let load_time = verify_time + started.elapsed();
+    let runtime = args.runtime.start()?;
+    let engine = ctx.engine()?;
+    note_pull(ctx, &engine, name, Task::Chat)?;
+    let options = args.load_options(&runtime);
+    let loaded = engine.load_chat(name, &options, &ctx.progress())?;
     if args.verbose {
-        report_load(&model, args.quant.0.is_none(), load_time, threads, &device);
+        report_load(
+            &loaded.model,
+            args.quant.0.is_none(),
+            loaded.load_time,
+            &runtime,
+        );
     }
     Ok(Loaded {
-        model,
-        load_time,
-        threads,
-        device,
+        model: loaded.model,
+        load_time: loaded.load_time,
+        runtime,
     })
 }
 
-fn report_load(model: &ChatModel, auto: bool, load_time: Duration, threads: usize, device: &str) {
+impl ModelArgs {
+    /// How to load the model on `runtime`.
+    pub fn load_options(&self, runtime: &Runtime) -> LoadOptions {
+        LoadOptions {
+            quant: self.quant.0,
+            device: runtime.device.clone(),
+            context: self.ctx,
+        }
+    }
+}
+
+/// The `--verbose` load report on stderr: time, formats and fallbacks.
+pub fn report_load(model: &ChatModel, auto: bool, load_time: Duration, runtime: &Runtime) {
     let mix = runner::bench::mix(model.choices());
     eprintln!(
-        "{}: loaded and verified in {:.2} s; --quant {}{}: {}; {device}, {threads} threads; context {}",
+        "{}: loaded and verified in {:.2} s; --quant {}{}: {}; {}, {} threads; context {}",
         model.name(),
         load_time.as_secs_f64(),
         model.quant(),
         if auto { " (auto)" } else { "" },
         mix,
+        runtime.device_name,
+        runtime.threads,
         model.context()
     );
     for choice in model.choices().iter().filter(|c| c.reason.is_some()) {
@@ -328,8 +291,8 @@ pub fn summary(loaded: &Loaded, generation: &Generation) -> String {
         generation.generation_tokens_per_second(),
         loaded.load_time.as_secs_f64(),
         loaded.model.quant(),
-        loaded.device,
-        loaded.threads,
+        loaded.runtime.device_name,
+        loaded.runtime.threads,
         generation.stop.name()
     )
 }
@@ -384,8 +347,9 @@ pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     options.sampling.validate()?;
     // Before any work: a signer key that cannot be opened stops the command here.
     let stamper = OutputStamper::open(ctx, &args.output)?;
-    let mut loaded = load_chat(ctx, &args.model, &args.model_args)?;
-    let model = &mut loaded.model;
+    let loaded = load_chat(ctx, &args.model, &args.model_args)?;
+    let model = &loaded.model;
+    let mut session = model.session();
     let rendered = if args.raw {
         prompt
     } else {
@@ -404,7 +368,9 @@ pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
 
     let out = args.output.out.as_deref();
     let (printed, generation) = if args.json || out.is_some() {
-        let generation = model.generate(&tokens, &options, &mut |_| ControlFlow::Continue(()))?;
+        let generation = model.generate(&mut session, &tokens, &options, &mut |_| {
+            ControlFlow::Continue(())
+        })?;
         let bytes = if args.json {
             let mut doc = serde_json::to_vec_pretty(&run_json(&loaded, &options, &generation))?;
             doc.push(b'\n');
@@ -420,7 +386,7 @@ pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         (bytes, generation)
     } else {
         let mut sink = StdoutSink::new();
-        let generation = model.generate(&tokens, &options, &mut |text| sink.write(text))?;
+        let generation = model.generate(&mut session, &tokens, &options, &mut |text| sink.write(text))?;
         if !sink.ends_with_newline {
             let _ = sink.write("\n");
         }
@@ -430,11 +396,15 @@ pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let record = reply_record(
         &loaded,
         entry,
-        OutputTask::Run,
-        &options,
-        (&rendered, &printed),
-        &generation,
-        started,
+        Reply {
+            task: OutputTask::Run,
+            options: &options,
+            prompt: &rendered,
+            bytes: &printed,
+            generation: &generation,
+            started,
+            request: None,
+        },
     );
     stamper.emit(out, record)?;
     if !args.json {
@@ -450,8 +420,8 @@ fn run_json(loaded: &Loaded, options: &GenerateOptions, g: &Generation) -> serde
         "model": model.name(),
         "digest": format!("sha256:{}", model.digest()),
         "quant": model.quant().name(),
-        "device": loaded.device,
-        "threads": loaded.threads,
+        "device": loaded.runtime.device_name,
+        "threads": loaded.runtime.threads,
         "context": model.context(),
         "text": g.text,
         "stop_reason": g.stop.name(),

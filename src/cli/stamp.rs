@@ -64,6 +64,11 @@ impl OutputStamper {
         })
     }
 
+    /// The signer, for a front end that places its own bundles (the server).
+    pub fn into_stamper(self) -> Stamper {
+        self.stamper
+    }
+
     /// The lock entry of an approved model, for [`OutputRecord::model`].
     pub fn model(&self, name: &str) -> anyhow::Result<&ModelEntry> {
         Ok(self.lock.lock.model(name)?)
@@ -124,11 +129,12 @@ impl OutputStamper {
             }
             None => {
                 let stamp = stamp("stdout")?;
-                let path =
-                    layout::store_path(&self.home, &stamp.subject.digest.sha256, &stamp.json);
-                layout::write_atomic(&path, &stamp.json)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                path
+                runner::engine::store_stamp(&self.home, &stamp).with_context(|| {
+                    format!(
+                        "cannot write into the attestation store {}",
+                        self.home.join("attestations").display()
+                    )
+                })?
             }
         };
         eprintln!("sanctum: attestation: {}", display_path(&path));
@@ -219,6 +225,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 0,
             },
+            request: None,
             started: now,
             finished: now,
         }

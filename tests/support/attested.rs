@@ -205,6 +205,7 @@ pub fn record<'a>(name: &'a str, model: &'a ModelEntry, bytes: &'a [u8]) -> Outp
             prompt_tokens: 12,
             completion_tokens: 8,
         },
+        request: None,
         started: now,
         finished: now,
     }

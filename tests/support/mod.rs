@@ -6,6 +6,7 @@
 pub mod attested;
 pub mod byte_level;
 pub mod hf_server;
+pub mod server;
 
 use std::fs;
 use std::path::{Path, PathBuf};

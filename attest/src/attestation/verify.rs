@@ -514,6 +514,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 5,
             },
+            request: None,
             started: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             finished: UNIX_EPOCH + Duration::from_secs(1_800_000_001),
         }

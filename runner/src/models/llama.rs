@@ -198,9 +198,9 @@ impl Linear {
     }
 }
 
-/// Growing key/value cache of one layer, `[batch, kv_heads, positions, head_dim]`.
+/// Growing key/value cache of one layer on candle's path, `[batch, kv_heads, positions, head_dim]`.
 #[derive(Debug, Clone, Default)]
-struct KvCache {
+struct CandleKv {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
@@ -209,7 +209,7 @@ struct KvCache {
 /// Positions the cache grows by at least.
 const CACHE_CHUNK: usize = 256;
 
-impl KvCache {
+impl CandleKv {
     fn append(&mut self, k: &Tensor, v: &Tensor, max: usize) -> Result<(Tensor, Tensor)> {
         let add = k.dim(2)?;
         let need = self.len + add;
@@ -258,10 +258,10 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
-    cache: KvCache,
 }
 
-/// A loaded Llama-family model with its key/value cache.
+/// A loaded Llama-family model: weights only, shared by every sequence that runs on it (each has
+/// its own [`Cache`]), so one loaded model serves many requests.
 #[derive(Debug, Clone)]
 pub struct Llama {
     embed: Matrix,
@@ -277,8 +277,6 @@ pub struct Llama {
     context: usize,
     vocab: usize,
     device: Device,
-    /// Tokens whose keys and values are in the cache.
-    cached: usize,
     /// The CPU path, when every matrix is on sanctum's kernels; candle's ops otherwise.
     cpu: Option<CpuModel>,
 }
@@ -414,7 +412,6 @@ impl Llama {
                     inter,
                     config.mlp_bias,
                 )?,
-                cache: KvCache::default(),
             });
         }
         let norm = loader.vector("model.norm.weight", hidden)?;
@@ -446,7 +443,6 @@ impl Llama {
             context,
             vocab: config.vocab_size,
             device: device.clone(),
-            cached: 0,
             cpu,
         };
         Ok((model, loader.choices))
@@ -462,66 +458,90 @@ impl Llama {
         self.vocab
     }
 
-    /// Number of tokens in the key/value cache.
-    pub fn cached(&self) -> usize {
-        self.cached
-    }
-
-    /// Forgets every cached position after the first `len`.
-    pub fn truncate(&mut self, len: usize) {
-        self.cached = self.cached.min(len);
-        for layer in &mut self.layers {
-            layer.cache.len = self.cached;
+    /// An empty key/value cache for one sequence on this model.
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            layers: vec![LayerCache::default(); self.layers.len()],
+            cached: 0,
         }
     }
 
-    /// Empties the key/value cache.
-    pub fn clear_kv_cache(&mut self) {
-        self.cached = 0;
-        for layer in &mut self.layers {
-            layer.cache = KvCache::default();
-        }
-        if let Some(cpu) = &mut self.cpu {
-            cpu.clear();
-        }
-    }
-
-    /// Feeds `tokens` after the cached ones; returns the logits (f32, `[vocab]`) that follow the last.
-    pub fn forward(&mut self, tokens: &[u32]) -> Result<Tensor> {
+    /// Feeds `tokens` after the ones in `cache`; returns the logits (`[vocab]`) that follow the
+    /// last. `work` holds the intermediate buffers and can be shared by any caches of this model.
+    pub fn forward(&self, cache: &mut Cache, work: &mut Workspace, tokens: &[u32]) -> Result<Vec<f32>> {
         // The CPU path runs on a pool worker: from outside the pool every matmul's parallel loop
         // would cost a hand-off and a wake-up, a third of generation's time. candle's ops run
         // slower from inside it (q4k tg128: 101 vs 117 tokens/s), so they stay outside.
-        if self.cpu.is_some() {
-            kernels::on_pool(|| self.forward_tokens(tokens))
+        if let Some(cpu) = &self.cpu {
+            self.check_room(cache, tokens.len())?;
+            let shape = self.cpu_shape();
+            kernels::on_pool(|| {
+                let pos = cache.cached;
+                let logits = cpu.forward(shape, &mut cache.layers, &mut work.bufs, tokens, pos)?;
+                cache.cached = pos + tokens.len();
+                Ok(logits.to_vec())
+            })
         } else {
-            self.forward_tokens(tokens)
+            self.forward_candle(cache, tokens)?.to_vec1()
         }
     }
 
-    fn forward_tokens(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let seq = tokens.len();
+    /// One decode step of several sequences at once: `tokens[i]` follows the tokens in
+    /// `caches[i]`. Returns the logits `[caches.len(), vocab]`. On the CPU path every matrix is
+    /// read once for all of them (a GEMM with one row per sequence); each row's numbers are those
+    /// [`Self::forward`] gives the sequence alone. candle's path runs them one after the other.
+    pub fn forward_batch(
+        &self,
+        caches: &mut [&mut Cache],
+        work: &mut Workspace,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>> {
+        if caches.len() != tokens.len() {
+            candle_core::bail!("{} tokens for {} sequences", tokens.len(), caches.len());
+        }
+        for cache in caches.iter() {
+            self.check_room(cache, 1)?;
+        }
+        let Some(cpu) = &self.cpu else {
+            let mut logits = Vec::with_capacity(tokens.len() * self.vocab);
+            for (cache, &token) in caches.iter_mut().zip(tokens) {
+                logits.extend(self.forward_candle(cache, &[token])?.to_vec1::<f32>()?);
+            }
+            return Ok(logits);
+        };
+        let shape = self.cpu_shape();
+        kernels::on_pool(|| {
+            let logits = cpu.forward_batch(shape, caches, &mut work.bufs, tokens)?;
+            Ok(logits.to_vec())
+        })
+    }
+
+    fn check_room(&self, cache: &Cache, seq: usize) -> Result<()> {
         if seq == 0 {
             candle_core::bail!("forward needs at least one token");
         }
-        let pos = self.cached;
-        if pos + seq > self.context {
+        if cache.cached + seq > self.context {
             candle_core::bail!(
                 "{} positions exceed the context of {}",
-                pos + seq,
+                cache.cached + seq,
                 self.context
             );
         }
-        if let Some(cpu) = &mut self.cpu {
-            let shape = CpuShape {
-                heads: self.heads,
-                kv_heads: self.kv_heads,
-                head_dim: self.head_dim,
-                eps: self.eps,
-            };
-            let logits = cpu.forward(shape, tokens, pos)?;
-            self.cached = pos + seq;
-            return Tensor::from_slice(logits, logits.len(), &Device::Cpu);
+        Ok(())
+    }
+
+    fn cpu_shape(&self) -> HeadShape {
+        HeadShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            eps: self.eps,
         }
+    }
+
+    fn forward_candle(&self, cache: &mut Cache, tokens: &[u32]) -> Result<Tensor> {
+        self.check_room(cache, tokens.len())?;
+        let (seq, pos) = (tokens.len(), cache.cached);
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed.embedding(&ids)?;
         let cos = self.cos.narrow(0, pos, seq)?;
@@ -531,38 +551,81 @@ impl Llama {
         } else {
             None
         };
-        let context = self.context;
-        let (heads, kv_heads, head_dim, eps) = (self.heads, self.kv_heads, self.head_dim, self.eps);
-        for layer in &mut self.layers {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let attn = attention(
-                layer,
-                &h,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                heads,
-                kv_heads,
-                head_dim,
-                context,
-            )?;
+        let shape = self.cpu_shape();
+        for (layer, kv) in self.layers.iter().zip(&mut cache.layers) {
+            let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, shape.eps)?;
+            let attn = attention(layer, &mut kv.candle, &h, (&cos, &sin), mask.as_ref(), shape, self.context)?;
             x = (x + attn)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, eps)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, shape.eps)?;
             let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
             let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
-        self.cached = pos + seq;
+        cache.cached = pos + seq;
         let last = x.i((.., seq - 1, ..))?.contiguous()?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.eps)?;
         let logits = self.lm_head.forward(&last)?;
         logits.squeeze(0)?.to_dtype(DType::F32)
     }
 }
 
-/// Sizes the CPU path needs from the model.
+/// The key/value cache of one sequence: what it has seen, kept between calls so that each new
+/// token costs one position. Made by [`Llama::new_cache`].
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<LayerCache>,
+    cached: usize,
+}
+
+impl Cache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.cached
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.cached == 0
+    }
+
+    /// Forgets every position after the first `len`.
+    pub fn truncate(&mut self, len: usize) {
+        self.cached = self.cached.min(len);
+        for layer in &mut self.layers {
+            layer.candle.len = self.cached;
+        }
+    }
+
+    /// Forgets everything and frees the memory.
+    pub fn clear(&mut self) {
+        self.cached = 0;
+        for layer in &mut self.layers {
+            *layer = LayerCache::default();
+        }
+    }
+}
+
+/// One layer's keys and values: candle tensors on candle's path; on the CPU path
+/// `[kv_heads, capacity, head_dim]` f32 (head-major, so attention streams each head's keys), grown
+/// as positions arrive.
+#[derive(Debug, Clone, Default)]
+struct LayerCache {
+    candle: CandleKv,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    capacity: usize,
+}
+
+/// Buffers a forward pass reuses from call to call, so that a generated token allocates nothing
+/// once they have grown. One is enough for any number of sequences run one call at a time.
+#[derive(Debug, Clone, Default)]
+pub struct Workspace {
+    bufs: Buffers,
+}
+
+/// The attention sizes and norm epsilon every forward pass needs.
 #[derive(Debug, Clone, Copy)]
-struct CpuShape {
+struct HeadShape {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -570,8 +633,7 @@ struct CpuShape {
 }
 
 /// One decoder layer on the CPU path: the packed matrices (shared with the candle path's
-/// [`Layer`]), its norms as plain vectors, and its key/value cache, `[kv_heads, capacity,
-/// head_dim]` f32 (head-major, so attention streams each head's keys), grown as positions arrive.
+/// [`Layer`]) and its norms as plain vectors.
 #[derive(Debug, Clone)]
 struct CpuLayer {
     input_norm: Vec<f32>,
@@ -583,17 +645,14 @@ struct CpuLayer {
     gate: Arc<PackedMatrix>,
     up: Arc<PackedMatrix>,
     down: Arc<PackedMatrix>,
-    keys: Vec<f32>,
-    values: Vec<f32>,
-    capacity: usize,
 }
 
-impl CpuLayer {
+impl LayerCache {
     /// Writes the keys and values of positions `pos..` (`[seq, kv_heads × head_dim]`), growing
     /// the cache by at least [`CACHE_CHUNK`] positions (or doubling) when it is full.
-    fn append(&mut self, k: &[f32], v: &[f32], pos: usize, head_dim: usize) {
-        let width = self.k.rows();
-        let (kv_heads, seq) = (width / head_dim, k.len() / width);
+    fn append(&mut self, k: &[f32], v: &[f32], pos: usize, kv_heads: usize, head_dim: usize) {
+        let width = kv_heads * head_dim;
+        let seq = k.len() / width;
         if pos + seq > self.capacity {
             let capacity = (pos + seq)
                 .next_multiple_of(CACHE_CHUNK)
@@ -640,6 +699,17 @@ struct Buffers {
     scratch: Scratch,
 }
 
+/// Whose positions the rows of one CPU forward pass are.
+enum Rows<'a, 'c> {
+    /// Consecutive positions `pos..` of one sequence (a prompt, or one token).
+    One {
+        cache: &'a mut [LayerCache],
+        pos: usize,
+    },
+    /// Row `i` is the next position of sequence `i` (a batched decode step).
+    Each(&'a mut [&'c mut Cache]),
+}
+
 /// The forward pass on plain f32 buffers and sanctum's kernels, used on the CPU when every matrix
 /// is q8_0 or q4_0 and there are no biases. At one token per call candle's per-op overhead (a
 /// tensor and a dispatch per op, two dozen ops per layer) cost as much as the matmuls.
@@ -652,7 +722,6 @@ struct CpuModel {
     cos: Vec<f32>,
     sin: Vec<f32>,
     layers: Vec<CpuLayer>,
-    bufs: Buffers,
 }
 
 impl CpuModel {
@@ -695,9 +764,6 @@ impl CpuModel {
                 gate,
                 up,
                 down,
-                keys: Vec::new(),
-                values: Vec::new(),
-                capacity: 0,
             });
         }
         Ok(Some(Self {
@@ -707,28 +773,51 @@ impl CpuModel {
             cos: cos.flatten_all()?.to_vec1()?,
             sin: sin.flatten_all()?.to_vec1()?,
             layers: cpu_layers,
-            bufs: Buffers::default(),
         }))
     }
 
-    fn clear(&mut self) {
-        for layer in &mut self.layers {
-            layer.keys = Vec::new();
-            layer.values = Vec::new();
-            layer.capacity = 0;
-        }
+    /// Feeds `tokens` at positions `pos..` of one sequence; returns the logits after the last.
+    fn forward<'b>(
+        &self,
+        shape: HeadShape,
+        cache: &mut [LayerCache],
+        b: &'b mut Buffers,
+        tokens: &[u32],
+        pos: usize,
+    ) -> Result<&'b [f32]> {
+        self.run(shape, Rows::One { cache, pos }, b, tokens)
     }
 
-    /// Feeds `tokens` at positions `pos..`; returns the logits after the last.
-    fn forward(&mut self, shape: CpuShape, tokens: &[u32], pos: usize) -> Result<&[f32]> {
+    /// Feeds `tokens[i]` after the positions of `caches[i]` and advances each; returns the logits
+    /// `[caches.len(), vocab]`.
+    fn forward_batch<'b>(
+        &self,
+        shape: HeadShape,
+        caches: &mut [&mut Cache],
+        b: &'b mut Buffers,
+        tokens: &[u32],
+    ) -> Result<&'b [f32]> {
+        self.run(shape, Rows::Each(caches), b, tokens)?;
+        for cache in caches.iter_mut() {
+            cache.cached += 1;
+        }
+        Ok(&b.logits)
+    }
+
+    /// The layers over every row of `tokens`: the matmuls take all rows at once, rope, the cache
+    /// and attention follow `rows`. Logits are computed for the last row of one sequence, or for
+    /// every row of a batch.
+    fn run<'b>(
+        &self,
+        shape: HeadShape,
+        mut rows: Rows<'_, '_>,
+        b: &'b mut Buffers,
+        tokens: &[u32],
+    ) -> Result<&'b [f32]> {
         let seq = tokens.len();
         let hidden = self.embed.cols();
         let half = shape.head_dim / 2;
-        let (cos, sin) = (
-            &self.cos[pos * half..(pos + seq) * half],
-            &self.sin[pos * half..(pos + seq) * half],
-        );
-        let b = &mut self.bufs;
+        let (width, kv_width) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
         b.x.resize(seq * hidden, 0.0);
         b.h.resize(seq * hidden, 0.0);
         for (&id, row) in tokens.iter().zip(b.x.chunks_exact_mut(hidden)) {
@@ -742,31 +831,57 @@ impl CpuModel {
             self.embed.dequantize_row(id, row);
         }
 
-        for layer in &mut self.layers {
+        for (li, layer) in self.layers.iter().enumerate() {
             ops::rms_norm(&b.x, &layer.input_norm, shape.eps, &mut b.h);
             matmul(&layer.q, &b.h, &mut b.q, &mut b.scratch)?;
             matmul(&layer.k, &b.h, &mut b.k, &mut b.scratch)?;
             matmul(&layer.v, &b.h, &mut b.v, &mut b.scratch)?;
-            ops::rope(&mut b.q, shape.head_dim, cos, sin);
-            ops::rope(&mut b.k, shape.head_dim, cos, sin);
-            layer.append(&b.k, &b.v, pos, shape.head_dim);
             b.att.resize(b.q.len(), 0.0);
-            let attention_shape = AttentionShape {
+            let attention_shape = |pos, capacity, seq| AttentionShape {
                 heads: shape.heads,
                 kv_heads: shape.kv_heads,
                 head_dim: shape.head_dim,
                 pos,
-                capacity: layer.capacity,
+                capacity,
                 seq,
             };
-            ops::attention(
-                attention_shape,
-                &b.q,
-                &layer.keys,
-                &layer.values,
-                &mut b.att,
-                &mut b.attention,
-            );
+            match &mut rows {
+                Rows::One { cache, pos } => {
+                    let angles = *pos * half..(*pos + seq) * half;
+                    ops::rope(&mut b.q, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles.clone()]);
+                    ops::rope(&mut b.k, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles]);
+                    let kv = &mut cache[li];
+                    kv.append(&b.k, &b.v, *pos, shape.kv_heads, shape.head_dim);
+                    ops::attention(
+                        attention_shape(*pos, kv.capacity, seq),
+                        &b.q,
+                        &kv.keys,
+                        &kv.values,
+                        &mut b.att,
+                        &mut b.attention,
+                    );
+                }
+                Rows::Each(caches) => {
+                    for (i, cache) in caches.iter_mut().enumerate() {
+                        let pos = cache.cached;
+                        let angles = pos * half..(pos + 1) * half;
+                        let (q, att) = (&mut b.q[i * width..][..width], &mut b.att[i * width..][..width]);
+                        let k = &mut b.k[i * kv_width..][..kv_width];
+                        ops::rope(q, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles.clone()]);
+                        ops::rope(k, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles]);
+                        let kv = &mut cache.layers[li];
+                        kv.append(k, &b.v[i * kv_width..][..kv_width], pos, shape.kv_heads, shape.head_dim);
+                        ops::attention(
+                            attention_shape(pos, kv.capacity, 1),
+                            q,
+                            &kv.keys,
+                            &kv.values,
+                            att,
+                            &mut b.attention,
+                        );
+                    }
+                }
+            }
             matmul(&layer.o, &b.att, &mut b.proj, &mut b.scratch)?;
             add(&mut b.x, &b.proj);
             ops::rms_norm(&b.x, &layer.post_attention_norm, shape.eps, &mut b.h);
@@ -776,9 +891,13 @@ impl CpuModel {
             matmul(&layer.down, &b.gate, &mut b.proj, &mut b.scratch)?;
             add(&mut b.x, &b.proj);
         }
-        let last = &b.x[(seq - 1) * hidden..];
-        ops::rms_norm(last, &self.norm, shape.eps, &mut b.h[..hidden]);
-        matmul(&self.lm_head, &b.h[..hidden], &mut b.logits, &mut b.scratch)?;
+        let out_rows = match rows {
+            Rows::One { .. } => 1,
+            Rows::Each(_) => seq,
+        };
+        let last = &b.x[(seq - out_rows) * hidden..];
+        ops::rms_norm(last, &self.norm, shape.eps, &mut b.h[..out_rows * hidden]);
+        matmul(&self.lm_head, &b.h[..out_rows * hidden], &mut b.logits, &mut b.scratch)?;
         Ok(&b.logits)
     }
 }
@@ -805,18 +924,22 @@ fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(mask, (seq, kv), device)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Self-attention of one layer on candle's ops, its keys and values appended to `kv`.
 fn attention(
-    layer: &mut Layer,
+    layer: &Layer,
+    kv: &mut CandleKv,
     x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
     mask: Option<&Tensor>,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+    shape: HeadShape,
     context: usize,
 ) -> Result<Tensor> {
+    let HeadShape {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = shape;
     let (b, seq, _) = x.dims3()?;
     let q = layer.q.forward(x)?;
     let k = layer.k.forward(x)?;
@@ -835,7 +958,7 @@ fn attention(
         .contiguous()?;
     let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
     let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-    let (k, v) = layer.cache.append(&k, &v, context)?;
+    let (k, v) = kv.append(&k, &v, context)?;
     let kv_len = k.dim(2)?;
 
     // Grouped-query attention without copying keys: the query heads sharing one key/value head
@@ -873,7 +996,7 @@ mod tests {
 
     #[test]
     fn kv_cache_grows_and_truncates() -> Result<()> {
-        let mut c = KvCache::default();
+        let mut c = CandleKv::default();
         let t = Tensor::ones((1, 2, 3, 4), DType::F32, &Device::Cpu)?;
         let (k, _) = c.append(&t, &t, 10_000)?;
         assert_eq!(k.dims(), [1, 2, 3, 4]);
@@ -957,18 +1080,20 @@ mod tests {
         let st = SliceSafetensors::new(&bytes)?;
         for quant in [Quant::Q8_0, Quant::Q4_0] {
             let load = || Llama::load(&cfg, Variant::Llama, &st, quant, &Device::Cpu, 64);
-            let (mut fast, _) = load()?;
+            let (fast, _) = load()?;
             let (mut reference, _) = load()?;
             assert!(fast.cpu.is_some(), "{quant}: the CPU path is not used");
             reference.cpu = None;
+            let (mut fast_cache, mut reference_cache) = (fast.new_cache(), reference.new_cache());
+            let mut work = Workspace::default();
             let steps: [&[u32]; 5] = [&[1, 5, 9, 3, 77], &[4], &[95], &[0, 2], &[8]];
             for (n, tokens) in steps.iter().enumerate() {
                 if n == 3 {
-                    fast.truncate(4);
-                    reference.truncate(4);
+                    fast_cache.truncate(4);
+                    reference_cache.truncate(4);
                 }
-                let a: Vec<f32> = fast.forward(tokens)?.to_vec1()?;
-                let b: Vec<f32> = reference.forward(tokens)?.to_vec1()?;
+                let a = fast.forward(&mut fast_cache, &mut work, tokens)?;
+                let b = reference.forward(&mut reference_cache, &mut work, tokens)?;
                 let err: f32 = a
                     .iter()
                     .zip(&b)
@@ -981,7 +1106,46 @@ mod tests {
                     "{quant} step {n}: relative error {}",
                     err / norm
                 );
-                assert_eq!(fast.cached(), reference.cached());
+                assert_eq!(fast_cache.len(), reference_cache.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// A batched decode step gives every sequence exactly the logits it gets alone, on both paths,
+    /// whatever the other sequences' lengths.
+    #[test]
+    fn batched_step_equals_solo_steps_bit_for_bit() -> Result<()> {
+        let (cfg, bytes) = tiny_model();
+        let st = SliceSafetensors::new(&bytes)?;
+        for (quant, cpu) in [(Quant::Q8_0, true), (Quant::Q4_0, true), (Quant::Q8_0, false)] {
+            let (mut model, _) = Llama::load(&cfg, Variant::Llama, &st, quant, &Device::Cpu, 64)?;
+            if !cpu {
+                model.cpu = None;
+            }
+            let prompts: [&[u32]; 5] = [&[1, 5, 9], &[7], &[3, 3, 3, 3, 3, 3, 3, 3, 2], &[90, 4], &[11; 20]];
+            let mut work = Workspace::default();
+            let mut solo: Vec<Cache> = Vec::new();
+            let mut batch: Vec<Cache> = Vec::new();
+            for prompt in prompts {
+                for caches in [&mut solo, &mut batch] {
+                    let mut cache = model.new_cache();
+                    model.forward(&mut cache, &mut work, prompt)?;
+                    caches.push(cache);
+                }
+            }
+            for step in 0..3u32 {
+                let tokens: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 17 + step * 5) % 96).collect();
+                let mut alone = Vec::new();
+                for (cache, &t) in solo.iter_mut().zip(&tokens) {
+                    alone.extend(model.forward(cache, &mut work, &[t])?);
+                }
+                let mut refs: Vec<&mut Cache> = batch.iter_mut().collect();
+                let together = model.forward_batch(&mut refs, &mut work, &tokens)?;
+                assert_eq!(alone, together, "{quant} cpu={cpu} step {step}");
+                for (a, b) in solo.iter().zip(&batch) {
+                    assert_eq!(a.len(), b.len());
+                }
             }
         }
         Ok(())

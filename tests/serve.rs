@@ -1,0 +1,1 @@
+//! `sanctum serve` driven over HTTP: concurrency, limits and hostile requests.

@@ -1,0 +1,1 @@
+//! `sanctum serve` driven by the official `openai` and `ollama` Python clients.
