@@ -512,7 +512,10 @@ impl ChatModel {
         }
         let mut logits = None;
         for chunk in tokens.chunks(PROMPT_CHUNK) {
-            logits = Some(self.model.forward(&mut session.cache, &mut session.work, chunk)?);
+            logits = Some(
+                self.model
+                    .forward(&mut session.cache, &mut session.work, chunk)?,
+            );
             session.cached.extend_from_slice(chunk);
         }
         logits.ok_or(GenerateError::EmptyPrompt)

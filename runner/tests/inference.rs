@@ -493,9 +493,12 @@ fn a_sink_can_cancel() {
         .tokenize_rendered(&model.render(&[Message::new("user", "x")], true).unwrap())
         .unwrap();
     let g = model
-        .generate(&mut model.session(), &tokens, &options(None, &[], greedy()), &mut |_| {
-            ControlFlow::Break(())
-        })
+        .generate(
+            &mut model.session(),
+            &tokens,
+            &options(None, &[], greedy()),
+            &mut |_| ControlFlow::Break(()),
+        )
         .unwrap();
     assert_eq!((g.text.as_str(), g.stop), ("H", StopReason::Cancelled));
 }
@@ -577,9 +580,12 @@ fn invalid_sampling_is_refused() {
         top_p: 1.5,
         ..SamplingParams::default()
     };
-    let err = model.generate(&mut model.session(), &[1, 2], &options(None, &[], bad), &mut |_| {
-        ControlFlow::Continue(())
-    });
+    let err = model.generate(
+        &mut model.session(),
+        &[1, 2],
+        &options(None, &[], bad),
+        &mut |_| ControlFlow::Continue(()),
+    );
     assert!(matches!(err, Err(GenerateError::Sampling(_))));
 }
 
@@ -592,9 +598,12 @@ fn a_prompt_longer_than_the_context_is_an_error() {
     assert_eq!(model.context(), 16);
     let long: Vec<u32> = vec![u32::from(b'a'); 16];
     let err = model
-        .generate(&mut model.session(), &long, &options(None, &[], greedy()), &mut |_| {
-            ControlFlow::Continue(())
-        })
+        .generate(
+            &mut model.session(),
+            &long,
+            &options(None, &[], greedy()),
+            &mut |_| ControlFlow::Continue(()),
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -610,7 +619,8 @@ fn a_prompt_longer_than_the_context_is_an_error() {
     // Generation that reaches the end of the context stops there.
     let short: Vec<u32> = vec![u32::from(b'a'); 13];
     let g = model
-        .generate(&mut model.session(), 
+        .generate(
+            &mut model.session(),
             &short,
             &options(
                 None,
@@ -674,7 +684,9 @@ fn the_cache_is_reused_across_turns_and_gives_the_same_tokens() {
 
     let fresh = load(&files, Quant::F32, None).unwrap();
     let g3 = fresh
-        .generate(&mut fresh.session(), &t2, &opts, &mut |_| ControlFlow::Continue(()))
+        .generate(&mut fresh.session(), &t2, &opts, &mut |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap();
     assert_eq!(g3.prompt_evaluated, t2.len());
     assert_eq!(g2.tokens, g3.tokens);
@@ -1013,7 +1025,11 @@ fn batched_replies_equal_solo_replies_and_the_queue_is_bounded() {
         done.sort_by_key(|(index, _, _)| *index);
         for ((_, text, got), want) in done.iter().zip(&solo) {
             assert_eq!(text, &got.text, "{quant}: the pieces make the text");
-            assert_eq!((&got.text, &got.tokens), (&want.text, &want.tokens), "{quant}");
+            assert_eq!(
+                (&got.text, &got.tokens),
+                (&want.text, &want.tokens),
+                "{quant}"
+            );
         }
 
         // A reply whose client goes away ends at its next step and frees its slot.

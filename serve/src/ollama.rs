@@ -269,9 +269,26 @@ struct OllamaMessage {
     images: Option<Vec<Value>>,
 }
 
-/// Fields the official client sends that change nothing here when empty.
-#[derive(Debug, Default, Deserialize)]
-struct Unsupported {
+/// A chat or generate request (one struct for both: `#[serde(flatten)]` would hide the path of a
+/// bad field from the error message). The official client sends `format: ""`, `tools: []` and
+/// `images: []`, which change nothing; anything else in them is refused.
+#[derive(Debug, Deserialize)]
+struct GenerateRequest {
+    model: String,
+    /// `/api/chat`.
+    #[serde(default)]
+    messages: Vec<OllamaMessage>,
+    /// `/api/generate`.
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Option<Options>,
     #[serde(default)]
     format: Option<Value>,
     #[serde(default)]
@@ -280,7 +297,7 @@ struct Unsupported {
     images: Option<Vec<Value>>,
 }
 
-impl Unsupported {
+impl GenerateRequest {
     fn check(&self) -> std::result::Result<(), ApiError> {
         match &self.format {
             None | Some(Value::Null) => {}
@@ -300,36 +317,6 @@ impl Unsupported {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    model: String,
-    #[serde(default)]
-    messages: Vec<OllamaMessage>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    options: Option<Options>,
-    #[serde(flatten)]
-    unsupported: Unsupported,
-}
-
-#[derive(Debug, Deserialize)]
-struct GenerateRequest {
-    model: String,
-    #[serde(default)]
-    prompt: String,
-    #[serde(default)]
-    system: Option<String>,
-    #[serde(default)]
-    raw: bool,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    options: Option<Options>,
-    #[serde(flatten)]
-    unsupported: Unsupported,
 }
 
 /// Chat or generate: where the text goes in each line.
@@ -377,8 +364,8 @@ pub async fn chat(
 ) -> Result<Response> {
     let clock = Instant::now();
     let body = body.map_err(body_error)?;
-    let request: ChatRequest = parse_body(&body)?;
-    request.unsupported.check()?;
+    let request: GenerateRequest = parse_body(&body)?;
+    request.check()?;
     let options = request.options.unwrap_or_default().generate()?;
     let mut messages = Vec::with_capacity(request.messages.len());
     for (i, m) in request.messages.iter().enumerate() {
@@ -419,7 +406,7 @@ pub async fn generate(
     let clock = Instant::now();
     let body = body.map_err(body_error)?;
     let request: GenerateRequest = parse_body(&body)?;
-    request.unsupported.check()?;
+    request.check()?;
     let options = request.options.unwrap_or_default().generate()?;
     let slot = state.chat(&request.model).await?;
     if request.prompt.is_empty() {

@@ -120,9 +120,17 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// Settings shared by chat and text completions.
+/// A chat or text completion request (one struct for both: `#[serde(flatten)]` would hide the
+/// path of a bad field from the error message).
 #[derive(Debug, Deserialize)]
-struct Sampling {
+struct CompletionRequest {
+    model: String,
+    /// Chat completions.
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    /// Text completions.
+    #[serde(default)]
+    prompt: Option<PromptField>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -151,9 +159,9 @@ struct Sampling {
     tools: Option<Vec<Value>>,
 }
 
-impl Sampling {
+impl CompletionRequest {
     /// The generation options; OpenAI's defaults are temperature 1 and top-p 1, no top-k.
-    fn options(self) -> std::result::Result<(GenerateOptions, bool, bool), ApiError> {
+    fn options(&mut self) -> std::result::Result<(GenerateOptions, bool, bool), ApiError> {
         if let Some(n) = self.n
             && n != 1
         {
@@ -176,7 +184,7 @@ impl Sampling {
                 "logprobs are not supported",
             ));
         }
-        if self.tools.is_some_and(|t| !t.is_empty()) {
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::bad_field("tools", "tool calls are not supported"));
         }
         let max = match (self.max_completion_tokens, self.max_tokens) {
@@ -200,7 +208,7 @@ impl Sampling {
         };
         let options = GenerateOptions {
             max_tokens,
-            stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
+            stop: self.stop.take().map(Stop::into_vec).unwrap_or_default(),
             sampling: SamplingParams {
                 temperature: self.temperature.unwrap_or(1.0),
                 top_k: 0,
@@ -211,17 +219,12 @@ impl Sampling {
                 seed,
             },
         };
-        let usage = self.stream_options.is_some_and(|o| o.include_usage);
+        let usage = self
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
         Ok((options, self.stream, usage))
     }
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    model: String,
-    messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    sampling: Sampling,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,14 +232,6 @@ struct ChatRequest {
 enum PromptField {
     One(String),
     Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    model: String,
-    prompt: PromptField,
-    #[serde(flatten)]
-    sampling: Sampling,
 }
 
 fn messages(list: Vec<ChatMessage>) -> std::result::Result<Vec<Message>, ApiError> {
@@ -312,9 +307,13 @@ pub async fn chat_completions(
 ) -> Result<Response> {
     let clock = Instant::now();
     let body = body.map_err(body_error)?;
-    let request: ChatRequest = parse_body(&body)?;
-    let (options, stream, usage) = request.sampling.options()?;
-    let messages = messages(request.messages)?;
+    let mut request: CompletionRequest = parse_body(&body)?;
+    let (options, stream, usage) = request.options()?;
+    let list = request
+        .messages
+        .take()
+        .ok_or_else(|| ApiError::bad_field("messages", "missing field `messages`"))?;
+    let messages = messages(list)?;
     let slot = state.chat(&request.model).await?;
     let prepared = state.prepare(slot, PromptInput::Messages(&messages), options, clock)?;
     respond(state, prepared, Kind::Chat, stream, usage).await
@@ -327,9 +326,13 @@ pub async fn completions(
 ) -> Result<Response> {
     let clock = Instant::now();
     let body = body.map_err(body_error)?;
-    let request: CompletionRequest = parse_body(&body)?;
-    let (options, stream, usage) = request.sampling.options()?;
-    let prompt = match request.prompt {
+    let mut request: CompletionRequest = parse_body(&body)?;
+    let (options, stream, usage) = request.options()?;
+    let prompt = match request.prompt.take() {
+        None => return Err(ApiError::bad_field("prompt", "missing field `prompt`").into()),
+        Some(prompt) => prompt,
+    };
+    let prompt = match prompt {
         PromptField::One(p) => p,
         PromptField::Many(mut list) if list.len() == 1 => list.remove(0),
         PromptField::Many(_) => {

@@ -1190,7 +1190,10 @@ mod tests {
             .iter()
             .filter(|r| r.starts_with("POST /v1/chat/completions "))
             .collect();
-        assert!(chats.iter().all(|r| r.contains("\"stream\":true")), "{chats:?}");
+        assert!(
+            chats.iter().all(|r| r.contains("\"stream\":true")),
+            "{chats:?}"
+        );
         assert!(chats.iter().any(|r| r.contains("\"model\":\"fake-model\"")));
     }
 

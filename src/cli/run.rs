@@ -386,7 +386,9 @@ pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         (bytes, generation)
     } else {
         let mut sink = StdoutSink::new();
-        let generation = model.generate(&mut session, &tokens, &options, &mut |text| sink.write(text))?;
+        let generation = model.generate(&mut session, &tokens, &options, &mut |text| {
+            sink.write(text)
+        })?;
         if !sink.ends_with_newline {
             let _ = sink.write("\n");
         }

@@ -20,7 +20,12 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:11435", value_name = "HOST:PORT")]
     addr: SocketAddr,
     /// Models offered, comma-separated lock names, or `all`.
-    #[arg(long, default_value = "all", value_delimiter = ',', value_name = "NAMES")]
+    #[arg(
+        long,
+        default_value = "all",
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
     models: Vec<String>,
     /// File holding the bearer token every request must send (`Authorization: Bearer …`).
     #[arg(long, value_name = "FILE")]

@@ -50,7 +50,11 @@ impl Server {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if let Some(rest) = line.split("listening on http://").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                        let addr = rest
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
                         let _ = tx.send(addr);
                     }
                     let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
@@ -70,7 +74,10 @@ impl Server {
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
                         std::thread::sleep(Duration::from_millis(200));
-                        panic!("sanctum serve exited with {status}: {}", log.lock().unwrap());
+                        panic!(
+                            "sanctum serve exited with {status}: {}",
+                            log.lock().unwrap()
+                        );
                     }
                 }
             }

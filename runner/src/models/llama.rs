@@ -468,7 +468,12 @@ impl Llama {
 
     /// Feeds `tokens` after the ones in `cache`; returns the logits (`[vocab]`) that follow the
     /// last. `work` holds the intermediate buffers and can be shared by any caches of this model.
-    pub fn forward(&self, cache: &mut Cache, work: &mut Workspace, tokens: &[u32]) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        cache: &mut Cache,
+        work: &mut Workspace,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>> {
         // The CPU path runs on a pool worker: from outside the pool every matmul's parallel loop
         // would cost a hand-off and a wake-up, a third of generation's time. candle's ops run
         // slower from inside it (q4k tg128: 101 vs 117 tokens/s), so they stay outside.
@@ -554,7 +559,15 @@ impl Llama {
         let shape = self.cpu_shape();
         for (layer, kv) in self.layers.iter().zip(&mut cache.layers) {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_norm, shape.eps)?;
-            let attn = attention(layer, &mut kv.candle, &h, (&cos, &sin), mask.as_ref(), shape, self.context)?;
+            let attn = attention(
+                layer,
+                &mut kv.candle,
+                &h,
+                (&cos, &sin),
+                mask.as_ref(),
+                shape,
+                self.context,
+            )?;
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_norm, shape.eps)?;
             let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
@@ -817,7 +830,10 @@ impl CpuModel {
         let seq = tokens.len();
         let hidden = self.embed.cols();
         let half = shape.head_dim / 2;
-        let (width, kv_width) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let (width, kv_width) = (
+            shape.heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
         b.x.resize(seq * hidden, 0.0);
         b.h.resize(seq * hidden, 0.0);
         for (&id, row) in tokens.iter().zip(b.x.chunks_exact_mut(hidden)) {
@@ -848,8 +864,18 @@ impl CpuModel {
             match &mut rows {
                 Rows::One { cache, pos } => {
                     let angles = *pos * half..(*pos + seq) * half;
-                    ops::rope(&mut b.q, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles.clone()]);
-                    ops::rope(&mut b.k, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles]);
+                    ops::rope(
+                        &mut b.q,
+                        shape.head_dim,
+                        &self.cos[angles.clone()],
+                        &self.sin[angles.clone()],
+                    );
+                    ops::rope(
+                        &mut b.k,
+                        shape.head_dim,
+                        &self.cos[angles.clone()],
+                        &self.sin[angles],
+                    );
                     let kv = &mut cache[li];
                     kv.append(&b.k, &b.v, *pos, shape.kv_heads, shape.head_dim);
                     ops::attention(
@@ -865,12 +891,31 @@ impl CpuModel {
                     for (i, cache) in caches.iter_mut().enumerate() {
                         let pos = cache.cached;
                         let angles = pos * half..(pos + 1) * half;
-                        let (q, att) = (&mut b.q[i * width..][..width], &mut b.att[i * width..][..width]);
+                        let (q, att) = (
+                            &mut b.q[i * width..][..width],
+                            &mut b.att[i * width..][..width],
+                        );
                         let k = &mut b.k[i * kv_width..][..kv_width];
-                        ops::rope(q, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles.clone()]);
-                        ops::rope(k, shape.head_dim, &self.cos[angles.clone()], &self.sin[angles]);
+                        ops::rope(
+                            q,
+                            shape.head_dim,
+                            &self.cos[angles.clone()],
+                            &self.sin[angles.clone()],
+                        );
+                        ops::rope(
+                            k,
+                            shape.head_dim,
+                            &self.cos[angles.clone()],
+                            &self.sin[angles],
+                        );
                         let kv = &mut cache.layers[li];
-                        kv.append(k, &b.v[i * kv_width..][..kv_width], pos, shape.kv_heads, shape.head_dim);
+                        kv.append(
+                            k,
+                            &b.v[i * kv_width..][..kv_width],
+                            pos,
+                            shape.kv_heads,
+                            shape.head_dim,
+                        );
                         ops::attention(
                             attention_shape(pos, kv.capacity, 1),
                             q,
@@ -897,7 +942,12 @@ impl CpuModel {
         };
         let last = &b.x[(seq - out_rows) * hidden..];
         ops::rms_norm(last, &self.norm, shape.eps, &mut b.h[..out_rows * hidden]);
-        matmul(&self.lm_head, &b.h[..out_rows * hidden], &mut b.logits, &mut b.scratch)?;
+        matmul(
+            &self.lm_head,
+            &b.h[..out_rows * hidden],
+            &mut b.logits,
+            &mut b.scratch,
+        )?;
         Ok(&b.logits)
     }
 }
@@ -1118,12 +1168,22 @@ mod tests {
     fn batched_step_equals_solo_steps_bit_for_bit() -> Result<()> {
         let (cfg, bytes) = tiny_model();
         let st = SliceSafetensors::new(&bytes)?;
-        for (quant, cpu) in [(Quant::Q8_0, true), (Quant::Q4_0, true), (Quant::Q8_0, false)] {
+        for (quant, cpu) in [
+            (Quant::Q8_0, true),
+            (Quant::Q4_0, true),
+            (Quant::Q8_0, false),
+        ] {
             let (mut model, _) = Llama::load(&cfg, Variant::Llama, &st, quant, &Device::Cpu, 64)?;
             if !cpu {
                 model.cpu = None;
             }
-            let prompts: [&[u32]; 5] = [&[1, 5, 9], &[7], &[3, 3, 3, 3, 3, 3, 3, 3, 2], &[90, 4], &[11; 20]];
+            let prompts: [&[u32]; 5] = [
+                &[1, 5, 9],
+                &[7],
+                &[3, 3, 3, 3, 3, 3, 3, 3, 2],
+                &[90, 4],
+                &[11; 20],
+            ];
             let mut work = Workspace::default();
             let mut solo: Vec<Cache> = Vec::new();
             let mut batch: Vec<Cache> = Vec::new();
@@ -1135,7 +1195,9 @@ mod tests {
                 }
             }
             for step in 0..3u32 {
-                let tokens: Vec<u32> = (0..prompts.len() as u32).map(|i| (i * 17 + step * 5) % 96).collect();
+                let tokens: Vec<u32> = (0..prompts.len() as u32)
+                    .map(|i| (i * 17 + step * 5) % 96)
+                    .collect();
                 let mut alone = Vec::new();
                 for (cache, &t) in solo.iter_mut().zip(&tokens) {
                     alone.extend(model.forward(cache, &mut work, &[t])?);
