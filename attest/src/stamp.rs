@@ -46,9 +46,9 @@ use crate::keys::{KeyError, KeyHint, SigningKey};
 use crate::lockfile::ModelEntry;
 use crate::statement::{
     BENCH_PREDICATE_TYPE, BenchModelRecord, BenchPredicate, FileRecord, LockRecord, ModelRecord,
-    OUTPUT_PREDICATE_TYPE, OutputPredicate, OutputTask, ProfileRecord, PromptRecord, RunnerRecord,
-    RequestRecord, RuntimeRecord, STATEMENT_TYPE, SamplingRecord, SignerRecord, Statement, Subject, UsageRecord,
-    canonical_json, rfc3339,
+    OUTPUT_PREDICATE_TYPE, OutputPredicate, OutputTask, ProfileRecord, PromptRecord, RequestRecord,
+    RunnerRecord, RuntimeRecord, STATEMENT_TYPE, SamplingRecord, SignerRecord, Statement, Subject,
+    UsageRecord, canonical_json, rfc3339,
 };
 
 /// The sanctum build doing the stamping.

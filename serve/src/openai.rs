@@ -157,6 +157,10 @@ struct CompletionRequest {
     logprobs: Option<bool>,
     #[serde(default)]
     tools: Option<Vec<Value>>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 impl CompletionRequest {
@@ -186,6 +190,22 @@ impl CompletionRequest {
         }
         if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
             return Err(ApiError::bad_field("tools", "tool calls are not supported"));
+        }
+        match &self.response_format {
+            None | Some(Value::Null) => {}
+            Some(f) if f["type"] == "text" => {}
+            Some(_) => {
+                return Err(ApiError::bad_field(
+                    "response_format",
+                    "structured output (response_format other than text) is not supported",
+                ));
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(ApiError::bad_field(
+                "logit_bias",
+                "logit_bias is not supported",
+            ));
         }
         let max = match (self.max_completion_tokens, self.max_tokens) {
             (Some(n), _) => Some(("max_completion_tokens", n)),

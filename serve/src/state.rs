@@ -235,17 +235,22 @@ impl AppState {
                 device: self.config.runtime.device.clone(),
                 context: Some(context),
             };
-            engine.load_chat(&entry.name, &options, &NoProgress)
+            engine
+                .load_chat(&entry.name, &options, &NoProgress)
+                .map_err(Box::new)
         };
         // Without --ctx: the model's own context, capped so that `--parallel` caches fit.
         let loaded = match self.config.context {
             Some(context) => load(context),
             None => match load(DEFAULT_CONTEXT) {
-                Err(EngineError::Load(LoadError::Context { max, .. })) => load(max),
-                other => other,
+                Err(e) => match *e {
+                    EngineError::Load(LoadError::Context { max, .. }) => load(max),
+                    other => Err(Box::new(other)),
+                },
+                ok => ok,
             },
         }
-        .map_err(load_error)?;
+        .map_err(|e| load_error(*e))?;
         let model = Arc::new(loaded.model);
         log(&format!(
             "loaded {} ({}, context {}) in {:.2} s",
