@@ -560,13 +560,19 @@ fn tile_rows(
         let nr = if r1 - j >= NR { NR } else { 1 };
         let mut i = 0;
         while i < m {
-            let mr = if m - i >= MR { MR } else { 1 };
+            // The rows left over after whole tiles go in one narrower tile, not one by one: a
+            // batched decode step (m = 2, 3, 5… sequences) then reads each weight row once.
+            let mr = (m - i).min(MR);
             let tile = Tile::new(w, acts, i, j);
             let at = i * ld + (j - r0);
             match (mr, nr) {
                 (MR, NR) => store(out, at, ld, kernel::<MR, NR>(path, &tile)),
+                (3, NR) => store(out, at, ld, kernel::<3, NR>(path, &tile)),
+                (2, NR) => store(out, at, ld, kernel::<2, NR>(path, &tile)),
+                (1, NR) => store(out, at, ld, kernel::<1, NR>(path, &tile)),
                 (MR, _) => store(out, at, ld, kernel::<MR, 1>(path, &tile)),
-                (_, NR) => store(out, at, ld, kernel::<1, NR>(path, &tile)),
+                (3, _) => store(out, at, ld, kernel::<3, 1>(path, &tile)),
+                (2, _) => store(out, at, ld, kernel::<2, 1>(path, &tile)),
                 _ => store(out, at, ld, kernel::<1, 1>(path, &tile)),
             }
             i += mr;

@@ -1177,12 +1177,14 @@ mod tests {
             if !cpu {
                 model.cpu = None;
             }
-            let prompts: [&[u32]; 5] = [
+            let prompts: [&[u32]; 7] = [
                 &[1, 5, 9],
                 &[7],
                 &[3, 3, 3, 3, 3, 3, 3, 3, 2],
                 &[90, 4],
                 &[11; 20],
+                &[2, 4, 6, 8],
+                &[60; 7],
             ];
             let mut work = Workspace::default();
             let mut solo: Vec<Cache> = Vec::new();
@@ -1194,7 +1196,10 @@ mod tests {
                     caches.push(cache);
                 }
             }
-            for step in 0..3u32 {
+            // Each step splits the seven sequences into batches of other sizes (1 to 7), so every
+            // tile shape the kernels have runs.
+            let splits: [&[usize]; 4] = [&[7], &[3, 4], &[2, 5], &[6, 1]];
+            for (step, split) in (0u32..).zip(splits) {
                 let tokens: Vec<u32> = (0..prompts.len() as u32)
                     .map(|i| (i * 17 + step * 5) % 96)
                     .collect();
@@ -1202,8 +1207,15 @@ mod tests {
                 for (cache, &t) in solo.iter_mut().zip(&tokens) {
                     alone.extend(model.forward(cache, &mut work, &[t])?);
                 }
-                let mut refs: Vec<&mut Cache> = batch.iter_mut().collect();
-                let together = model.forward_batch(&mut refs, &mut work, &tokens)?;
+                let mut together = Vec::new();
+                let (mut rest, mut first): (&mut [Cache], usize) = (&mut batch, 0);
+                for &size in split {
+                    let (now, later) = rest.split_at_mut(size);
+                    let mut refs: Vec<&mut Cache> = now.iter_mut().collect();
+                    let step_tokens = &tokens[first..first + size];
+                    together.extend(model.forward_batch(&mut refs, &mut work, step_tokens)?);
+                    (rest, first) = (later, first + size);
+                }
                 assert_eq!(alone, together, "{quant} cpu={cpu} step {step}");
                 for (a, b) in solo.iter().zip(&batch) {
                     assert_eq!(a.len(), b.len());
