@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use runner::chat::{GenerateOptions, Generation, StopReason};
+use runner::chat::{GenerateOptions, Generation};
 use runner::sampling::SamplingParams;
 use runner::template::Message;
 use serde::Deserialize;
@@ -26,7 +26,9 @@ use serde_json::{Value, json};
 use crate::error::{ApiError, parse_body};
 use crate::log::{AccessLog, Deferred};
 use crate::openai::{async_stream, with_attestation};
-use crate::state::{AppState, LoadedModel, Piece, Prepared, PromptInput, blocking, finish_reason};
+use crate::state::{
+    AppState, LoadedModel, Prepared, PromptInput, Stamped, blocking, finish_reason,
+};
 use crate::{body_error, random_seed};
 
 /// Errors of these routes, in Ollama's shape.
@@ -434,14 +436,11 @@ pub async fn generate(
     .await
 }
 
-/// The `done` line's counts and durations (nanoseconds).
-fn final_fields(line: &mut Value, prepared: &Prepared, generation: &Generation) {
+/// The `done` line's counts and durations (nanoseconds); `clock` started when the request came.
+fn final_fields(line: &mut Value, clock: &Instant, generation: &Generation) {
     if let Some(map) = line.as_object_mut() {
         map.insert("done_reason".into(), json!(finish_reason(generation.stop)));
-        map.insert(
-            "total_duration".into(),
-            json!(nanos(prepared.clock.elapsed())),
-        );
+        map.insert("total_duration".into(), json!(nanos(clock.elapsed())));
         map.insert("load_duration".into(), json!(0));
         map.insert("prompt_eval_count".into(), json!(generation.prompt_tokens));
         map.insert(
@@ -470,6 +469,7 @@ async fn respond(
 ) -> Result<Response> {
     let mut rx = prepared.start()?;
     let name = prepared.slot.entry.name.clone();
+    let prepared_clock = prepared.clock;
     if !stream {
         let (text, generation) = crate::state::collect(&mut rx).await?;
         let stamped = prepared.stamp(
@@ -480,7 +480,7 @@ async fn respond(
             &request_record(kind, false),
         )?;
         let mut line = kind.line(&name, &text, true);
-        final_fields(&mut line, &prepared, &generation);
+        final_fields(&mut line, &prepared.clock, &generation);
         if let Some(map) = line.as_object_mut() {
             map.insert("sanctum".into(), json!({"attestation": stamped.bundle}));
         }
@@ -499,59 +499,28 @@ async fn respond(
     }
     let events = async_stream(move |tx| async move {
         let ndjson = |v: &Value| Bytes::from(format!("{v}\n"));
-        let mut text = String::new();
-        let outcome = loop {
-            match rx.recv().await {
-                Some(Piece::Text(t)) => {
-                    text.push_str(&t);
-                    if tx.send(ndjson(&kind.line(&name, &t, false))).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Piece::Done(result)) => break result,
-                None => return,
+        let end = |generation: &Generation, stamped: &Stamped| {
+            let mut attestation = kind.line(&name, "", false);
+            let mut done = kind.line(&name, "", true);
+            if let Some(map) = attestation.as_object_mut() {
+                map.insert("sanctum".into(), json!({"attestation": stamped.bundle}));
             }
+            final_fields(&mut done, &prepared_clock, generation);
+            vec![ndjson(&attestation), ndjson(&done)]
         };
-        let generation = match outcome {
-            Ok(g) if g.stop == StopReason::Cancelled => return,
-            Ok(g) => g,
-            Err(e) => {
-                let e = crate::state::generation_error(&e);
-                crate::log::stream_failed(&prepared, &e);
-                let _ = tx.send(ndjson(&json!({"error": e.message}))).await;
-                return;
-            }
-        };
-        match prepared.stamp(
-            &state,
-            kind.task(),
-            &text,
-            &generation,
-            &request_record(kind, true),
-        ) {
-            Ok(stamped) => {
-                let mut attestation = kind.line(&name, "", false);
-                if let Some(map) = attestation.as_object_mut() {
-                    map.insert("sanctum".into(), json!({"attestation": stamped.bundle}));
-                }
-                let _ = tx.send(ndjson(&attestation)).await;
-                let mut done = kind.line(&name, "", true);
-                final_fields(&mut done, &prepared, &generation);
-                let _ = tx.send(ndjson(&done)).await;
-                AccessLog::reply(
-                    &name,
-                    &generation,
-                    &stamped,
-                    &prepared,
-                    state.config.log_prompts,
-                )
-                .print_streamed(kind.route(), prepared.clock);
-            }
-            Err(e) => {
-                crate::log::stream_failed(&prepared, &e);
-                let _ = tx.send(ndjson(&json!({"error": e.message}))).await;
-            }
-        }
+        crate::state::drive_stream(
+            state,
+            prepared,
+            rx,
+            tx,
+            (kind.task(), request_record(kind, true)),
+            (
+                |t| ndjson(&kind.line(&name, t, false)),
+                end,
+                |message| ndjson(&json!({"error": message})),
+            ),
+        )
+        .await;
     });
     let mut response = Response::new(Body::from_stream(events));
     response.headers_mut().insert(

@@ -17,7 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use runner::chat::{GenerateOptions, StopReason};
+use runner::chat::{GenerateOptions, Generation};
 use runner::sampling::SamplingParams;
 use runner::template::Message;
 use serde::Deserialize;
@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ApiError, parse_body};
 use crate::log::{AccessLog, Deferred};
-use crate::state::{AppState, Piece, Prepared, PromptInput, Stamped, finish_reason};
+use crate::state::{AppState, Prepared, PromptInput, Stamped, finish_reason};
 use crate::{ATTESTATION_HEADER, body_error, random_seed};
 
 /// Errors of these routes, in OpenAI's shape.
@@ -476,8 +476,6 @@ async fn respond(
     };
     let events = async_stream(move |tx| async move {
         let data = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
-        let mut text = String::new();
-        let mut first = true;
         if matches!(kind, Kind::Chat) {
             // The role first, as OpenAI does, so clients see the reply start at once.
             if tx
@@ -487,80 +485,37 @@ async fn respond(
             {
                 return;
             }
-            first = false;
         }
-        let outcome = loop {
-            match rx.recv().await {
-                Some(Piece::Text(t)) => {
-                    text.push_str(&t);
-                    if tx
-                        .send(data(&chunk(delta(&t, first, None), None)))
-                        .await
-                        .is_err()
-                    {
-                        return; // client gone: dropping rx cancels the reply
-                    }
-                    first = false;
-                }
-                Some(Piece::Done(result)) => break result,
-                None => return,
+        let end = |generation: &Generation, stamped: &Stamped| {
+            let reason = finish_reason(generation.stop);
+            let mut frames = vec![data(&chunk(delta("", false, Some(reason)), None))];
+            if usage {
+                let u = usage_json(generation.prompt_tokens, generation.tokens.len());
+                frames.push(data(&chunk(json!([]), Some(("usage", u)))));
             }
+            let event = chunk(
+                json!([]),
+                Some(("sanctum", json!({"attestation": stamped.bundle}))),
+            );
+            frames.push(Bytes::from(format!(
+                "event: sanctum.attestation\ndata: {event}\n\n"
+            )));
+            frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+            frames
         };
-        let generation = match outcome {
-            Ok(g) => g,
-            Err(e) => {
-                let e = crate::state::generation_error(&e);
-                crate::log::stream_failed(&prepared, &e);
-                let _ = tx
-                    .send(data(
-                        &json!({"error": {"message": e.message, "type": "server_error"}}),
-                    ))
-                    .await;
-                return;
-            }
-        };
-        if generation.stop == StopReason::Cancelled {
-            return;
-        }
-        let reason = finish_reason(generation.stop);
-        let _ = tx
-            .send(data(&chunk(delta("", false, Some(reason)), None)))
-            .await;
-        if usage {
-            let u = usage_json(generation.prompt_tokens, generation.tokens.len());
-            let _ = tx.send(data(&chunk(json!([]), Some(("usage", u))))).await;
-        }
-        let request = request_record(kind, true, &stream_id);
-        match prepared.stamp(&state, kind.task(), &text, &generation, &request) {
-            Ok(stamped) => {
-                let event = chunk(
-                    json!([]),
-                    Some(("sanctum", json!({"attestation": stamped.bundle}))),
-                );
-                let _ = tx
-                    .send(Bytes::from(format!(
-                        "event: sanctum.attestation\ndata: {event}\n\n"
-                    )))
-                    .await;
-                let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                AccessLog::reply(
-                    &prepared.slot.entry.name,
-                    &generation,
-                    &stamped,
-                    &prepared,
-                    state.config.log_prompts,
-                )
-                .print_streamed(kind.route(), prepared.clock);
-            }
-            Err(e) => {
-                crate::log::stream_failed(&prepared, &e);
-                let _ = tx
-                    .send(data(
-                        &json!({"error": {"message": e.message, "type": "server_error"}}),
-                    ))
-                    .await;
-            }
-        }
+        crate::state::drive_stream(
+            state,
+            prepared,
+            rx,
+            tx,
+            (kind.task(), request_record(kind, true, &stream_id)),
+            (
+                |t| data(&chunk(delta(t, false, None), None)),
+                end,
+                |message| data(&json!({"error": {"message": message, "type": "server_error"}})),
+            ),
+        )
+        .await;
     });
     let mut response = Response::new(Body::from_stream(events));
     let headers = response.headers_mut();

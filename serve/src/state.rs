@@ -491,6 +491,65 @@ impl Prepared {
     }
 }
 
+/// Streams one reply to `tx`: each text piece as `text_frame(piece)`; once the reply is complete,
+/// its attestation is made and `end_frames` gives the closing frames (finish, usage, attestation,
+/// done). A failure is logged and sent as `error_frame(message)`; a client that went away
+/// (`tx` closed) ends the reply at its next token by dropping `rx`.
+pub async fn drive_stream(
+    state: Arc<AppState>,
+    prepared: Prepared,
+    mut rx: mpsc::UnboundedReceiver<Piece>,
+    tx: mpsc::Sender<axum::body::Bytes>,
+    (task, request): (OutputTask, RequestRecord),
+    (text_frame, end_frames, error_frame): (
+        impl Fn(&str) -> axum::body::Bytes,
+        impl FnOnce(&Generation, &Stamped) -> Vec<axum::body::Bytes>,
+        impl Fn(&str) -> axum::body::Bytes,
+    ),
+) {
+    let mut text = String::new();
+    let outcome = loop {
+        match rx.recv().await {
+            Some(Piece::Text(t)) => {
+                text.push_str(&t);
+                if tx.send(text_frame(&t)).await.is_err() {
+                    return;
+                }
+            }
+            Some(Piece::Done(result)) => break result,
+            None => return,
+        }
+    };
+    let stamped = match outcome {
+        Ok(g) if g.stop == StopReason::Cancelled => return,
+        Ok(g) => prepared
+            .stamp(&state, task, &text, &g, &request)
+            .map(|stamped| (g, stamped)),
+        Err(e) => Err(generation_error(&e)),
+    };
+    match stamped {
+        Ok((generation, stamped)) => {
+            for frame in end_frames(&generation, &stamped) {
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            crate::log::AccessLog::reply(
+                &prepared.slot.entry.name,
+                &generation,
+                &stamped,
+                &prepared,
+                state.config.log_prompts,
+            )
+            .print_streamed(&request.route, prepared.clock);
+        }
+        Err(e) => {
+            crate::log::stream_failed(&prepared, &e);
+            let _ = tx.send(error_frame(&e.message)).await;
+        }
+    }
+}
+
 /// Waits for the whole reply.
 pub async fn collect(
     rx: &mut mpsc::UnboundedReceiver<Piece>,
