@@ -1,9 +1,11 @@
 //! Continuous batching: many replies generated at once on one shared [`ChatModel`].
 //!
-//! A [`Batcher`] owns one thread. Between decode steps it admits waiting requests (up to
-//! `parallel` active sequences), feeds each new prompt alone, then runs one batched forward pass
-//! for the next token of every active sequence (one pass over the weights per step; on the CPU
-//! path a GEMM with one row per sequence). Each sequence samples with its own [`Decoder`], the
+//! A [`Batcher`] owns one thread. Before each step it admits waiting requests (up to `parallel`
+//! active sequences); each step is one forward pass over the next token of every sequence that is
+//! generating plus the next prompt chunk of those still being fed (about [`PROMPT_CHUNK`] prompt
+//! tokens per step at most), so new prompts join without stopping the others, and each weight
+//! matrix is read once per step (on the CPU path a GEMM over every token of the step). Prompt
+//! chunks are cut exactly as [`ChatModel::generate`] cuts them. Each sequence samples with its own [`Decoder`], the
 //! same code [`ChatModel::generate`] runs, and the batched logits equal the solo ones, so a
 //! request gives the same bytes alone or batched. A sequence whose sink says stop (its client went
 //! away) leaves at the next step.
@@ -13,9 +15,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::chat::{ChatModel, Decoder, GenerateError, GenerateOptions, Generation, Session, Step};
+use crate::chat::{
+    ChatModel, Decoder, GenerateError, GenerateOptions, Generation, PROMPT_CHUNK, Session, Step,
+};
 
 /// What a request's sink receives, in order: text pieces, then exactly one end.
 #[derive(Debug)]
@@ -178,15 +182,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Where a sequence stands.
+enum Phase {
+    /// Prompt tokens `fed..` of `prompt` are still to go in.
+    Prompt {
+        prompt: Vec<u32>,
+        fed: usize,
+        started: Instant,
+    },
+    /// Generating: `next` is the token to feed.
+    Decode { next: u32 },
+}
+
 /// A sequence being generated.
 struct Active {
     session: Session,
     decoder: Decoder,
-    next: u32,
+    phase: Phase,
     sink: Sink,
 }
 
-/// The batch thread: admit, prefill, step, until the job channel closes and nothing is active.
+impl Active {
+    /// The tokens this sequence feeds in the next step.
+    fn tokens(&self) -> &[u32] {
+        match &self.phase {
+            Phase::Prompt { prompt, fed, .. } => {
+                &prompt[*fed..(*fed + PROMPT_CHUNK).min(prompt.len())]
+            }
+            Phase::Decode { next } => std::slice::from_ref(next),
+        }
+    }
+}
+
+/// The batch thread: admit, step, until the job channel closes and nothing is active.
 fn run(model: &ChatModel, parallel: usize, jobs: &Receiver<Job>, load: &Load) {
     let mut active: Vec<Active> = Vec::new();
     let mut work = crate::models::llama::Workspace::default();
@@ -224,12 +252,36 @@ fn run(model: &ChatModel, parallel: usize, jobs: &Receiver<Job>, load: &Load) {
             }
             return;
         }
-        let tokens: Vec<u32> = active.iter().map(|a| a.next).collect();
-        let mut caches: Vec<_> = active.iter_mut().map(|a| a.session.cache_mut()).collect();
-        let logits = model
-            .network()
-            .forward_batch(&mut caches, &mut work, &tokens);
-        drop(caches);
+        // Every generating sequence, and prompt chunks up to about one chunk's worth per step
+        // (always at least one), so a long prompt does not hold up the others' next token.
+        let mut prompt_budget = PROMPT_CHUNK;
+        let mut chosen: Vec<usize> = Vec::with_capacity(active.len());
+        for (i, seq) in active.iter().enumerate() {
+            match seq.phase {
+                Phase::Decode { .. } => chosen.push(i),
+                Phase::Prompt { .. } => {
+                    let n = seq.tokens().len();
+                    if n <= prompt_budget || prompt_budget == PROMPT_CHUNK {
+                        prompt_budget = prompt_budget.saturating_sub(n);
+                        chosen.push(i);
+                    }
+                }
+            }
+        }
+        let tokens: Vec<Vec<u32>> = chosen
+            .iter()
+            .map(|&i| active[i].tokens().to_vec())
+            .collect();
+        let logits = {
+            let mut batch: Vec<(&mut crate::models::llama::Cache, &[u32])> = active
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| chosen.contains(i))
+                .map(|(_, a)| a.session.cache_mut())
+                .zip(tokens.iter().map(Vec::as_slice))
+                .collect();
+            model.network().forward_batch(&mut batch, &mut work)
+        };
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
@@ -240,13 +292,37 @@ fn run(model: &ChatModel, parallel: usize, jobs: &Receiver<Job>, load: &Load) {
                 continue;
             }
         };
-        let vocab = logits.len() / tokens.len().max(1);
-        let mut rows = logits.chunks_exact(vocab).map(<[f32]>::to_vec);
+        let vocab = logits.len() / chosen.len().max(1);
+        let mut row_of = vec![None; active.len()];
+        for (r, &i) in chosen.iter().enumerate() {
+            row_of[i] = Some(r);
+        }
         let mut still = Vec::with_capacity(active.len());
-        for mut seq in active.drain(..) {
-            let Some(mut row) = rows.next() else { break };
-            seq.session.push_cached(seq.next);
-            seq.decoder.passes += 1;
+        for (seq, row) in active.drain(..).zip(row_of) {
+            let mut seq = seq;
+            let Some(r) = row else {
+                still.push(seq);
+                continue;
+            };
+            let fed = &tokens[r];
+            seq.session.push_cached(fed);
+            match &mut seq.phase {
+                Phase::Decode { .. } => seq.decoder.passes += 1,
+                Phase::Prompt {
+                    prompt,
+                    fed: done,
+                    started,
+                } => {
+                    *done += fed.len();
+                    if *done < prompt.len() {
+                        still.push(seq);
+                        continue;
+                    }
+                    let time = started.elapsed();
+                    seq.decoder.prompt_done(time);
+                }
+            }
+            let mut row = logits[r * vocab..(r + 1) * vocab].to_vec();
             if let Some(seq) = advance(model, seq, &mut row, load) {
                 still.push(seq);
             }
@@ -255,19 +331,20 @@ fn run(model: &ChatModel, parallel: usize, jobs: &Receiver<Job>, load: &Load) {
     }
 }
 
-/// Feeds a new request's prompt and picks its first token; None when it is already finished.
+/// Starts a new request: checks it and queues its prompt; None when it is refused.
 fn admit(model: &ChatModel, mut job: Job, load: &Load) -> Option<Active> {
     let mut session = model.session();
-    match model.start(&mut session, &job.prompt, &job.options) {
-        Ok((decoder, mut logits)) => {
-            let seq = Active {
-                session,
-                decoder,
-                next: 0,
-                sink: job.sink,
-            };
-            advance(model, seq, &mut logits, load)
-        }
+    match model.begin(&mut session, &job.prompt, &job.options) {
+        Ok((decoder, common)) => Some(Active {
+            session,
+            decoder,
+            phase: Phase::Prompt {
+                fed: common,
+                prompt: job.prompt,
+                started: Instant::now(),
+            },
+            sink: job.sink,
+        }),
         Err(e) => {
             let _ = (job.sink)(Event::Done(Err(e)));
             finished(load);
@@ -283,7 +360,7 @@ fn advance(model: &ChatModel, mut seq: Active, logits: &mut [f32], load: &Load) 
     let cached = seq.session.cached_tokens();
     match seq.decoder.step(model, logits, cached, &mut on_text) {
         Ok(Step::Next(token)) => {
-            seq.next = token;
+            seq.phase = Phase::Decode { next: token };
             Some(seq)
         }
         Ok(Step::Finished(stop)) => {

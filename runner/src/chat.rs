@@ -54,7 +54,7 @@ fn weight_bytes(st: &SliceSafetensors<'_>, choices: &[Choice]) -> u64 {
 }
 
 /// Prompt tokens are fed in chunks of this many, to bound the attention matrix's size.
-const PROMPT_CHUNK: usize = 512;
+pub(crate) const PROMPT_CHUNK: usize = 512;
 
 /// How to load a chat model.
 #[derive(Debug, Clone)]
@@ -231,9 +231,9 @@ impl Session {
         &mut self.cache
     }
 
-    /// Records that a batched step put `token` into the cache.
-    pub(crate) fn push_cached(&mut self, token: u32) {
-        self.cached.push(token);
+    /// Records that a batched step put `tokens` into the cache.
+    pub(crate) fn push_cached(&mut self, tokens: &[u32]) {
+        self.cached.extend_from_slice(tokens);
     }
 }
 
@@ -521,15 +521,15 @@ impl ChatModel {
         logits.ok_or(GenerateError::EmptyPrompt)
     }
 
-    /// Checks `prompt` against the context and `options`, reuses the longest prefix `session`
-    /// already holds, feeds the rest, and returns the decoder for the reply with the logits after
-    /// the prompt.
-    pub(crate) fn start(
+    /// Checks `prompt` against the context and `options`, keeps the longest prefix `session`
+    /// already holds, and returns the decoder for the reply with the number of prompt tokens
+    /// already cached (the rest is still to feed, in chunks of [`PROMPT_CHUNK`]).
+    pub(crate) fn begin(
         &self,
         session: &mut Session,
         prompt: &[u32],
         options: &GenerateOptions,
-    ) -> Result<(Decoder, Vec<f32>), GenerateError> {
+    ) -> Result<(Decoder, usize), GenerateError> {
         options.sampling.validate()?;
         let context = self.model.context();
         if prompt.is_empty() {
@@ -551,8 +551,6 @@ impl ChatModel {
             .min(prompt.len() - 1);
         session.cache.truncate(common);
         session.cached.truncate(common);
-        let started = Instant::now();
-        let logits = self.eval(session, &prompt[common..])?;
         let decoder = Decoder {
             sampler: Sampler::new(options.sampling.clone()),
             history: prompt.to_vec(),
@@ -563,11 +561,11 @@ impl ChatModel {
             max_tokens: options.max_tokens,
             prompt_tokens: prompt.len(),
             prompt_evaluated: prompt.len() - common,
-            prompt_time: started.elapsed(),
+            prompt_time: Duration::ZERO,
             passes: 0,
             decode_started: Instant::now(),
         };
-        Ok((decoder, logits))
+        Ok((decoder, common))
     }
 
     /// Generates a reply to `prompt` (token ids) in `session`, calling `on_text` with each piece of
@@ -579,7 +577,10 @@ impl ChatModel {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
-        let (mut decoder, mut logits) = self.start(session, prompt, options)?;
+        let started = Instant::now();
+        let (mut decoder, common) = self.begin(session, prompt, options)?;
+        let mut logits = self.eval(session, &prompt[common..])?;
+        decoder.prompt_done(started.elapsed());
         loop {
             match decoder.step(self, &mut logits, session.cached.len(), on_text)? {
                 Step::Next(token) => {
@@ -621,6 +622,12 @@ pub(crate) struct Decoder {
 }
 
 impl Decoder {
+    /// Records that the prompt has been fed (in `time`): generation starts now.
+    pub(crate) fn prompt_done(&mut self, time: Duration) {
+        self.prompt_time = time;
+        self.decode_started = Instant::now();
+    }
+
     /// Picks the next token from `logits` (which follow `cached` positions), emits its text, and
     /// says whether to go on.
     pub(crate) fn step(

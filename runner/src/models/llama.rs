@@ -474,51 +474,35 @@ impl Llama {
         work: &mut Workspace,
         tokens: &[u32],
     ) -> Result<Vec<f32>> {
-        // The CPU path runs on a pool worker: from outside the pool every matmul's parallel loop
-        // would cost a hand-off and a wake-up, a third of generation's time. candle's ops run
-        // slower from inside it (q4k tg128: 101 vs 117 tokens/s), so they stay outside.
-        if let Some(cpu) = &self.cpu {
-            self.check_room(cache, tokens.len())?;
-            let shape = self.cpu_shape();
-            kernels::on_pool(|| {
-                let pos = cache.cached;
-                let logits = cpu.forward(shape, &mut cache.layers, &mut work.bufs, tokens, pos)?;
-                cache.cached = pos + tokens.len();
-                Ok(logits.to_vec())
-            })
-        } else {
-            self.forward_candle(cache, tokens)?.to_vec1()
-        }
+        let mut one = [(cache, tokens)];
+        self.forward_batch(&mut one, work)
     }
 
-    /// One decode step of several sequences at once: `tokens[i]` follows the tokens in
-    /// `caches[i]`. Returns the logits `[caches.len(), vocab]`. On the CPU path every matrix is
-    /// read once for all of them (a GEMM with one row per sequence); each row's numbers are those
-    /// [`Self::forward`] gives the sequence alone. candle's path runs them one after the other.
+    /// Several sequences in one pass: each `(cache, tokens)` feeds `tokens` after the positions in
+    /// `cache` (one token for a decode step, or a piece of a prompt), and returns the logits after
+    /// each sequence's last token, `[batch.len(), vocab]`. On the CPU path every matrix is read
+    /// once for all of them (a GEMM over every token of the batch); each sequence's numbers are
+    /// exactly those it gets alone. candle's path runs the sequences one after the other.
     pub fn forward_batch(
         &self,
-        caches: &mut [&mut Cache],
+        batch: &mut [(&mut Cache, &[u32])],
         work: &mut Workspace,
-        tokens: &[u32],
     ) -> Result<Vec<f32>> {
-        if caches.len() != tokens.len() {
-            candle_core::bail!("{} tokens for {} sequences", tokens.len(), caches.len());
-        }
-        for cache in caches.iter() {
-            self.check_room(cache, 1)?;
+        for (cache, tokens) in batch.iter() {
+            self.check_room(cache, tokens.len())?;
         }
         let Some(cpu) = &self.cpu else {
-            let mut logits = Vec::with_capacity(tokens.len() * self.vocab);
-            for (cache, &token) in caches.iter_mut().zip(tokens) {
-                logits.extend(self.forward_candle(cache, &[token])?.to_vec1::<f32>()?);
+            let mut logits = Vec::with_capacity(batch.len() * self.vocab);
+            for (cache, tokens) in batch.iter_mut() {
+                logits.extend(self.forward_candle(cache, tokens)?.to_vec1::<f32>()?);
             }
             return Ok(logits);
         };
+        // The CPU path runs on a pool worker: from outside the pool every matmul's parallel loop
+        // would cost a hand-off and a wake-up, a third of generation's time. candle's ops run
+        // slower from inside it (q4k tg128: 101 vs 117 tokens/s), so they stay outside.
         let shape = self.cpu_shape();
-        kernels::on_pool(|| {
-            let logits = cpu.forward_batch(shape, caches, &mut work.bufs, tokens)?;
-            Ok(logits.to_vec())
-        })
+        kernels::on_pool(|| Ok(cpu.run(shape, batch, &mut work.bufs)?.to_vec()))
     }
 
     fn check_room(&self, cache: &Cache, seq: usize) -> Result<()> {
@@ -709,18 +693,8 @@ struct Buffers {
     up: Vec<f32>,
     logits: Vec<f32>,
     attention: Vec<f32>,
+    tokens: Vec<u32>,
     scratch: Scratch,
-}
-
-/// Whose positions the rows of one CPU forward pass are.
-enum Rows<'a, 'c> {
-    /// Consecutive positions `pos..` of one sequence (a prompt, or one token).
-    One {
-        cache: &'a mut [LayerCache],
-        pos: usize,
-    },
-    /// Row `i` is the next position of sequence `i` (a batched decode step).
-    Each(&'a mut [&'c mut Cache]),
 }
 
 /// The forward pass on plain f32 buffers and sanctum's kernels, used on the CPU when every matrix
@@ -789,44 +763,36 @@ impl CpuModel {
         }))
     }
 
-    /// Feeds `tokens` at positions `pos..` of one sequence; returns the logits after the last.
-    fn forward<'b>(
+    /// The layers over every token of `batch` (see [`Llama::forward_batch`]): the matmuls take all
+    /// rows at once; rope, the cache and attention go sequence by sequence. Logits are computed for
+    /// each sequence's last row, and each cache advances by its tokens.
+    fn run<'b>(
         &self,
         shape: HeadShape,
-        cache: &mut [LayerCache],
+        batch: &mut [(&mut Cache, &[u32])],
         b: &'b mut Buffers,
-        tokens: &[u32],
-        pos: usize,
     ) -> Result<&'b [f32]> {
-        self.run(shape, Rows::One { cache, pos }, b, tokens)
-    }
-
-    /// Feeds `tokens[i]` after the positions of `caches[i]` and advances each; returns the logits
-    /// `[caches.len(), vocab]`.
-    fn forward_batch<'b>(
-        &self,
-        shape: HeadShape,
-        caches: &mut [&mut Cache],
-        b: &'b mut Buffers,
-        tokens: &[u32],
-    ) -> Result<&'b [f32]> {
-        self.run(shape, Rows::Each(caches), b, tokens)?;
-        for cache in caches.iter_mut() {
-            cache.cached += 1;
+        b.tokens.clear();
+        for (_, tokens) in batch.iter() {
+            b.tokens.extend_from_slice(tokens);
+        }
+        let tokens = std::mem::take(&mut b.tokens);
+        let result = self.layers_and_head(shape, batch, b, &tokens);
+        b.tokens = tokens;
+        result?;
+        for (cache, tokens) in batch.iter_mut() {
+            cache.cached += tokens.len();
         }
         Ok(&b.logits)
     }
 
-    /// The layers over every row of `tokens`: the matmuls take all rows at once, rope, the cache
-    /// and attention follow `rows`. Logits are computed for the last row of one sequence, or for
-    /// every row of a batch.
-    fn run<'b>(
+    fn layers_and_head(
         &self,
         shape: HeadShape,
-        mut rows: Rows<'_, '_>,
-        b: &'b mut Buffers,
+        batch: &mut [(&mut Cache, &[u32])],
+        b: &mut Buffers,
         tokens: &[u32],
-    ) -> Result<&'b [f32]> {
+    ) -> Result<()> {
         let seq = tokens.len();
         let hidden = self.embed.cols();
         let half = shape.head_dim / 2;
@@ -861,71 +827,37 @@ impl CpuModel {
                 capacity,
                 seq,
             };
-            match &mut rows {
-                Rows::One { cache, pos } => {
-                    let angles = *pos * half..(*pos + seq) * half;
-                    ops::rope(
-                        &mut b.q,
-                        shape.head_dim,
-                        &self.cos[angles.clone()],
-                        &self.sin[angles.clone()],
-                    );
-                    ops::rope(
-                        &mut b.k,
-                        shape.head_dim,
-                        &self.cos[angles.clone()],
-                        &self.sin[angles],
-                    );
-                    let kv = &mut cache[li];
-                    kv.append(&b.k, &b.v, *pos, shape.kv_heads, shape.head_dim);
-                    ops::attention(
-                        attention_shape(*pos, kv.capacity, seq),
-                        &b.q,
-                        &kv.keys,
-                        &kv.values,
-                        &mut b.att,
-                        &mut b.attention,
-                    );
-                }
-                Rows::Each(caches) => {
-                    for (i, cache) in caches.iter_mut().enumerate() {
-                        let pos = cache.cached;
-                        let angles = pos * half..(pos + 1) * half;
-                        let (q, att) = (
-                            &mut b.q[i * width..][..width],
-                            &mut b.att[i * width..][..width],
-                        );
-                        let k = &mut b.k[i * kv_width..][..kv_width];
-                        ops::rope(
-                            q,
-                            shape.head_dim,
-                            &self.cos[angles.clone()],
-                            &self.sin[angles.clone()],
-                        );
-                        ops::rope(
-                            k,
-                            shape.head_dim,
-                            &self.cos[angles.clone()],
-                            &self.sin[angles],
-                        );
-                        let kv = &mut cache.layers[li];
-                        kv.append(
-                            k,
-                            &b.v[i * kv_width..][..kv_width],
-                            pos,
-                            shape.kv_heads,
-                            shape.head_dim,
-                        );
-                        ops::attention(
-                            attention_shape(pos, kv.capacity, 1),
-                            q,
-                            &kv.keys,
-                            &kv.values,
-                            att,
-                            &mut b.attention,
-                        );
-                    }
-                }
+            let mut row = 0;
+            for (cache, tokens) in batch.iter_mut() {
+                let (pos, n) = (cache.cached, tokens.len());
+                let angles = pos * half..(pos + n) * half;
+                let q = &mut b.q[row * width..][..n * width];
+                let att = &mut b.att[row * width..][..n * width];
+                let k = &mut b.k[row * kv_width..][..n * kv_width];
+                let v = &b.v[row * kv_width..][..n * kv_width];
+                ops::rope(
+                    q,
+                    shape.head_dim,
+                    &self.cos[angles.clone()],
+                    &self.sin[angles.clone()],
+                );
+                ops::rope(
+                    k,
+                    shape.head_dim,
+                    &self.cos[angles.clone()],
+                    &self.sin[angles],
+                );
+                let kv = &mut cache.layers[li];
+                kv.append(k, v, pos, shape.kv_heads, shape.head_dim);
+                ops::attention(
+                    attention_shape(pos, kv.capacity, n),
+                    q,
+                    &kv.keys,
+                    &kv.values,
+                    att,
+                    &mut b.attention,
+                );
+                row += n;
             }
             matmul(&layer.o, &b.att, &mut b.proj, &mut b.scratch)?;
             add(&mut b.x, &b.proj);
@@ -936,19 +868,26 @@ impl CpuModel {
             matmul(&layer.down, &b.gate, &mut b.proj, &mut b.scratch)?;
             add(&mut b.x, &b.proj);
         }
-        let out_rows = match rows {
-            Rows::One { .. } => 1,
-            Rows::Each(_) => seq,
-        };
-        let last = &b.x[(seq - out_rows) * hidden..];
-        ops::rms_norm(last, &self.norm, shape.eps, &mut b.h[..out_rows * hidden]);
+        // The last row of each sequence, normalized, through the output head.
+        let mut end = 0;
+        for (i, (_, tokens)) in batch.iter().enumerate() {
+            end += tokens.len();
+            let last = &b.x[(end - 1) * hidden..end * hidden];
+            ops::rms_norm(
+                last,
+                &self.norm,
+                shape.eps,
+                &mut b.h[i * hidden..(i + 1) * hidden],
+            );
+        }
+        let rows = batch.len();
         matmul(
             &self.lm_head,
-            &b.h[..out_rows * hidden],
+            &b.h[..rows * hidden],
             &mut b.logits,
             &mut b.scratch,
         )?;
-        Ok(&b.logits)
+        Ok(())
     }
 }
 
@@ -1162,8 +1101,9 @@ mod tests {
         Ok(())
     }
 
-    /// A batched decode step gives every sequence exactly the logits it gets alone, on both paths,
-    /// whatever the other sequences' lengths.
+    /// A batched pass gives every sequence exactly the logits it gets alone, on both paths,
+    /// whatever the other sequences' lengths: prompts of several lengths together, and decode
+    /// steps of 1 to 7 sequences.
     #[test]
     fn batched_step_equals_solo_steps_bit_for_bit() -> Result<()> {
         let (cfg, bytes) = tiny_model();
@@ -1187,15 +1127,18 @@ mod tests {
                 &[60; 7],
             ];
             let mut work = Workspace::default();
+            // The prompts: one by one, and all seven in one pass.
             let mut solo: Vec<Cache> = Vec::new();
-            let mut batch: Vec<Cache> = Vec::new();
+            let mut alone = Vec::new();
             for prompt in prompts {
-                for caches in [&mut solo, &mut batch] {
-                    let mut cache = model.new_cache();
-                    model.forward(&mut cache, &mut work, prompt)?;
-                    caches.push(cache);
-                }
+                let mut cache = model.new_cache();
+                alone.extend(model.forward(&mut cache, &mut work, prompt)?);
+                solo.push(cache);
             }
+            let mut batch: Vec<Cache> = prompts.iter().map(|_| model.new_cache()).collect();
+            let mut refs: Vec<(&mut Cache, &[u32])> = batch.iter_mut().zip(prompts).collect();
+            let together = model.forward_batch(&mut refs, &mut work)?;
+            assert_eq!(alone, together, "{quant} cpu={cpu}: prompts");
             // Each step splits the seven sequences into batches of other sizes (1 to 7), so every
             // tile shape the kernels have runs.
             let splits: [&[usize]; 4] = [&[7], &[3, 4], &[2, 5], &[6, 1]];
@@ -1211,9 +1154,10 @@ mod tests {
                 let (mut rest, mut first): (&mut [Cache], usize) = (&mut batch, 0);
                 for &size in split {
                     let (now, later) = rest.split_at_mut(size);
-                    let mut refs: Vec<&mut Cache> = now.iter_mut().collect();
                     let step_tokens = &tokens[first..first + size];
-                    together.extend(model.forward_batch(&mut refs, &mut work, step_tokens)?);
+                    let mut refs: Vec<(&mut Cache, &[u32])> =
+                        now.iter_mut().zip(step_tokens.chunks(1)).collect();
+                    together.extend(model.forward_batch(&mut refs, &mut work)?);
                     (rest, first) = (later, first + size);
                 }
                 assert_eq!(alone, together, "{quant} cpu={cpu} step {step}");
