@@ -63,8 +63,12 @@ pub struct LoadOptions {
     pub quant: Option<Quant>,
     /// Where to run.
     pub device: Device,
-    /// Most tokens (prompt and reply) held at once; None: the model's own maximum.
+    /// Most tokens (prompt and reply) held at once; None: the model's own maximum, capped by
+    /// `context_cap`. More than the model's maximum is refused.
     pub context: Option<usize>,
+    /// Without `context`: at most this many (a server sizing `--parallel` caches); never more
+    /// than the model's maximum.
+    pub context_cap: Option<usize>,
 }
 
 /// How to generate.
@@ -296,7 +300,7 @@ impl ChatModel {
                 });
             }
             Some(c) => c.max(1),
-            None => max,
+            None => options.context_cap.map_or(max, |cap| cap.min(max)).max(1),
         };
 
         let tokenizer = Tokenizer::from_bytes(models::file_bytes(&model, "tokenizer.json")?)

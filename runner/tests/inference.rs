@@ -328,6 +328,7 @@ fn load(
             quant: Some(quant),
             device: Device::Cpu,
             context,
+            context_cap: None,
         },
     )
 }
@@ -510,6 +511,7 @@ fn small_models_default_to_f16() {
         quant: None,
         device: Device::Cpu,
         context: None,
+        context_cap: None,
     };
     assert_eq!(
         ChatModel::load(model, &options).unwrap().quant(),
@@ -651,6 +653,27 @@ fn a_context_above_the_models_is_refused() {
         ),
         "{err}"
     );
+}
+
+/// A cap (the server's default context) shortens a long context and never lengthens a short one;
+/// an explicit context is not capped.
+#[test]
+fn a_context_cap_applies_only_without_a_context() {
+    let files = chain_files(1.0, 64);
+    let with = |context, cap| {
+        let (_dir, model) = verified("tiny-llama", Task::Chat, "llama", &files);
+        let options = LoadOptions {
+            quant: Some(Quant::F32),
+            device: Device::Cpu,
+            context,
+            context_cap: cap,
+        };
+        ChatModel::load(model, &options).unwrap().context()
+    };
+    assert_eq!(with(None, Some(16)), 16);
+    assert_eq!(with(None, Some(1000)), 64);
+    assert_eq!(with(Some(40), Some(16)), 40);
+    assert_eq!(with(None, None), 64);
 }
 
 #[test]
@@ -900,6 +923,7 @@ fn the_wrong_kind_of_model_is_refused() {
             quant: Some(Quant::F32),
             device: Device::Cpu,
             context: None,
+            context_cap: None,
         },
     )
     .unwrap_err();

@@ -15,7 +15,6 @@ use runner::batch::{Batcher, Event, Job, Limits};
 use runner::chat::{GenerateError, GenerateOptions, Generation, LoadOptions, StopReason};
 use runner::embed::Embedder;
 use runner::engine::{Engine, EngineError, Reply, Runtime};
-use runner::models::LoadError;
 use runner::quant::Quant;
 use runner::template::Message;
 use tokio::sync::{OnceCell, mpsc};
@@ -228,29 +227,18 @@ impl AppState {
     }
 
     fn load_chat(&self, entry: ModelEntry) -> Result<Arc<ChatSlot>, ApiError> {
-        let engine = &self.config.engine;
-        let load = |context| {
-            let options = LoadOptions {
-                quant: self.config.quant,
-                device: self.config.runtime.device.clone(),
-                context: Some(context),
-            };
-            engine
-                .load_chat(&entry.name, &options, &NoProgress)
-                .map_err(Box::new)
-        };
         // Without --ctx: the model's own context, capped so that `--parallel` caches fit.
-        let loaded = match self.config.context {
-            Some(context) => load(context),
-            None => match load(DEFAULT_CONTEXT) {
-                Err(e) => match *e {
-                    EngineError::Load(LoadError::Context { max, .. }) => load(max),
-                    other => Err(Box::new(other)),
-                },
-                ok => ok,
-            },
-        }
-        .map_err(|e| load_error(*e))?;
+        let options = LoadOptions {
+            quant: self.config.quant,
+            device: self.config.runtime.device.clone(),
+            context: self.config.context,
+            context_cap: Some(DEFAULT_CONTEXT),
+        };
+        let loaded = self
+            .config
+            .engine
+            .load_chat(&entry.name, &options, &NoProgress)
+            .map_err(load_error)?;
         let model = Arc::new(loaded.model);
         log(&format!(
             "loaded {} ({}, context {}) in {:.2} s",

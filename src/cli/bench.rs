@@ -276,6 +276,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             quant: quant.format(),
             device: runtime.device.clone(),
             context: None,
+            context_cap: None,
         };
         let model = ChatModel::load(verified, &options)?;
         let load_verify = load_started.elapsed();

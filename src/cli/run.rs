@@ -252,6 +252,7 @@ impl ModelArgs {
             quant: self.quant.0,
             device: runtime.device.clone(),
             context: self.ctx,
+            context_cap: None,
         }
     }
 }
