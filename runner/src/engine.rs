@@ -273,6 +273,44 @@ impl<'a> Reply<'a> {
     }
 }
 
+/// Embeddings as their attestation describes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Embeddings<'a> {
+    /// Exactly the bytes returned (the CLI's JSON, or the server's vectors).
+    pub bytes: &'a [u8],
+    /// The texts embedded, one per line.
+    pub texts: &'a str,
+    /// Tokens over all texts.
+    pub tokens: usize,
+    /// When the work started.
+    pub started: SystemTime,
+    /// The HTTP request answered, for the server.
+    pub request: Option<&'a RequestRecord>,
+}
+
+impl<'a> Embeddings<'a> {
+    /// The record to stamp for the embedding model `entry` run on `runtime` (weights in f32).
+    pub fn record(&self, entry: &'a ModelEntry, runtime: &Runtime) -> OutputRecord<'a> {
+        OutputRecord {
+            name: "stdout",
+            bytes: self.bytes,
+            task: OutputTask::Embed,
+            model: entry,
+            runtime: runtime.record(Some(Quant::F32)),
+            sampling: None,
+            prompt: self.texts,
+            include_prompt_text: false,
+            usage: UsageRecord {
+                prompt_tokens: self.tokens as u64,
+                completion_tokens: 0,
+            },
+            request: self.request.cloned(),
+            started: self.started,
+            finished: SystemTime::now(),
+        }
+    }
+}
+
 /// Writes a stamp into the local attestation store (`<home>/attestations/sha256/<output>/…`),
 /// atomically; returns its path.
 pub fn store_stamp(home: &Path, stamp: &Stamp) -> std::io::Result<PathBuf> {

@@ -30,14 +30,13 @@ pub struct Deferred;
 impl AccessLog {
     /// A generated reply.
     pub fn reply(
-        model: &str,
         generation: &Generation,
         stamped: &Stamped,
         prepared: &Prepared,
         log_prompt: bool,
     ) -> Self {
         Self {
-            model: Some(model.to_owned()),
+            model: Some(prepared.slot.entry.name.clone()),
             prompt_tokens: Some(generation.prompt_tokens),
             completion_tokens: Some(generation.tokens.len()),
             attestation: Some(format!("sha256:{}", stamped.bundle_sha256)),

@@ -484,13 +484,7 @@ async fn respond(
         if let Some(map) = line.as_object_mut() {
             map.insert("sanctum".into(), json!({"attestation": stamped.bundle}));
         }
-        let log = AccessLog::reply(
-            &name,
-            &generation,
-            &stamped,
-            &prepared,
-            state.config.log_prompts,
-        );
+        let log = AccessLog::reply(&generation, &stamped, &prepared, state.config.log_prompts);
         return Ok(with_attestation(
             axum::Json(line).into_response(),
             &stamped,

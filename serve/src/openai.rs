@@ -425,13 +425,7 @@ async fn respond(
             "usage": usage_json(generation.prompt_tokens, generation.tokens.len()),
             "sanctum": {"attestation": stamped.bundle},
         });
-        let log = AccessLog::reply(
-            &model_name,
-            &generation,
-            &stamped,
-            &prepared,
-            state.config.log_prompts,
-        );
+        let log = AccessLog::reply(&generation, &stamped, &prepared, state.config.log_prompts);
         return Ok(with_attestation(
             axum::Json(body).into_response(),
             &stamped,

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use attest::lockfile::{ModelEntry, Task};
 use attest::stamp::{OutputRecord, Stamper};
-use attest::statement::{OutputTask, RequestRecord, UsageRecord};
+use attest::statement::{OutputTask, RequestRecord};
 use attest::{Sha256Digest, progress::NoProgress};
 use runner::batch::{Batcher, Event, Job, Limits};
 use runner::chat::{GenerateError, GenerateOptions, Generation, LoadOptions, StopReason};
 use runner::embed::Embedder;
-use runner::engine::{Engine, EngineError, Reply, Runtime};
+use runner::engine::{Embeddings, Engine, EngineError, Reply, Runtime};
 use runner::quant::Quant;
 use runner::template::Message;
 use tokio::sync::{OnceCell, mpsc};
@@ -523,7 +523,6 @@ pub async fn drive_stream(
                 }
             }
             crate::log::AccessLog::reply(
-                &prepared.slot.entry.name,
                 &generation,
                 &stamped,
                 &prepared,
@@ -606,23 +605,17 @@ impl AppState {
         })
         .await?;
         let bytes = embedding_bytes(&vectors);
-        let prompt = texts.join("\n");
+        let texts = texts.join("\n");
+        let embeddings = Embeddings {
+            bytes: &bytes,
+            texts: &texts,
+            tokens,
+            started,
+            request: Some(&request),
+        };
         let stamped = self.stamp(&OutputRecord {
             name: "response",
-            bytes: &bytes,
-            task: OutputTask::Embed,
-            model: &slot.entry,
-            runtime: self.config.runtime.record(Some(Quant::F32)),
-            sampling: None,
-            prompt: &prompt,
-            include_prompt_text: false,
-            usage: UsageRecord {
-                prompt_tokens: tokens as u64,
-                completion_tokens: 0,
-            },
-            request: Some(request),
-            started,
-            finished: SystemTime::now(),
+            ..embeddings.record(&slot.entry, &self.config.runtime)
         })?;
         Ok((vectors, tokens, stamped))
     }

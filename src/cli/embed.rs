@@ -7,14 +7,12 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use attest::lockfile::Task;
 use clap::{Args, ValueEnum};
-use runner::quant::Quant;
+use runner::engine::Embeddings;
 use serde_json::json;
 
 use super::Context;
 use super::run::{RuntimeArgs, note_pull};
 use super::stamp::{OutputArgs, OutputStamper};
-use ::attest::stamp::OutputRecord;
-use ::attest::statement::{OutputTask, UsageRecord};
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
@@ -114,25 +112,16 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         stdout.flush()?;
     }
     let prompt = texts.join("\n");
+    let embeddings = Embeddings {
+        bytes: &out,
+        texts: &prompt,
+        tokens,
+        started: started_at,
+        request: None,
+    };
     stamper.emit(
         path,
-        OutputRecord {
-            name: "stdout",
-            bytes: &out,
-            task: OutputTask::Embed,
-            model: stamper.model(&args.model)?,
-            runtime: runtime.record(Some(Quant::F32)),
-            sampling: None,
-            prompt: &prompt,
-            include_prompt_text: false,
-            usage: UsageRecord {
-                prompt_tokens: tokens as u64,
-                completion_tokens: 0,
-            },
-            request: None,
-            started: started_at,
-            finished: std::time::SystemTime::now(),
-        },
+        embeddings.record(stamper.model(&args.model)?, &runtime),
     )?;
     Ok(ExitCode::SUCCESS)
 }
