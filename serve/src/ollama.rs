@@ -471,25 +471,15 @@ async fn respond(
     let name = prepared.slot.entry.name.clone();
     let prepared_clock = prepared.clock;
     if !stream {
-        let (text, generation) = crate::state::collect(&mut rx).await?;
-        let stamped = prepared.stamp(
-            &state,
-            kind.task(),
-            &text,
-            &generation,
-            &request_record(kind, false),
-        )?;
+        let (text, generation, stamped) = prepared
+            .complete(&state, &mut rx, (kind.task(), request_record(kind, false)))
+            .await?;
         let mut line = kind.line(&name, &text, true);
         final_fields(&mut line, &prepared.clock, &generation);
         if let Some(map) = line.as_object_mut() {
             map.insert("sanctum".into(), json!({"attestation": stamped.bundle}));
         }
-        let log = AccessLog::reply(&generation, &stamped, &prepared, state.config.log_prompts);
-        return Ok(with_attestation(
-            axum::Json(line).into_response(),
-            &stamped,
-            log,
-        ));
+        return Ok(prepared.json_response(&state, line, &generation, &stamped));
     }
     let events = async_stream(move |tx| async move {
         let ndjson = |v: &Value| Bytes::from(format!("{v}\n"));

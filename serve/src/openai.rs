@@ -391,14 +391,13 @@ async fn respond(
     let mut rx = prepared.start()?;
     let model_name = prepared.slot.entry.name.clone();
     if !stream {
-        let (text, generation) = crate::state::collect(&mut rx).await?;
-        let stamped = prepared.stamp(
-            &state,
-            kind.task(),
-            &text,
-            &generation,
-            &request_record(kind, false, &id),
-        )?;
+        let (text, generation, stamped) = prepared
+            .complete(
+                &state,
+                &mut rx,
+                (kind.task(), request_record(kind, false, &id)),
+            )
+            .await?;
         let reason = finish_reason(generation.stop);
         let choice = match kind {
             Kind::Chat => json!({
@@ -425,12 +424,7 @@ async fn respond(
             "usage": usage_json(generation.prompt_tokens, generation.tokens.len()),
             "sanctum": {"attestation": stamped.bundle},
         });
-        let log = AccessLog::reply(&generation, &stamped, &prepared, state.config.log_prompts);
-        return Ok(with_attestation(
-            axum::Json(body).into_response(),
-            &stamped,
-            log,
-        ));
+        return Ok(prepared.json_response(&state, body, &generation, &stamped));
     }
 
     let created = created();

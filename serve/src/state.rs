@@ -11,6 +11,7 @@ use attest::lockfile::{ModelEntry, Task};
 use attest::stamp::{OutputRecord, Stamper};
 use attest::statement::{OutputTask, RequestRecord};
 use attest::{Sha256Digest, progress::NoProgress};
+use axum::response::IntoResponse as _;
 use runner::batch::{Batcher, Event, Job, Limits};
 use runner::chat::{GenerateError, GenerateOptions, Generation, LoadOptions, StopReason};
 use runner::embed::Embedder;
@@ -537,19 +538,39 @@ pub async fn drive_stream(
     }
 }
 
-/// Waits for the whole reply.
-pub async fn collect(
-    rx: &mut mpsc::UnboundedReceiver<Piece>,
-) -> Result<(String, Generation), ApiError> {
-    let mut text = String::new();
-    while let Some(piece) = rx.recv().await {
-        match piece {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Done(Ok(g)) => return Ok((text, g)),
-            Piece::Done(Err(e)) => return Err(generation_error(&e)),
+impl Prepared {
+    /// Waits for the whole reply and stamps it (non-stream responses).
+    pub async fn complete(
+        &self,
+        state: &AppState,
+        rx: &mut mpsc::UnboundedReceiver<Piece>,
+        (task, request): (OutputTask, RequestRecord),
+    ) -> Result<(String, Generation, Stamped), ApiError> {
+        let mut text = String::new();
+        while let Some(piece) = rx.recv().await {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Done(Ok(generation)) => {
+                    let stamped = self.stamp(state, task, &text, &generation, &request)?;
+                    return Ok((text, generation, stamped));
+                }
+                Piece::Done(Err(e)) => return Err(generation_error(&e)),
+            }
         }
+        Err(ApiError::internal("the reply ended without a result"))
     }
-    Err(ApiError::internal("the reply ended without a result"))
+
+    /// A non-stream reply: its JSON `body`, the attestation header and the access-log fields.
+    pub fn json_response(
+        &self,
+        state: &AppState,
+        body: serde_json::Value,
+        generation: &Generation,
+        stamped: &Stamped,
+    ) -> axum::response::Response {
+        let log = crate::log::AccessLog::reply(generation, stamped, self, state.config.log_prompts);
+        crate::openai::with_attestation(axum::Json(body).into_response(), stamped, log)
+    }
 }
 
 /// A generation failure as a response status.
