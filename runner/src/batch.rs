@@ -255,29 +255,32 @@ fn run(model: &ChatModel, parallel: usize, jobs: &Receiver<Job>, load: &Load) {
         // Every generating sequence, and prompt chunks up to about one chunk's worth per step
         // (always at least one), so a long prompt does not hold up the others' next token.
         let mut prompt_budget = PROMPT_CHUNK;
-        let mut chosen: Vec<usize> = Vec::with_capacity(active.len());
-        for (i, seq) in active.iter().enumerate() {
-            match seq.phase {
-                Phase::Decode { .. } => chosen.push(i),
+        let chosen: Vec<bool> = active
+            .iter()
+            .map(|seq| match seq.phase {
+                Phase::Decode { .. } => true,
                 Phase::Prompt { .. } => {
                     let n = seq.tokens().len();
-                    if n <= prompt_budget || prompt_budget == PROMPT_CHUNK {
+                    let fits = n <= prompt_budget || prompt_budget == PROMPT_CHUNK;
+                    if fits {
                         prompt_budget = prompt_budget.saturating_sub(n);
-                        chosen.push(i);
                     }
+                    fits
                 }
-            }
-        }
-        let tokens: Vec<Vec<u32>> = chosen
+            })
+            .collect();
+        let tokens: Vec<Vec<u32>> = active
             .iter()
-            .map(|&i| active[i].tokens().to_vec())
+            .zip(&chosen)
+            .filter(|(_, c)| **c)
+            .map(|(seq, _)| seq.tokens().to_vec())
             .collect();
         let logits = {
             let mut batch: Vec<(&mut crate::models::llama::Cache, &[u32])> = active
                 .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| chosen.contains(i))
-                .map(|(_, a)| a.session.cache_mut())
+                .zip(&chosen)
+                .filter(|(_, c)| **c)
+                .map(|(seq, _)| seq.session.cache_mut())
                 .zip(tokens.iter().map(Vec::as_slice))
                 .collect();
             model.network().forward_batch(&mut batch, &mut work)
@@ -292,19 +295,17 @@ fn run(model: &ChatModel, parallel: usize, jobs: &Receiver<Job>, load: &Load) {
                 continue;
             }
         };
-        let vocab = logits.len() / chosen.len().max(1);
-        let mut row_of = vec![None; active.len()];
-        for (r, &i) in chosen.iter().enumerate() {
-            row_of[i] = Some(r);
-        }
+        let vocab = logits.len() / tokens.len().max(1);
         let mut still = Vec::with_capacity(active.len());
-        for (seq, row) in active.drain(..).zip(row_of) {
-            let mut seq = seq;
-            let Some(r) = row else {
+        let mut r = 0;
+        for (mut seq, chosen) in active.drain(..).zip(chosen) {
+            if !chosen {
                 still.push(seq);
                 continue;
-            };
+            }
             let fed = &tokens[r];
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            r += 1;
             seq.session.push_cached(fed);
             match &mut seq.phase {
                 Phase::Decode { .. } => seq.decoder.passes += 1,
@@ -322,8 +323,7 @@ fn run(model: &ChatModel, parallel: usize, jobs: &Receiver<Job>, load: &Load) {
                     seq.decoder.prompt_done(time);
                 }
             }
-            let mut row = logits[r * vocab..(r + 1) * vocab].to_vec();
-            if let Some(seq) = advance(model, seq, &mut row, load) {
+            if let Some(seq) = advance(model, seq, &mut row.to_vec(), load) {
                 still.push(seq);
             }
         }
