@@ -405,25 +405,35 @@ pub enum FormatError {
 /// Stricter than the `safetensors` crate (duplicate keys, leading whitespace, `null` metadata), and the
 /// crate's own parser is run last, so nothing accepted here is refused by a loader using it.
 pub fn check_safetensors(bytes: &[u8]) -> Result<SafetensorsInfo, FormatError> {
-    let file_len = bytes.len();
-    let header_len = header_len(bytes).ok_or(FormatError::TooShort { len: file_len })?;
+    check_safetensors_start(bytes, bytes.len() as u64)
+}
+
+/// [`check_safetensors`] for a file of `file_len` bytes of which only the start is at hand (a file
+/// being streamed): every check needs only the length prefix and the header, so `start` must hold
+/// them (see [`start_len`]); the data section is judged by its length alone.
+pub fn check_safetensors_start(
+    start: &[u8],
+    file_len: u64,
+) -> Result<SafetensorsInfo, FormatError> {
+    let len = usize::try_from(file_len).unwrap_or(usize::MAX);
+    let header_len = header_len(start).ok_or(FormatError::TooShort { len })?;
     if header_len > MAX_HEADER_SIZE {
         return Err(FormatError::HeaderTooLarge { header_len });
     }
-    let room = (file_len - LEN_PREFIX) as u64;
+    let room = file_len.saturating_sub(LEN_PREFIX as u64);
     if header_len > room {
         return Err(FormatError::HeaderBeyondFile {
             header_len,
-            file_len,
+            file_len: len,
         });
     }
-    // Both fit in usize: header_len <= room < file_len.
+    // Fits in usize: header_len <= MAX_HEADER_SIZE.
     let header_end = LEN_PREFIX + header_len as usize;
-    let header = bytes
+    let header = start
         .get(LEN_PREFIX..header_end)
         .ok_or(FormatError::HeaderBeyondFile {
             header_len,
-            file_len,
+            file_len: len,
         })?;
     let data_len = room - header_len;
 
@@ -445,10 +455,22 @@ pub fn check_safetensors(bytes: &[u8]) -> Result<SafetensorsInfo, FormatError> {
     }
     check_coverage(&mut spans, data_len)?;
 
-    // Defence in depth: the loader parses with this crate, so its verdict must agree.
-    safetensors::SafeTensors::deserialize(bytes).map_err(|e| FormatError::Rejected {
-        reason: e.to_string(),
-    })?;
+    // Defence in depth: the loader parses with this crate, so its verdict must agree. These are the
+    // checks of its `read_metadata`, which wants the whole file only to compare its length.
+    let crate_view =
+        serde_json::from_str::<safetensors::tensor::Metadata>(header).map_err(|e| {
+            FormatError::Rejected {
+                reason: e.to_string(),
+            }
+        })?;
+    if crate_view.data_len() as u64 != data_len {
+        return Err(FormatError::Rejected {
+            reason: format!(
+                "its tensors end at byte {} of a {data_len}-byte data section",
+                crate_view.data_len()
+            ),
+        });
+    }
 
     Ok(SafetensorsInfo {
         tensors: spans.len(),
@@ -456,6 +478,21 @@ pub fn check_safetensors(bytes: &[u8]) -> Result<SafetensorsInfo, FormatError> {
         metadata,
     })
 }
+
+/// How many leading bytes of a `file_len`-byte file that starts with `start` the checks of
+/// [`check_model_file_start`] need: a Safetensors file's length prefix and header (as far as the file
+/// and [`MAX_HEADER_SIZE`] allow), else enough to recognize a format. Ask again as `start` grows: the
+/// answer can grow once the length prefix is in.
+pub fn start_len(start: &[u8], file_len: u64) -> u64 {
+    let want = match header_len(start) {
+        Some(n) if n <= MAX_HEADER_SIZE => LEN_PREFIX as u64 + n,
+        _ => 0,
+    };
+    want.max(SNIFF_LEN).min(file_len)
+}
+
+/// Bytes that recognizing a format by content looks at (every magic sits in them).
+const SNIFF_LEN: u64 = 64;
 
 /// The header's top-level entries in file order, keeping duplicates so they can be refused.
 struct Entries(Vec<(String, Value)>);
@@ -673,10 +710,21 @@ fn check_coverage(spans: &mut [(u64, u64, &str)], data_len: u64) -> Result<(), F
 ///
 /// So `Ok(ContentKind::Safetensors)` always means the file was fully validated.
 pub fn check_model_file(path: &str, bytes: &[u8]) -> Result<ContentKind, FormatError> {
+    check_model_file_start(path, bytes, bytes.len() as u64)
+}
+
+/// [`check_model_file`] for a file being streamed: `start` is its first [`start_len`] bytes (the
+/// whole file when it is that short), `file_len` its size. Judges exactly as [`check_model_file`]
+/// does except that content is recognized from `start` alone.
+pub fn check_model_file_start(
+    path: &str,
+    start: &[u8],
+    file_len: u64,
+) -> Result<ContentKind, FormatError> {
     if let Some(format) = forbidden_weight_format(Path::new(path)) {
         return Err(FormatError::ForbiddenName { format });
     }
-    let kind = sniff(bytes);
+    let kind = sniff(start);
     let found = match kind {
         ContentKind::Pickle { protocol } => Some(match protocol {
             0 => "pickle data (protocol 0)",
@@ -698,7 +746,7 @@ pub fn check_model_file(path: &str, bytes: &[u8]) -> Result<ContentKind, FormatE
     }
     let named_safetensors = path.to_ascii_lowercase().ends_with(".safetensors");
     if named_safetensors || kind == ContentKind::Safetensors {
-        check_safetensors(bytes)?;
+        check_safetensors_start(start, file_len)?;
         return Ok(ContentKind::Safetensors);
     }
     Ok(kind)

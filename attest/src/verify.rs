@@ -1,9 +1,13 @@
 //! Verification of a model directory against its lock entry.
 //!
 //! The core invariant of sanctum: inference only ever sees bytes that were hashed and matched the lock.
-//! [`load_verified`] reads each file once into memory, hashing the very buffer it hands to the loader, so
-//! a file swapped or rewritten on disk after the check cannot reach inference. [`verify_model`] runs the
-//! same checks without keeping the bytes, reporting every file.
+//! Every file is read exactly once, and the bytes that are hashed are the bytes the loader gets, so a
+//! file swapped or rewritten on disk during or after the check cannot reach inference:
+//! - [`load_verified`] keeps each file in memory (configs, tokenizers, small models);
+//! - [`begin_load`] and [`StreamedLoad::stream`] pass large weight files in bounded chunks to an
+//!   [`Intake`] that builds the final weights as the bytes go by, with no second copy of the file;
+//!   what it built is used only after [`StreamedLoad::finish`] confirmed every digest;
+//! - [`verify_model`] runs the same checks keeping nothing, reporting every file.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -12,7 +16,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::digest::{HASH_CHUNK, Sha256Digest, Sha256Hasher};
-use crate::format::{ContentKind, FormatError, check_model_file, forbidden_weight_format, sniff};
+use crate::format::{
+    ContentKind, FormatError, check_model_file_start, forbidden_weight_format, sniff, start_len,
+};
 use crate::lockfile::{LockedFile, ModelEntry};
 use crate::progress::Progress;
 
@@ -36,8 +42,10 @@ pub struct VerifiedModel {
     pub digest: Sha256Digest,
     /// Directory the files were read from.
     pub dir: PathBuf,
-    /// The files, in lock order.
+    /// The files kept in memory, in lock order.
     pub files: Vec<VerifiedFile>,
+    /// The files streamed to a loader, in lock order.
+    pub streamed: Vec<StreamedFile>,
 }
 
 impl VerifiedModel {
@@ -95,6 +103,12 @@ pub enum FileProblem {
     /// Reading failed.
     #[error("cannot read: {0}")]
     Io(#[from] io::Error),
+    /// The loader could not use the bytes it was streamed (a dtype or shape it cannot run...).
+    #[error("cannot be loaded: {0}")]
+    Intake(IntakeError),
+    /// Streamed twice, or not one of the files to stream (a loader's mistake).
+    #[error("is not a file waiting to be streamed")]
+    NotStreamed,
 }
 
 fn describe_unlisted(format: &Option<&'static str>, content: &ContentKind) -> String {
@@ -140,6 +154,20 @@ pub enum VerifyError {
         /// What is wrong.
         problem: FileProblem,
     },
+}
+
+impl VerifyError {
+    /// True when a check said no (missing, tampered, malformed); false when verified bytes could
+    /// not be used by the loader ([`FileProblem::Intake`]), which is a failure, not a refusal.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(
+            self,
+            Self::File {
+                problem: FileProblem::Intake(_) | FileProblem::NotStreamed,
+                ..
+            }
+        )
+    }
 }
 
 /// Outcome of checking one file.
@@ -191,13 +219,14 @@ impl VerifyReport {
     }
 }
 
-/// Re-hashes every file of `dir` against `entry`, reporting each file (bytes are not kept).
+/// Re-hashes every file of `dir` against `entry`, reporting each file. Memory stays bounded: bytes
+/// are hashed as they pass and not kept.
 pub fn verify_model(
     entry: &ModelEntry,
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<VerifyReport, VerifyError> {
-    let (listed, unlisted) = check_dir(entry, dir, progress, false)?;
+    let (listed, unlisted) = check_dir(entry, dir, progress, &|_| Mode::Discard)?;
     let files = listed
         .into_iter()
         .map(|(report, _bytes)| report)
@@ -210,39 +239,258 @@ pub fn verify_model(
     })
 }
 
-/// Reads and verifies every file of `dir` against `entry`, returning the verified bytes. Fails on the
-/// first problem in lock order (unlisted files after listed ones).
+/// Reads and verifies every file of `dir` against `entry`, keeping every file's verified bytes.
+/// Fails on the first problem in lock order (unlisted files after listed ones). Loaders of large
+/// weights use [`begin_load`] instead, which keeps no second copy of them.
 pub fn load_verified(
     entry: &ModelEntry,
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<VerifiedModel, VerifyError> {
-    let (listed, unlisted) = check_dir(entry, dir, progress, true)?;
-    let mut files = Vec::with_capacity(listed.len());
-    let mut reports = Vec::new();
-    for (report, bytes) in listed {
+    begin_load(entry, dir, progress, |_| false)?.finish()
+}
+
+/// Receives a streamed file's bytes as they are hashed (see [`StreamedLoad::stream`]).
+pub trait Intake {
+    /// The file's next bytes: from its first byte on, in order, each exactly once, and only once
+    /// its format check passed on its start (for Safetensors, the whole header). An error stops
+    /// the read and fails the load, naming the file.
+    fn take(&mut self, chunk: &[u8]) -> Result<(), IntakeError>;
+}
+
+/// Why an [`Intake`] could not use a file's bytes.
+pub type IntakeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A model being opened for inference, before its weights are read.
+///
+/// [`begin_load`] has verified and kept every file except the streamed ones (configs, tokenizers)
+/// and checked that nothing unlisted is present; [`Self::stream`] then reads each streamed file
+/// once, in bounded chunks, hashing the bytes as they pass on to an [`Intake`] that builds the
+/// final weights from them. What an intake built may reach inference only after
+/// [`Self::finish`] returned `Ok`: only then is every file's digest known to match the lock. On
+/// any error the caller drops what it built.
+pub struct StreamedLoad<'a> {
+    entry: &'a ModelEntry,
+    dir: PathBuf,
+    progress: &'a dyn Progress,
+    kept: Vec<VerifiedFile>,
+    /// The files to stream, in lock order, with their digest once streamed.
+    deferred: Vec<(&'a LockedFile, Option<Sha256Digest>)>,
+}
+
+/// A streamed file whose bytes matched the lock; they went to an [`Intake`], not kept here.
+#[derive(Debug, Clone)]
+pub struct StreamedFile {
+    /// Relative path in the model directory, as in the lock.
+    pub path: String,
+    /// Its sha256 (equal to the lock's).
+    pub sha256: Sha256Digest,
+}
+
+/// Starts opening a model: files for which `stream(path)` is true are only checked for presence,
+/// type and size; every other file is read, verified and kept (in parallel); unlisted files are
+/// refused. Fails on the first problem in lock order (unlisted files after listed ones).
+pub fn begin_load<'a>(
+    entry: &'a ModelEntry,
+    dir: &Path,
+    progress: &'a dyn Progress,
+    stream: impl Fn(&str) -> bool + Sync,
+) -> Result<StreamedLoad<'a>, VerifyError> {
+    let mode = |file: &LockedFile| {
+        if stream(&file.path) {
+            Mode::Defer
+        } else {
+            Mode::Keep
+        }
+    };
+    let (listed, unlisted) = check_dir(entry, dir, progress, &mode)?;
+    let mut kept = Vec::with_capacity(listed.len());
+    let mut deferred = Vec::new();
+    let mut problems = Vec::new();
+    for ((report, bytes), file) in listed.into_iter().zip(&entry.files) {
         match (&report.outcome, bytes) {
-            (Ok(sha256), Some(bytes)) => files.push(VerifiedFile {
+            (Ok(sha256), Some(bytes)) => kept.push(VerifiedFile {
                 path: report.path.clone(),
                 sha256: *sha256,
                 bytes,
             }),
-            _ => reports.push(report),
+            (Ok(_), None) => deferred.push((file, None)),
+            (Err(_), _) => problems.push(report),
         }
     }
-    reports.extend(unlisted);
+    problems.extend(unlisted);
     VerifyReport {
         model: entry.name.clone(),
         digest: entry.digest,
-        files: reports,
+        files: problems,
     }
     .into_result()?;
-    Ok(VerifiedModel {
-        name: entry.name.clone(),
-        digest: entry.digest,
+    Ok(StreamedLoad {
+        entry,
         dir: dir.to_owned(),
-        files,
+        progress,
+        kept,
+        deferred,
     })
+}
+
+impl StreamedLoad<'_> {
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.entry.name
+    }
+
+    /// A verified, kept file (not a streamed one).
+    pub fn file(&self, path: &str) -> Option<&VerifiedFile> {
+        self.kept.iter().find(|f| f.path == path)
+    }
+
+    /// The paths still to stream, in lock order.
+    pub fn to_stream(&self) -> Vec<String> {
+        self.deferred
+            .iter()
+            .filter(|(_, done)| done.is_none())
+            .map(|(file, _)| file.path.clone())
+            .collect()
+    }
+
+    /// Reads the streamed file `path` once, hashing it, and hands its bytes to `intake`. An
+    /// `Ok` means every byte went to `intake` and the file's size and digest match the lock.
+    pub fn stream(&mut self, path: &str, intake: &mut dyn Intake) -> Result<(), VerifyError> {
+        let model = self.entry.name.clone();
+        let fail = |problem| VerifyError::File {
+            model: model.clone(),
+            path: path.to_owned(),
+            problem,
+        };
+        let Some((file, done)) = self.deferred.iter_mut().find(|(f, _)| f.path == path) else {
+            return Err(fail(FileProblem::NotStreamed));
+        };
+        if done.is_some() {
+            return Err(fail(FileProblem::NotStreamed));
+        }
+        let mut sink = |chunk: &[u8]| intake.take(chunk).map_err(FileProblem::Intake);
+        let sha256 = read_listed(&self.dir, file, self.progress, &mut sink)
+            .and_then(|actual| matches_lock(file, actual))
+            .map_err(|(_, problem)| fail(problem))?;
+        *done = Some(sha256);
+        Ok(())
+    }
+
+    /// Ends the load: streamed files nobody asked for are hashed now (the whole model is always
+    /// verified), then the verified model is returned.
+    pub fn finish(mut self) -> Result<VerifiedModel, VerifyError> {
+        struct Discard;
+        impl Intake for Discard {
+            fn take(&mut self, _: &[u8]) -> Result<(), IntakeError> {
+                Ok(())
+            }
+        }
+        for path in self.to_stream() {
+            self.stream(&path, &mut Discard)?;
+        }
+        let streamed = self
+            .deferred
+            .iter()
+            .filter_map(|(file, sha256)| {
+                sha256.map(|sha256| StreamedFile {
+                    path: file.path.clone(),
+                    sha256,
+                })
+            })
+            .collect();
+        Ok(VerifiedModel {
+            name: self.entry.name.clone(),
+            digest: self.entry.digest,
+            dir: self.dir,
+            files: self.kept,
+            streamed,
+        })
+    }
+}
+
+/// A verified model as a loader reads it: small files kept in memory, weight files streamed to an
+/// [`Intake`]. [`StreamedLoad`] reads weights from disk once; a [`VerifiedModel`] hands over the
+/// bytes it already holds, so both go through the same loader code.
+pub trait ModelFiles {
+    /// Model name from the lock.
+    fn name(&self) -> &str;
+    /// Model digest from the lock.
+    fn digest(&self) -> Sha256Digest;
+    /// A verified file kept in memory.
+    fn file(&self, path: &str) -> Option<&VerifiedFile>;
+    /// The weight files to stream, in lock order.
+    fn weight_files(&self) -> Vec<String>;
+    /// Hands one weight file's verified bytes to `intake`.
+    fn stream(&mut self, path: &str, intake: &mut dyn Intake) -> Result<(), VerifyError>;
+    /// Completes verification; only after `Ok` may what the intakes built be used.
+    fn finish(self) -> Result<(), VerifyError>;
+}
+
+impl ModelFiles for StreamedLoad<'_> {
+    fn name(&self) -> &str {
+        &self.entry.name
+    }
+    fn digest(&self) -> Sha256Digest {
+        self.entry.digest
+    }
+    fn file(&self, path: &str) -> Option<&VerifiedFile> {
+        StreamedLoad::file(self, path)
+    }
+    fn weight_files(&self) -> Vec<String> {
+        self.to_stream()
+    }
+    fn stream(&mut self, path: &str, intake: &mut dyn Intake) -> Result<(), VerifyError> {
+        StreamedLoad::stream(self, path, intake)
+    }
+    fn finish(self) -> Result<(), VerifyError> {
+        StreamedLoad::finish(self).map(drop)
+    }
+}
+
+impl ModelFiles for VerifiedModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn digest(&self) -> Sha256Digest {
+        self.digest
+    }
+    fn file(&self, path: &str) -> Option<&VerifiedFile> {
+        VerifiedModel::file(self, path)
+    }
+    /// Its kept Safetensors files.
+    fn weight_files(&self) -> Vec<String> {
+        self.files
+            .iter()
+            .filter(|f| f.path.to_ascii_lowercase().ends_with(".safetensors"))
+            .map(|f| f.path.clone())
+            .collect()
+    }
+    fn stream(&mut self, path: &str, intake: &mut dyn Intake) -> Result<(), VerifyError> {
+        let fail = |problem| VerifyError::File {
+            model: self.name.clone(),
+            path: path.to_owned(),
+            problem,
+        };
+        let file = VerifiedModel::file(self, path).ok_or_else(|| fail(FileProblem::NotStreamed))?;
+        intake
+            .take(&file.bytes)
+            .map_err(|e| fail(FileProblem::Intake(e)))
+    }
+    fn finish(self) -> Result<(), VerifyError> {
+        Ok(())
+    }
+}
+
+/// What to do with a listed file's bytes while checking a directory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Read, verify and keep them.
+    Keep,
+    /// Read and verify them, keeping nothing.
+    Discard,
+    /// Only check that the file is there, a regular file, of the right size; it is read later.
+    Defer,
 }
 
 type Checked = (FileReport, Option<Vec<u8>>);
@@ -252,7 +500,7 @@ fn check_dir(
     entry: &ModelEntry,
     dir: &Path,
     progress: &dyn Progress,
-    keep_bytes: bool,
+    mode: &(dyn Fn(&LockedFile) -> Mode + Sync),
 ) -> Result<(Vec<Checked>, Vec<FileReport>), VerifyError> {
     let dir_error = |source: io::Error| VerifyError::Dir {
         model: entry.name.clone(),
@@ -290,7 +538,7 @@ fn check_dir(
                     let Some(file) = entry.files.get(i) else {
                         break;
                     };
-                    let checked = check_listed(dir, file, progress, keep_bytes);
+                    let checked = check_listed(dir, file, progress, mode(file));
                     if let Ok(mut slots) = results.lock() {
                         slots[i] = Some(checked);
                     }
@@ -348,46 +596,53 @@ fn report(
     }
 }
 
-/// Opens, reads (hashing as it reads), format-checks and compares one listed file.
-fn check_listed(
-    dir: &Path,
-    file: &LockedFile,
-    progress: &dyn Progress,
-    keep_bytes: bool,
-) -> Checked {
-    match read_listed(dir, file, progress) {
-        Ok((bytes, actual)) => {
-            let size = Some(bytes.len() as u64);
-            let outcome = if bytes.len() as u64 != file.size {
-                Err(FileProblem::SizeMismatch {
-                    expected: file.size,
-                    actual: bytes.len() as u64,
-                })
-            } else if let Err(e) = check_model_file(&file.path, &bytes) {
-                Err(e.into())
-            } else if actual != file.sha256 {
-                Err(FileProblem::DigestMismatch {
-                    expected: file.sha256,
-                    actual,
-                })
-            } else {
-                Ok(actual)
+/// Checks one listed file as `mode` says. A deferred file reports the lock's digest, which its
+/// stream must still match.
+fn check_listed(dir: &Path, file: &LockedFile, progress: &dyn Progress, mode: Mode) -> Checked {
+    let size = Some(file.size);
+    let outcome = match mode {
+        Mode::Defer => open_listed(dir, file).map(|_| file.sha256),
+        Mode::Discard => read_listed(dir, file, progress, &mut |_| Ok(()))
+            .and_then(|actual| matches_lock(file, actual)),
+        Mode::Keep => {
+            let mut bytes = Vec::new();
+            let outcome = read_listed(dir, file, progress, &mut |chunk| {
+                bytes.extend_from_slice(chunk);
+                Ok(())
+            })
+            .and_then(|actual| matches_lock(file, actual));
+            let keep = outcome.is_ok().then_some(bytes);
+            return match outcome {
+                Ok(sha256) => (report(file, size, Ok(sha256)), keep),
+                Err((size, problem)) => (report(file, size, Err(problem)), None),
             };
-            let keep = keep_bytes && outcome.is_ok();
-            (report(file, size, outcome), keep.then_some(bytes))
         }
+    };
+    match outcome {
+        Ok(sha256) => (report(file, size, Ok(sha256)), None),
         Err((size, problem)) => (report(file, size, Err(problem)), None),
     }
 }
 
-/// Reads a listed file into memory, hashing the buffer as it fills. Reads at most one byte more than
-/// the lock's size, so an oversized file is caught without reading it all.
-fn read_listed(
-    dir: &Path,
-    file: &LockedFile,
-    progress: &dyn Progress,
-) -> Result<(Vec<u8>, Sha256Digest), (Option<u64>, FileProblem)> {
-    let full = dir.join(&file.path);
+type Problem = (Option<u64>, FileProblem);
+
+fn matches_lock(file: &LockedFile, actual: Sha256Digest) -> Result<Sha256Digest, Problem> {
+    if actual == file.sha256 {
+        Ok(actual)
+    } else {
+        Err((
+            Some(file.size),
+            FileProblem::DigestMismatch {
+                expected: file.sha256,
+                actual,
+            },
+        ))
+    }
+}
+
+/// Opens a listed file, refusing symlinks anywhere on its path, non-regular files and a size other
+/// than the lock's.
+fn open_listed(dir: &Path, file: &LockedFile) -> Result<File, Problem> {
     // Every component must be a real directory or file: a symlinked parent could lead anywhere.
     let mut at = dir.to_path_buf();
     for component in file.path.split('/') {
@@ -408,7 +663,7 @@ fn read_listed(
             Ok(_) => {}
         }
     }
-    let handle = File::open(&full).map_err(|e| (None, e.into()))?;
+    let handle = File::open(dir.join(&file.path)).map_err(|e| (None, e.into()))?;
     let meta = handle.metadata().map_err(|e| (None, e.into()))?;
     if !meta.is_file() {
         return Err((None, FileProblem::NotRegularFile));
@@ -422,27 +677,68 @@ fn read_listed(
             },
         ));
     }
+    Ok(handle)
+}
+
+/// Reads a listed file once in chunks of [`HASH_CHUNK`], hashing every byte, and passes the bytes
+/// to `sink` in order: first its start, once the format check passed on it
+/// ([`check_model_file_start`]: for Safetensors, the whole header), then each chunk as it is read.
+/// Reads at most one byte more than the lock's size, so a file that grows is caught without
+/// reading it all. Returns the digest of what was read.
+fn read_listed(
+    dir: &Path,
+    file: &LockedFile,
+    progress: &dyn Progress,
+    sink: &mut dyn FnMut(&[u8]) -> Result<(), FileProblem>,
+) -> Result<Sha256Digest, Problem> {
+    let handle = open_listed(dir, file)?;
     let task = progress.start(&file.path, Some(file.size));
-    let limit = file.size.saturating_add(1);
-    let mut reader = handle.take(limit);
-    let capacity = usize::try_from(limit).unwrap_or(usize::MAX).min(1 << 34);
-    let mut bytes = Vec::with_capacity(capacity);
+    let mut reader = handle.take(file.size.saturating_add(1));
+    let mut buf = vec![0u8; HASH_CHUNK];
     let mut hasher = Sha256Hasher::new();
+    let mut total = 0u64;
+    // The file's start, gathered until the format check has what it needs; None once passed on.
+    let mut start = Some(Vec::new());
+    let fail = |problem| (Some(file.size), problem);
     loop {
-        // read_to_end fills spare capacity without zeroing it first; each round hashes what it added.
-        let start = bytes.len();
-        let n = (&mut reader)
-            .take(HASH_CHUNK as u64)
-            .read_to_end(&mut bytes)
-            .map_err(|e| (None, e.into()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&bytes[start..]);
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err((None, e.into())),
+        };
+        let chunk = &buf[..n];
+        hasher.update(chunk);
+        total += n as u64;
         task.advance(n as u64);
+        match &mut start {
+            None => sink(chunk).map_err(fail)?,
+            Some(gathered) => {
+                gathered.extend_from_slice(chunk);
+                if (gathered.len() as u64) >= start_len(gathered, file.size) {
+                    check_model_file_start(&file.path, gathered, file.size)
+                        .map_err(|e| fail(e.into()))?;
+                    sink(gathered).map_err(fail)?;
+                    start = None;
+                }
+            }
+        }
     }
-    bytes.shrink_to_fit();
-    Ok((bytes, hasher.finish()))
+    if total != file.size {
+        return Err((
+            Some(total),
+            FileProblem::SizeMismatch {
+                expected: file.size,
+                actual: total,
+            },
+        ));
+    }
+    if let Some(gathered) = start {
+        // Only an empty file gets here: any other reaches its start length by its end.
+        check_model_file_start(&file.path, &gathered, file.size).map_err(|e| fail(e.into()))?;
+        sink(&gathered).map_err(fail)?;
+    }
+    Ok(hasher.finish())
 }
 
 enum DiskEntry {

@@ -12,9 +12,8 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use attest::Sha256Digest;
-use attest::verify::VerifiedModel;
+use attest::verify::ModelFiles;
 use candle_core::Device;
-use candle_core::safetensors::SliceSafetensors;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
@@ -24,6 +23,7 @@ use crate::quant::{Choice, Quant};
 use crate::sampling::{InvalidParams, Sampler, SamplingParams};
 use crate::stream::{DecodeError, StopMatcher, TextStream};
 use crate::template::{ChatTemplate, Message, TemplateError, TokenizerConfig};
+use crate::weights::{TensorHeader, Weights};
 
 /// Tokens that end a turn in common chat formats, used when present in the vocabulary.
 const END_OF_TURN: [&str; 8] = [
@@ -36,22 +36,6 @@ const END_OF_TURN: [&str; 8] = [
     "<end_of_turn>",
     "</s>",
 ];
-
-/// Bytes the checkpoint's tensors take once loaded: each quantized matrix at its format's bits per
-/// weight, every other tensor (norms, biases) as f32.
-fn weight_bytes(st: &SliceSafetensors<'_>, choices: &[Choice]) -> u64 {
-    st.tensors()
-        .iter()
-        .map(|(name, view)| {
-            let elements = view.shape().iter().product::<usize>() as f64;
-            let bits = choices
-                .iter()
-                .find(|c| c.tensor == *name)
-                .map_or(32.0, |c| c.used.bits_per_weight());
-            (elements * bits / 8.0) as u64
-        })
-        .sum()
-}
 
 /// Prompt tokens are fed in chunks of this many, to bound the attention matrix's size.
 pub(crate) const PROMPT_CHUNK: usize = 512;
@@ -259,6 +243,12 @@ enum TokenIds {
     Many(Vec<u32>),
 }
 
+/// `model.safetensors.index.json` of a sharded checkpoint: which file holds each tensor.
+#[derive(Debug, Deserialize)]
+struct WeightIndex {
+    weight_map: std::collections::HashMap<String, String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct EosFields {
     #[serde(default)]
@@ -268,10 +258,11 @@ struct EosFields {
 }
 
 impl ChatModel {
-    /// Builds a chat model from verified bytes. The model is consumed so that its weight bytes are
-    /// freed as soon as they are quantized.
-    pub fn load(model: VerifiedModel, options: &LoadOptions) -> Result<Self, LoadError> {
-        let name = model.name.clone();
+    /// Builds a chat model from a verified model: configs and tokenizer from its kept files, the
+    /// weights built as they stream in ([`Weights::load`]), and used only once every file
+    /// verified.
+    pub fn load(mut model: impl ModelFiles, options: &LoadOptions) -> Result<Self, LoadError> {
+        let name = model.name().to_owned();
         let variant = match models::family(&model)? {
             Family::Llama(v) => v,
             Family::Bert => {
@@ -347,42 +338,60 @@ impl ChatModel {
         stop_tokens.sort_unstable();
         stop_tokens.dedup();
 
-        let digest = model.digest;
-        let weights_path = "model.safetensors";
-        let (llama, choices, quant, parameters, weight_bytes) = {
-            let bytes = models::file_bytes(&model, weights_path)?;
-            let st = SliceSafetensors::new(bytes).map_err(|source| LoadError::Weights {
-                model: name.clone(),
-                source,
-            })?;
-            let parameters: u64 = st
-                .tensors()
-                .iter()
-                .map(|(_, view)| view.shape().iter().product::<usize>() as u64)
-                .sum();
-            let quant = options
-                .quant
-                .unwrap_or_else(|| crate::quant::auto(parameters));
-            let weights_error = |source| LoadError::Weights {
-                model: name.clone(),
-                source,
-            };
-            let (llama, choices) =
-                Llama::load(&config, variant, &st, quant, &options.device, context)
-                    .map_err(weights_error)?;
-            // Two tokens through the network: kernels that repack weights on first use (for
-            // prompts or for single tokens) do it now, so that the first prompt runs at full speed.
-            llama
-                .forward(
-                    &mut llama.new_cache(),
-                    &mut Workspace::default(),
-                    &[0, 0][..context.min(2)],
-                )
-                .map_err(weights_error)?;
-            let weight_bytes = weight_bytes(&st, &choices);
-            (llama, choices, quant, parameters, weight_bytes)
+        let digest = model.digest();
+        let weight_files = model.weight_files();
+        if weight_files.is_empty() {
+            return Err(LoadError::MissingFile {
+                model: name,
+                path: "model.safetensors".to_owned(),
+            });
+        }
+        // The head is the embedding table when the config says so, or when no file has one (the
+        // index of a sharded checkpoint names every tensor; a single file's header is its list).
+        let index: Option<WeightIndex> =
+            models::optional_json(&model, "model.safetensors.index.json")?;
+        let mut tied = config.tie_word_embeddings;
+        if let Some(index) = &index {
+            tied |= !index.weight_map.contains_key("lm_head.weight");
+        }
+        let quant = options
+            .quant
+            .unwrap_or_else(|| crate::quant::auto(config.parameters(variant, tied)));
+        let single_file = index.is_none() && weight_files.len() == 1;
+        let mut plan = |tensors: &[TensorHeader]| {
+            if single_file && !tensors.iter().any(|t| t.name == "lm_head.weight") {
+                tied = true;
+            }
+            llama::plan(tensors, quant, tied)
         };
-        drop(model);
+        let mut weights = Weights::load(&mut model, &options.device, &mut plan)?;
+        model.finish()?;
+        // Verified: the weights may be used from here on.
+        let parameters: u64 = weights.headers().iter().map(|t| t.elements() as u64).sum();
+        let weight_bytes = weights.bytes();
+        let weights_error = |source| LoadError::Weights {
+            model: name.clone(),
+            source,
+        };
+        let (llama, choices) = Llama::load(
+            &config,
+            variant,
+            &mut weights,
+            tied,
+            &options.device,
+            context,
+        )
+        .map_err(weights_error)?;
+        drop(weights);
+        // Two tokens through the network: kernels that repack weights on first use (for
+        // prompts or for single tokens) do it now, so that the first prompt runs at full speed.
+        llama
+            .forward(
+                &mut llama.new_cache(),
+                &mut Workspace::default(),
+                &[0, 0][..context.min(2)],
+            )
+            .map_err(weights_error)?;
         Ok(Self {
             name,
             digest,

@@ -3,13 +3,14 @@
 //! longest sentence of each batch.
 
 use attest::Sha256Digest;
-use attest::verify::VerifiedModel;
+use attest::verify::ModelFiles;
 use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::models::bert::{self, Bert};
 use crate::models::{self, Family, LoadError};
+use crate::weights::{Plan, Weights};
 
 /// Sentences per forward pass.
 pub const BATCH: usize = 32;
@@ -105,19 +106,19 @@ impl std::fmt::Debug for Embedder {
 
 impl Embedder {
     /// Loads an embedding model from verified bytes.
-    pub fn load(model: &VerifiedModel, device: &Device) -> Result<Self, LoadError> {
-        let name = model.name.clone();
-        if let Family::Llama(_) = models::family(model)? {
+    pub fn load(mut model: impl ModelFiles, device: &Device) -> Result<Self, LoadError> {
+        let name = model.name().to_owned();
+        if let Family::Llama(_) = models::family(&model)? {
             return Err(LoadError::WrongTask {
                 model: name,
                 found: "chat",
                 wanted: "use `sanctum run` or `sanctum chat` for it",
             });
         }
-        let config: bert::Config = models::json_file(model, "config.json")?;
-        let (pooling, normalize) = sentence_transformers_head(model)?;
+        let config: bert::Config = models::json_file(&model, "config.json")?;
+        let (pooling, normalize) = sentence_transformers_head(&model)?;
         let st_config: SentenceBertConfig =
-            models::optional_json(model, "sentence_bert_config.json")?.unwrap_or_default();
+            models::optional_json(&model, "sentence_bert_config.json")?.unwrap_or_default();
         let max_tokens = st_config
             .max_seq_length
             .unwrap_or(config.max_position_embeddings)
@@ -127,7 +128,7 @@ impl Embedder {
             model: name.clone(),
             problem,
         };
-        let mut tokenizer = Tokenizer::from_bytes(models::file_bytes(model, "tokenizer.json")?)
+        let mut tokenizer = Tokenizer::from_bytes(models::file_bytes(&model, "tokenizer.json")?)
             .map_err(|e| tok_err(e.to_string()))?;
         // The shipped tokenizer.json may pad every input to a fixed length; pad to the longest
         // sentence of the batch instead.
@@ -143,18 +144,37 @@ impl Embedder {
             }))
             .map_err(|e| tok_err(e.to_string()))?;
 
-        let bert = Bert::load(
-            &config,
-            models::file_bytes(model, "model.safetensors")?,
-            device,
-        )
-        .map_err(|source| LoadError::Weights {
-            model: name.clone(),
-            source,
+        if model.weight_files().is_empty() {
+            return Err(LoadError::MissingFile {
+                model: name,
+                path: "model.safetensors".to_owned(),
+            });
+        }
+        // Every float tensor as f32; integer buffers (`position_ids`) are not weights.
+        let weights = Weights::load(&mut model, device, &mut |tensors| {
+            tensors
+                .iter()
+                .map(|t| {
+                    if t.is_float() {
+                        Plan::Dense
+                    } else {
+                        Plan::Skip
+                    }
+                })
+                .collect()
+        })?;
+        let digest = model.digest();
+        model.finish()?;
+        // Verified: the weights may be used from here on.
+        let bert = Bert::load(&config, weights.into_dense(), device).map_err(|source| {
+            LoadError::Weights {
+                model: name.clone(),
+                source,
+            }
         })?;
         Ok(Self {
             name,
-            digest: model.digest,
+            digest,
             bert,
             tokenizer,
             pooling,
@@ -287,7 +307,7 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> candle_core::Re
 
 /// Reads `modules.json` and the pooling config: (pooling, normalize). Without `modules.json` the
 /// model is taken as a plain encoder with mean pooling and no normalization.
-fn sentence_transformers_head(model: &VerifiedModel) -> Result<(Pooling, bool), LoadError> {
+fn sentence_transformers_head(model: &impl ModelFiles) -> Result<(Pooling, bool), LoadError> {
     let Some(modules) = models::optional_json::<Vec<Module>>(model, "modules.json")? else {
         return Ok((Pooling::Mean, false));
     };
@@ -306,13 +326,13 @@ fn sentence_transformers_head(model: &VerifiedModel) -> Result<(Pooling, bool), 
                 };
                 let cfg: PoolingConfig = models::json_file(model, &path)?;
                 pooling = Some(pooling_of(&cfg).map_err(|problem| LoadError::Unsupported {
-                    model: model.name.clone(),
+                    model: model.name().to_owned(),
                     problem: format!("{path}: {problem}"),
                 })?);
             }
             other => {
                 return Err(LoadError::Unsupported {
-                    model: model.name.clone(),
+                    model: model.name().to_owned(),
                     problem: format!(
                         "modules.json: sentence-transformers module {other:?} is not supported"
                     ),

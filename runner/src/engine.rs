@@ -2,7 +2,7 @@
 //! open an approved model by name (pulling it into the verified store when it is missing), load it
 //! for its task, and describe a reply or embedding as the [`OutputRecord`] its attestation is made
 //! of. Trust decisions stay where they are: the lock handed to [`Engine::new`] was already read
-//! under the policy, and loaders only ever see a [`VerifiedModel`].
+//! under the policy, and loaders only ever see verified bytes (`attest::verify::StreamedLoad`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,7 +13,7 @@ use attest::stamp::{OutputRecord, Stamp};
 use attest::statement::{
     OutputTask, RequestRecord, RuntimeRecord, SamplingRecord, UsageRecord, f32_as_decimal,
 };
-use attest::verify::{VerifiedModel, VerifyError};
+use attest::verify::VerifyError;
 use candle_core::Device;
 
 use crate::chat::{ChatModel, GenerateOptions, Generation, LoadOptions};
@@ -56,7 +56,8 @@ impl EngineError {
         match self {
             Self::NotApproved(_) | Self::Verify(_) => true,
             Self::Pull(e) => e.is_refusal(),
-            Self::WrongTask { .. } | Self::Load(_) => false,
+            Self::Load(e) => e.is_refusal(),
+            Self::WrongTask { .. } => false,
         }
     }
 }
@@ -160,23 +161,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Finds `name` in the lock for `task`, pulls it when missing, and reads every file verified.
-    pub fn open_verified(
-        &self,
-        name: &str,
-        task: Task,
-        progress: &dyn Progress,
-    ) -> Result<Loaded<VerifiedModel>, EngineError> {
-        let entry = self.entry(name, task)?;
-        self.ensure_pulled(entry, progress)?;
-        let started = Instant::now();
-        let model = self.store.open_verified(entry, progress)?;
-        Ok(Loaded {
-            model,
-            load_time: started.elapsed(),
-        })
-    }
-
     /// Opens and loads a chat model.
     pub fn load_chat(
         &self,
@@ -184,12 +168,14 @@ impl Engine {
         options: &LoadOptions,
         progress: &dyn Progress,
     ) -> Result<Loaded<ChatModel>, EngineError> {
-        let verified = self.open_verified(name, Task::Chat, progress)?;
+        let entry = self.entry(name, Task::Chat)?;
+        self.ensure_pulled(entry, progress)?;
         let started = Instant::now();
-        let model = ChatModel::load(verified.model, options)?;
+        let opened = self.store.open(entry, progress)?;
+        let model = ChatModel::load(opened, options)?;
         Ok(Loaded {
             model,
-            load_time: verified.load_time + started.elapsed(),
+            load_time: started.elapsed(),
         })
     }
 
@@ -200,12 +186,14 @@ impl Engine {
         device: &Device,
         progress: &dyn Progress,
     ) -> Result<Loaded<Embedder>, EngineError> {
-        let verified = self.open_verified(name, Task::Embed, progress)?;
+        let entry = self.entry(name, Task::Embed)?;
+        self.ensure_pulled(entry, progress)?;
         let started = Instant::now();
-        let model = Embedder::load(&verified.model, device)?;
+        let opened = self.store.open(entry, progress)?;
+        let model = Embedder::load(opened, device)?;
         Ok(Loaded {
             model,
-            load_time: verified.load_time + started.elapsed(),
+            load_time: started.elapsed(),
         })
     }
 }

@@ -22,6 +22,7 @@ pub mod stream;
 pub mod template;
 #[doc(hidden)]
 pub mod testing;
+pub mod weights;
 
 /// candle at the version the runner is built with, so benchmarks can compare its kernels with
 /// [`kernels`].

@@ -272,6 +272,18 @@ thread_local! {
 }
 
 impl Matrix {
+    /// Bytes the matrix takes in memory.
+    pub fn bytes(&self) -> u64 {
+        let bytes = match self {
+            Self::Packed(p) => p.bytes(),
+            Self::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        };
+        bytes as u64
+    }
+
     /// `x · Wᵀ` for `x` of shape `[..., cols]` (f32 for packed matrices).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let packed = match self {

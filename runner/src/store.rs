@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use attest::lockfile::{HfSource, ModelEntry, PypiSource, Source, Unpack};
 use attest::progress::Progress;
-use attest::verify::{self, VerifiedModel, VerifyError, VerifyReport};
+use attest::verify::{self, StreamedLoad, VerifyError, VerifyReport};
 
 use crate::import::gguf::{ImportError, import_gguf};
 use crate::source::hf::{self, HfError, HfFile, HfRequest};
@@ -206,13 +206,17 @@ impl Store {
         verify::verify_model(entry, &self.model_dir(entry), progress)
     }
 
-    /// Opens a model for inference: every byte read, hashed and matched against the lock.
-    pub fn open_verified(
+    /// Opens a model for inference: every file but the weights read, hashed, matched against the
+    /// lock and kept; the weights (`*.safetensors`) left to stream once into their loader, which
+    /// hashes them as they pass ([`StreamedLoad`]).
+    pub fn open<'a>(
         &self,
-        entry: &ModelEntry,
-        progress: &dyn Progress,
-    ) -> Result<VerifiedModel, VerifyError> {
-        verify::load_verified(entry, &self.model_dir(entry), progress)
+        entry: &'a ModelEntry,
+        progress: &'a dyn Progress,
+    ) -> Result<StreamedLoad<'a>, VerifyError> {
+        verify::begin_load(entry, &self.model_dir(entry), progress, |path| {
+            path.to_ascii_lowercase().ends_with(".safetensors")
+        })
     }
 
     /// Brings a model into the store, verified. A verified copy already there is left alone; a damaged

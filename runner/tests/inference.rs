@@ -865,7 +865,7 @@ fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
 
 fn embedder(with_head: bool) -> Embedder {
     let (_dir, model) = verified("tiny-bert", Task::Embed, "bert", &bert_files(with_head));
-    Embedder::load(&model, &Device::Cpu).unwrap()
+    Embedder::load(model, &Device::Cpu).unwrap()
 }
 
 fn close(a: &[f32], b: &[f32]) -> bool {
@@ -914,7 +914,7 @@ fn batching_and_padding_do_not_change_embeddings() {
 #[test]
 fn the_wrong_kind_of_model_is_refused() {
     let (_dir, model) = verified("tiny-llama", Task::Chat, "llama", &chain_files(1.0, 64));
-    let err = Embedder::load(&model, &Device::Cpu).unwrap_err();
+    let err = Embedder::load(model, &Device::Cpu).unwrap_err();
     assert!(matches!(err, LoadError::WrongTask { .. }), "{err}");
     let (_dir, model) = verified("tiny-bert", Task::Embed, "bert", &bert_files(true));
     let err = ChatModel::load(

@@ -20,14 +20,14 @@ use attest::stamp::BenchRecord;
 use attest::statement::{ProfileRecord, rfc3339};
 use clap::{Args, Subcommand, ValueEnum};
 use runner::bench::{self, BenchReport, BuildInfo, Event, ProfileUse, RunInfo, Test, TestResult};
-use runner::chat::{ChatModel, LoadOptions};
+use runner::chat::LoadOptions;
 use runner::hardware::{self, HardwareProfile};
 use serve::bench::{self as load, ApiKey, Arrival, BenchOptions, Outcome, Report, Sample};
 
 use super::Context;
 use super::attest::Trust;
 use super::context::display_path;
-use super::run::{QuantArg, RuntimeArgs, open_verified};
+use super::run::{QuantArg, RuntimeArgs, note_pull};
 use super::stamp::{OutputArgs, OutputStamper, runner_info};
 use super::trust::Refused;
 
@@ -267,18 +267,21 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
         None
     };
 
+    let engine = ctx.engine()?;
+    note_pull(ctx, &engine, model_name, Task::Chat)?;
     let mut results: Vec<TestResult> = Vec::new();
     for quant in &args.quant {
         bench::reset_peak_rss();
         let load_started = Instant::now();
-        let (verified, _) = open_verified(ctx, model_name, Task::Chat)?;
         let options = LoadOptions {
             quant: quant.format(),
             device: runtime.device.clone(),
             context: None,
             context_cap: None,
         };
-        let model = ChatModel::load(verified, &options)?;
+        let model = engine
+            .load_chat(model_name, &options, &ctx.progress())?
+            .model;
         let load_verify = load_started.elapsed();
         let mix = bench::mix(model.choices());
         say(&format!(

@@ -128,7 +128,9 @@ pub fn run() -> anyhow::Result<ExitCode> {
 pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     use ::attest::verify::VerifyError;
     let refused = err.chain().any(|cause| {
-        cause.is::<VerifyError>()
+        cause
+            .downcast_ref::<VerifyError>()
+            .is_some_and(VerifyError::is_refusal)
             || cause.is::<::attest::lockfile::UnknownModel>()
             || cause.is::<trust::Refused>()
             || cause.is::<::attest::lock_signature::LockTrustError>()

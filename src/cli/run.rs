@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use attest::lockfile::Task;
-use attest::verify::VerifiedModel;
 use clap::Args;
 use runner::chat::{ChatModel, GenerateOptions, Generation, LoadOptions};
 use runner::device::{self, DeviceChoice};
@@ -209,18 +208,6 @@ pub fn note_pull(ctx: &Context, engine: &Engine, name: &str, task: Task) -> anyh
         ));
     }
     Ok(())
-}
-
-/// Finds `name` in the lock, pulls it when it is not in the store yet, and reads it verified.
-pub fn open_verified(
-    ctx: &Context,
-    name: &str,
-    task: Task,
-) -> anyhow::Result<(VerifiedModel, Duration)> {
-    let engine = ctx.engine()?;
-    note_pull(ctx, &engine, name, task)?;
-    let opened = engine.open_verified(name, task, &ctx.progress())?;
-    Ok((opened.model, opened.load_time))
 }
 
 /// Loads a chat model as the flags say; `--verbose` details go to stderr.

@@ -109,6 +109,93 @@ pub struct PackedMatrix {
     quants: Vec<u8>,
 }
 
+/// A [`PackedMatrix`] filled a few rows at a time, as a weight streams in from its file: only
+/// the packed matrix and the rows at hand are ever in memory.
+#[derive(Debug)]
+pub struct PackedBuilder {
+    matrix: PackedMatrix,
+    filled: usize,
+}
+
+impl PackedBuilder {
+    /// An empty `[rows, cols]` matrix; `cols` must be a multiple of [`BLOCK`].
+    pub fn new(format: Format, rows: usize, cols: usize) -> Result<Self, ShapeError> {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(ShapeError::RowLength(cols));
+        }
+        let nb = cols / BLOCK;
+        Ok(Self {
+            matrix: PackedMatrix {
+                format,
+                rows,
+                cols,
+                scales: vec![f16::ZERO; rows * nb],
+                quants: vec![0u8; rows * nb * format.block_bytes()],
+            },
+            filled: 0,
+        })
+    }
+
+    /// Rows filled so far.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// Quantizes the next whole rows (`data` is `k × cols` values), in parallel, exactly as ggml
+    /// quantizes them.
+    pub fn push_rows(&mut self, data: &[f32]) -> Result<(), ShapeError> {
+        let m = &mut self.matrix;
+        let (rows, cols) = (m.rows, m.cols);
+        let count = data.len() / cols;
+        if !data.len().is_multiple_of(cols) || self.filled + count > rows {
+            return Err(ShapeError::Values {
+                got: data.len(),
+                rows: rows - self.filled,
+                cols,
+            });
+        }
+        let (format, nb) = (m.format, cols / BLOCK);
+        let row_bytes = nb * format.block_bytes();
+        let at = self.filled;
+        let scales = &mut m.scales[at * nb..(at + count) * nb];
+        let quants = &mut m.quants[at * row_bytes..(at + count) * row_bytes];
+        data.par_chunks_exact(cols)
+            .zip(quants.par_chunks_exact_mut(row_bytes))
+            .zip(scales.par_chunks_exact_mut(nb))
+            .for_each(|((x, q), scales)| {
+                let mut values = [0u8; BLOCK];
+                for (b, (x, scale)) in x.chunks_exact(BLOCK).zip(scales).enumerate() {
+                    *scale = match format {
+                        Format::Q8_0 => quantize_q8_0_block(x, &mut values),
+                        Format::Q4_0 => quantize_q4_0_block(x, &mut values),
+                    };
+                    // Runs of 4 values stay together in every layout `position` describes.
+                    for (t, run) in values.chunks_exact(4).enumerate() {
+                        let (at, shift) = position(format, nb, b, 4 * t);
+                        for (q, &v) in q[at..at + 4].iter_mut().zip(run) {
+                            *q |= v << shift;
+                        }
+                    }
+                }
+            });
+        self.filled += count;
+        Ok(())
+    }
+
+    /// The matrix, once every row is in.
+    pub fn finish(self) -> Result<PackedMatrix, ShapeError> {
+        let m = self.matrix;
+        if self.filled != m.rows {
+            return Err(ShapeError::Values {
+                got: self.filled * m.cols,
+                rows: m.rows,
+                cols: m.cols,
+            });
+        }
+        Ok(m)
+    }
+}
+
 impl PackedMatrix {
     /// Quantizes a row-major `[rows, cols]` f32 matrix; `cols` must be a multiple of [`BLOCK`].
     pub fn quantize(
@@ -117,9 +204,6 @@ impl PackedMatrix {
         rows: usize,
         cols: usize,
     ) -> Result<Self, ShapeError> {
-        if cols == 0 || !cols.is_multiple_of(BLOCK) {
-            return Err(ShapeError::RowLength(cols));
-        }
         if data.len() != rows * cols {
             return Err(ShapeError::Values {
                 got: data.len(),
@@ -127,35 +211,14 @@ impl PackedMatrix {
                 cols,
             });
         }
-        let nb = cols / BLOCK;
-        let mut scales = Vec::with_capacity(rows * nb);
-        let mut quants = vec![0u8; rows * nb * format.block_bytes()];
-        let mut values = [0u8; BLOCK];
-        for (x, q) in data
-            .chunks_exact(cols)
-            .zip(quants.chunks_exact_mut(nb * format.block_bytes()))
-        {
-            for (b, x) in x.chunks_exact(BLOCK).enumerate() {
-                scales.push(match format {
-                    Format::Q8_0 => quantize_q8_0_block(x, &mut values),
-                    Format::Q4_0 => quantize_q4_0_block(x, &mut values),
-                });
-                // Runs of 4 values stay together in every layout `position` describes.
-                for (t, run) in values.chunks_exact(4).enumerate() {
-                    let (at, shift) = position(format, nb, b, 4 * t);
-                    for (q, &v) in q[at..at + 4].iter_mut().zip(run) {
-                        *q |= v << shift;
-                    }
-                }
-            }
-        }
-        Ok(Self {
-            format,
-            rows,
-            cols,
-            scales,
-            quants,
-        })
+        let mut builder = PackedBuilder::new(format, rows, cols)?;
+        builder.push_rows(data)?;
+        builder.finish()
+    }
+
+    /// Bytes it takes in memory (values and scales).
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + 2 * self.scales.len()
     }
 
     /// The block format.

@@ -2,6 +2,8 @@
 //! `BertModel`. Pooling and normalization live in [`crate::embed`]; this file only loads and runs
 //! the encoder.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::BertModel;
@@ -16,9 +18,13 @@ pub struct Bert {
 }
 
 impl Bert {
-    /// Loads the encoder from a verified Safetensors buffer (weights are used as f32).
-    pub fn load(config: &Config, weights: &[u8], device: &Device) -> Result<Self> {
-        let vb = VarBuilder::from_slice_safetensors(weights, DType::F32, device)?;
+    /// Builds the encoder from its f32 tensors (on `device`), by checkpoint name.
+    pub fn load(
+        config: &Config,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = BertModel::load(vb, config)?;
         Ok(Self {
             model,

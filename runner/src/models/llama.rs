@@ -7,13 +7,14 @@
 
 use std::sync::Arc;
 
-use candle_core::safetensors::SliceSafetensors;
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use serde::Deserialize;
 
 use crate::kernels::ops::{self, AttentionShape};
 use crate::kernels::{self, PackedMatrix, Scratch};
 use crate::quant::{self, Choice, Matrix, Quant, Role};
+use crate::weights::{Plan, TensorHeader, Weights};
 
 /// The variants of the family, as `config.json` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,46 +282,39 @@ pub struct Llama {
     cpu: Option<CpuModel>,
 }
 
-/// Reads tensors out of a verified Safetensors buffer and quantizes them one at a time.
+/// Takes the built tensors out of [`Weights`], checking each one's shape.
 struct Loader<'a> {
-    st: &'a SliceSafetensors<'a>,
-    quant: Quant,
-    device: &'a Device,
+    weights: &'a mut Weights,
     choices: Vec<Choice>,
 }
 
 impl Loader<'_> {
-    fn raw(&self, name: &str) -> Result<Tensor> {
-        self.st.load(name, &Device::Cpu)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.st.get(name).is_ok()
-    }
-
     /// A vector (norm weight, bias), f32 on the device.
-    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
-        let t = self.raw(name)?;
+    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self.weights.dense(name)?;
         if t.dims() != [len] {
             candle_core::bail!("{name}: shape {:?}, expected [{len}]", t.dims());
         }
-        t.to_dtype(DType::F32)?.to_device(self.device)
+        Ok(t)
     }
 
-    /// A `[rows, cols]` matrix in the chosen format.
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize, role: Role) -> Result<Matrix> {
-        let t = self.raw(name)?;
-        if t.dims() != [rows, cols] {
-            candle_core::bail!("{name}: shape {:?}, expected [{rows}, {cols}]", t.dims());
+    /// A `[rows, cols]` matrix in the format its plan chose.
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let (m, choice) = self.weights.matrix(name)?;
+        let dims = match &m {
+            Matrix::Packed(p) => vec![p.rows(), p.cols()],
+            Matrix::Candle(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
+            Matrix::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims().to_vec(),
+        };
+        if dims != [rows, cols] {
+            candle_core::bail!("{name}: shape {dims:?}, expected [{rows}, {cols}]");
         }
-        let choice = quant::choose(name, self.quant, role, cols);
-        let m = quant::quantize_matrix(&t, choice.used, self.device)?;
         self.choices.push(choice);
         Ok(m)
     }
 
     fn linear(&mut self, name: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear> {
-        let weight = self.matrix(&format!("{name}.weight"), rows, cols, Role::Layer)?;
+        let weight = self.matrix(&format!("{name}.weight"), rows, cols)?;
         let bias = if bias {
             Some(self.vector(&format!("{name}.bias"), rows)?)
         } else {
@@ -330,14 +324,86 @@ impl Loader<'_> {
     }
 }
 
+/// The names of a layer's weight matrices, after `model.layers.N.`.
+const LAYER_MATRICES: [&str; 7] = [
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+];
+
+/// How a checkpoint's tensors are built for [`Llama::load`]: weight matrices in `quant` (the
+/// output head, and the embedding table when it is the head too, at 6 bits or more), norms and
+/// biases as f32, anything else skipped. `tied` says the embedding table is the output head.
+pub fn plan(tensors: &[TensorHeader], quant: Quant, tied: bool) -> Vec<Plan> {
+    tensors
+        .iter()
+        .map(|t| {
+            let name = t.name.as_str();
+            let matrix = |role| match t.shape.as_slice() {
+                [_, cols] => Plan::Matrix(quant::choose(name, quant, role, *cols)),
+                _ => Plan::Dense,
+            };
+            if name == "model.embed_tokens.weight" {
+                return matrix(if tied { Role::Output } else { Role::Layer });
+            }
+            if name == "lm_head.weight" {
+                return if tied {
+                    Plan::Skip
+                } else {
+                    matrix(Role::Output)
+                };
+            }
+            if name == "model.norm.weight" {
+                return Plan::Dense;
+            }
+            let Some(rest) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+                .map(|(_, rest)| rest)
+            else {
+                return Plan::Skip;
+            };
+            if LAYER_MATRICES.contains(&rest) {
+                matrix(Role::Layer)
+            } else if rest.ends_with("layernorm.weight") || rest.ends_with(".bias") {
+                Plan::Dense
+            } else {
+                Plan::Skip
+            }
+        })
+        .collect()
+}
+
+impl Config {
+    /// The weights a checkpoint of this config has (embedding, head when not `tied`, layers,
+    /// norms, biases), without reading it: what [`crate::quant::auto`] goes by.
+    pub fn parameters(&self, variant: Variant, tied: bool) -> u64 {
+        let (hidden, inter) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let (q, kv) = (
+            (self.num_attention_heads * self.head_dim()) as u64,
+            (self.kv_heads() * self.head_dim()) as u64,
+        );
+        let vocab = self.vocab_size as u64;
+        let qkv_bias = self.attention_bias.unwrap_or(variant == Variant::Qwen2);
+        let biases = if qkv_bias { q + 2 * kv } else { 0 };
+        let layer = 2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden + biases;
+        let head = if tied { 0 } else { vocab * hidden };
+        vocab * hidden + head + self.num_hidden_layers as u64 * layer + hidden
+    }
+}
+
 impl Llama {
-    /// Builds the model from a Safetensors buffer, quantizing each matrix to `quant` on `device`.
-    /// `context` is the most positions it will ever hold. Returns the format chosen per matrix.
+    /// Assembles the model from tensors built by [`plan`] (on `device`). `context` is the most
+    /// positions it will ever hold. Returns the format chosen per matrix.
     pub fn load(
         config: &Config,
         variant: Variant,
-        weights: &SliceSafetensors<'_>,
-        quant: Quant,
+        weights: &mut Weights,
+        tied: bool,
         device: &Device,
         context: usize,
     ) -> Result<(Self, Vec<Choice>)> {
@@ -349,23 +415,14 @@ impl Llama {
         let qkv_bias = config.attention_bias.unwrap_or(variant == Variant::Qwen2);
         let o_bias = config.attention_bias.unwrap_or(false) && variant != Variant::Qwen2;
         let mut loader = Loader {
-            st: weights,
-            quant,
-            device,
+            weights,
             choices: Vec::new(),
         };
-        let tied = config.tie_word_embeddings || !loader.has("lm_head.weight");
-        let embed_role = if tied { Role::Output } else { Role::Layer };
-        let embed = loader.matrix(
-            "model.embed_tokens.weight",
-            config.vocab_size,
-            hidden,
-            embed_role,
-        )?;
+        let embed = loader.matrix("model.embed_tokens.weight", config.vocab_size, hidden)?;
         let lm_head = if tied {
             embed.clone()
         } else {
-            loader.matrix("lm_head.weight", config.vocab_size, hidden, Role::Output)?
+            loader.matrix("lm_head.weight", config.vocab_size, hidden)?
         };
         let inter = config.intermediate_size;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -1061,16 +1118,23 @@ mod tests {
         )
     }
 
+    /// The tiny model built through the streaming intake, as a verified load builds it.
+    fn load_tiny(cfg: &Config, bytes: &[u8], quant: Quant) -> Result<Llama> {
+        let tied = cfg.tie_word_embeddings;
+        let mut weights = Weights::from_bytes(bytes, &Device::Cpu, &mut |t| plan(t, quant, tied))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (model, _) = Llama::load(cfg, Variant::Llama, &mut weights, tied, &Device::Cpu, 64)?;
+        Ok(model)
+    }
+
     /// The CPU path against candle's ops on the same packed weights: a prompt, single tokens, and a
     /// truncated cache refilled.
     #[test]
     fn cpu_path_matches_candle_ops() -> Result<()> {
         let (cfg, bytes) = tiny_model();
-        let st = SliceSafetensors::new(&bytes)?;
         for quant in [Quant::Q8_0, Quant::Q4_0] {
-            let load = || Llama::load(&cfg, Variant::Llama, &st, quant, &Device::Cpu, 64);
-            let (fast, _) = load()?;
-            let (mut reference, _) = load()?;
+            let fast = load_tiny(&cfg, &bytes, quant)?;
+            let mut reference = load_tiny(&cfg, &bytes, quant)?;
             assert!(fast.cpu.is_some(), "{quant}: the CPU path is not used");
             reference.cpu = None;
             let (mut fast_cache, mut reference_cache) = (fast.new_cache(), reference.new_cache());
@@ -1107,13 +1171,12 @@ mod tests {
     #[test]
     fn batched_step_equals_solo_steps_bit_for_bit() -> Result<()> {
         let (cfg, bytes) = tiny_model();
-        let st = SliceSafetensors::new(&bytes)?;
         for (quant, cpu) in [
             (Quant::Q8_0, true),
             (Quant::Q4_0, true),
             (Quant::Q8_0, false),
         ] {
-            let (mut model, _) = Llama::load(&cfg, Variant::Llama, &st, quant, &Device::Cpu, 64)?;
+            let mut model = load_tiny(&cfg, &bytes, quant)?;
             if !cpu {
                 model.cpu = None;
             }

@@ -1,11 +1,12 @@
 //! Model families, one file each, and how a verified model directory says which one it is.
 //!
-//! Every loader here reads only from a [`VerifiedModel`]'s bytes: nothing is opened from disk.
+//! Every loader here reads only verified bytes ([`ModelFiles`]): small files kept in memory, weights
+//! streamed from the verified read; nothing is opened from disk.
 
 pub mod bert;
 pub mod llama;
 
-use attest::verify::VerifiedModel;
+use attest::verify::ModelFiles;
 use serde::de::DeserializeOwned;
 
 /// What `config.json` says the model is.
@@ -94,6 +95,9 @@ pub enum LoadError {
         /// candle's error.
         source: candle_core::Error,
     },
+    /// A weight file failed verification while it streamed in, or its bytes could not be built.
+    #[error(transparent)]
+    Verify(Box<attest::verify::VerifyError>),
     /// `--ctx` larger than the model supports.
     #[error("model {model:?}: context of {requested} tokens is more than the model's {max}")]
     Context {
@@ -106,21 +110,40 @@ pub enum LoadError {
     },
 }
 
+impl From<attest::verify::VerifyError> for LoadError {
+    fn from(e: attest::verify::VerifyError) -> Self {
+        Self::Verify(Box::new(e))
+    }
+}
+
+impl LoadError {
+    /// True when a check said no (a weight file that does not match the lock).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Verify(e) if e.is_refusal())
+    }
+}
+
 /// The bytes of one file of a verified model, or a `MissingFile` error.
-pub fn file_bytes<'a>(model: &'a VerifiedModel, path: &str) -> Result<&'a [u8], LoadError> {
+pub fn file_bytes<'a>(
+    model: &'a (impl ModelFiles + ?Sized),
+    path: &str,
+) -> Result<&'a [u8], LoadError> {
     model
         .file(path)
         .map(|f| f.bytes.as_slice())
         .ok_or_else(|| LoadError::MissingFile {
-            model: model.name.clone(),
+            model: model.name().to_owned(),
             path: path.to_owned(),
         })
 }
 
 /// Parses one JSON file of a verified model.
-pub fn json_file<T: DeserializeOwned>(model: &VerifiedModel, path: &str) -> Result<T, LoadError> {
+pub fn json_file<T: DeserializeOwned>(
+    model: &(impl ModelFiles + ?Sized),
+    path: &str,
+) -> Result<T, LoadError> {
     serde_json::from_slice(file_bytes(model, path)?).map_err(|source| LoadError::Json {
-        model: model.name.clone(),
+        model: model.name().to_owned(),
         path: path.to_owned(),
         source,
     })
@@ -128,7 +151,7 @@ pub fn json_file<T: DeserializeOwned>(model: &VerifiedModel, path: &str) -> Resu
 
 /// Parses an optional JSON file: None when the model has no such file.
 pub fn optional_json<T: DeserializeOwned>(
-    model: &VerifiedModel,
+    model: &(impl ModelFiles + ?Sized),
     path: &str,
 ) -> Result<Option<T>, LoadError> {
     match model.file(path) {
@@ -147,11 +170,11 @@ struct ArchitectureFields {
 }
 
 /// Reads `config.json` and names the family, or says which architecture is unsupported.
-pub fn family(model: &VerifiedModel) -> Result<Family, LoadError> {
+pub fn family(model: &(impl ModelFiles + ?Sized)) -> Result<Family, LoadError> {
     let fields: ArchitectureFields = json_file(model, "config.json")?;
     family_of(&fields.architectures, fields.model_type.as_deref()).ok_or_else(|| {
         LoadError::UnsupportedArchitecture {
-            model: model.name.clone(),
+            model: model.name().to_owned(),
             architecture: fields
                 .architectures
                 .first()

@@ -1,0 +1,517 @@
+//! Weights built while their file streams in.
+//!
+//! [`SafetensorsIntake`] is the [`Intake`] a verified Safetensors stream is read into: it parses
+//! the header, asks a plan for each tensor (skip it, keep it as f32, or make it a weight matrix in
+//! a format), and converts each tensor as its bytes arrive, a group of rows at a time, straight
+//! into its final form (packed for sanctum's kernels, a ggml block tensor for candle, or f32 on the
+//! device). So a model's peak memory is its final weights plus one group of rows, never a copy of
+//! the file. What it built is used only after the load that streamed it confirmed every digest
+//! (see [`attest::verify::StreamedLoad`]).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use attest::verify::{Intake, IntakeError, ModelFiles, VerifyError};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::{Device, Tensor};
+use half::{bf16, f16};
+use safetensors::tensor::Metadata;
+
+use crate::kernels::{Format, PackedBuilder};
+use crate::quant::{Choice, Matrix, Quant};
+
+/// Raw bytes converted per step of a matrix: large enough to keep every core busy, small enough
+/// to be noise beside the weights.
+const GROUP_BYTES: usize = 4 << 20;
+
+/// A tensor as the file's header declares it.
+#[derive(Debug, Clone)]
+pub struct TensorHeader {
+    /// Name in the checkpoint.
+    pub name: String,
+    /// Element type.
+    pub dtype: safetensors::Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorHeader {
+    /// Number of elements.
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for the float types weights can be built from (f32, f16, bf16).
+    pub fn is_float(&self) -> bool {
+        matches!(
+            self.dtype,
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+        )
+    }
+}
+
+/// What to build from one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Not used by the model: its bytes are hashed and dropped.
+    Skip,
+    /// f32 on the device (norms, biases, a BERT's weights).
+    Dense,
+    /// A `[rows, cols]` weight matrix in the format the choice names.
+    Matrix(Choice),
+}
+
+/// One built tensor.
+#[derive(Debug)]
+enum Built {
+    Dense(Tensor),
+    Matrix(Matrix, Choice),
+}
+
+/// The tensors built from a model's weight files, taken out by name as the model is assembled.
+#[derive(Debug, Default)]
+pub struct Weights {
+    built: HashMap<String, Built>,
+    /// Every tensor of the files, skipped ones too, as the headers declare them.
+    headers: Vec<TensorHeader>,
+    bytes: u64,
+}
+
+impl Weights {
+    /// Streams every weight file of `model` through a [`SafetensorsIntake`], then completes
+    /// verification: only then are the weights returned. `plan` sees each file's whole header.
+    pub fn load(
+        model: &mut impl ModelFiles,
+        device: &Device,
+        plan: &mut dyn FnMut(&[TensorHeader]) -> Vec<Plan>,
+    ) -> Result<Self, VerifyError> {
+        let mut weights = Weights::default();
+        for path in model.weight_files() {
+            let mut intake = SafetensorsIntake::new(device, plan);
+            model.stream(&path, &mut intake)?;
+            weights.absorb(intake.finish_into());
+        }
+        Ok(weights)
+    }
+
+    /// Builds the tensors of one in-memory Safetensors buffer (tests, and files already read).
+    pub fn from_bytes(
+        bytes: &[u8],
+        device: &Device,
+        plan: &mut dyn FnMut(&[TensorHeader]) -> Vec<Plan>,
+    ) -> Result<Self, IntakeError> {
+        let mut intake = SafetensorsIntake::new(device, plan);
+        intake.take(bytes)?;
+        let mut weights = Weights::default();
+        weights.absorb(intake.finish_into());
+        Ok(weights)
+    }
+
+    fn absorb(&mut self, other: Weights) {
+        self.built.extend(other.built);
+        self.headers.extend(other.headers);
+        self.bytes += other.bytes;
+    }
+
+    /// Every tensor the files declared.
+    pub fn headers(&self) -> &[TensorHeader] {
+        &self.headers
+    }
+
+    /// True when a tensor of this name was built.
+    pub fn has(&self, name: &str) -> bool {
+        self.built.contains_key(name)
+    }
+
+    /// Bytes the built tensors take in memory.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Takes the f32 tensor `name`.
+    pub fn dense(&mut self, name: &str) -> candle_core::Result<Tensor> {
+        match self.built.remove(name) {
+            Some(Built::Dense(t)) => Ok(t),
+            Some(Built::Matrix(..)) => candle_core::bail!("{name}: built as a matrix, not f32"),
+            None => candle_core::bail!("cannot find tensor {name}"),
+        }
+    }
+
+    /// Takes the weight matrix `name`, with the format chosen for it.
+    pub fn matrix(&mut self, name: &str) -> candle_core::Result<(Matrix, Choice)> {
+        match self.built.remove(name) {
+            Some(Built::Matrix(m, c)) => Ok((m, c)),
+            Some(Built::Dense(_)) => candle_core::bail!("{name}: built as f32, not as a matrix"),
+            None => candle_core::bail!("cannot find tensor {name}"),
+        }
+    }
+
+    /// Every f32 tensor left, by name (a BERT takes them all at once).
+    pub fn into_dense(self) -> HashMap<String, Tensor> {
+        self.built
+            .into_iter()
+            .filter_map(|(name, built)| match built {
+                Built::Dense(t) => Some((name, t)),
+                Built::Matrix(..) => None,
+            })
+            .collect()
+    }
+}
+
+/// Where the intake is in the file.
+enum Stage {
+    /// Gathering the length prefix and the header.
+    Header(Vec<u8>),
+    /// In the data section: tensors in offset order, the current one, and its unconverted bytes.
+    Data {
+        queue: std::vec::IntoIter<(TensorHeader, usize, Plan)>,
+        current: Option<Box<Builder>>,
+        pending: Vec<u8>,
+    },
+}
+
+/// Turns a Safetensors byte stream into built tensors as it arrives.
+pub struct SafetensorsIntake<'a> {
+    device: Device,
+    plan: &'a mut dyn FnMut(&[TensorHeader]) -> Vec<Plan>,
+    stage: Stage,
+    weights: Weights,
+}
+
+impl<'a> SafetensorsIntake<'a> {
+    /// An intake that builds tensors on `device` as `plan` says.
+    pub fn new(device: &Device, plan: &'a mut dyn FnMut(&[TensorHeader]) -> Vec<Plan>) -> Self {
+        Self {
+            device: device.clone(),
+            plan,
+            stage: Stage::Header(Vec::new()),
+            weights: Weights::default(),
+        }
+    }
+
+    fn finish_into(self) -> Weights {
+        self.weights
+    }
+
+    /// Parses the header once it is complete; returns the data bytes that came with it.
+    fn start_data(&mut self, gathered: &[u8]) -> Result<Option<Vec<u8>>, IntakeError> {
+        let Some(len) = gathered.get(..8) else {
+            return Ok(None);
+        };
+        let mut prefix = [0u8; 8];
+        prefix.copy_from_slice(len);
+        let header_len = usize::try_from(u64::from_le_bytes(prefix))
+            .ok()
+            .filter(|&n| n as u64 <= attest::format::MAX_HEADER_SIZE)
+            .ok_or("header length is out of range")?;
+        let Some(header) = gathered.get(8..8 + header_len) else {
+            return Ok(None);
+        };
+        let header = std::str::from_utf8(header)?;
+        let metadata: Metadata = serde_json::from_str(header)?;
+        let mut tensors: Vec<(TensorHeader, usize, usize)> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                (
+                    TensorHeader {
+                        name,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                    },
+                    info.data_offsets.0,
+                    info.data_offsets.1 - info.data_offsets.0,
+                )
+            })
+            .collect();
+        tensors.sort_by_key(|(_, begin, _)| *begin);
+        let headers: Vec<TensorHeader> = tensors.iter().map(|(h, _, _)| h.clone()).collect();
+        let plans = (self.plan)(&headers);
+        if plans.len() != headers.len() {
+            return Err(
+                "the loader planned a different number of tensors than the file has".into(),
+            );
+        }
+        let queue: Vec<_> = tensors
+            .into_iter()
+            .zip(plans)
+            .map(|((header, _, len), plan)| (header, len, plan))
+            .collect();
+        self.weights.headers = headers;
+        self.stage = Stage::Data {
+            queue: queue.into_iter(),
+            current: None,
+            pending: Vec::new(),
+        };
+        Ok(Some(gathered[8 + header_len..].to_vec()))
+    }
+
+    /// Feeds data-section bytes to the tensors in turn.
+    fn feed(&mut self, mut chunk: &[u8]) -> Result<(), IntakeError> {
+        let Stage::Data {
+            queue,
+            current,
+            pending,
+        } = &mut self.stage
+        else {
+            return Err("data before the header".into());
+        };
+        loop {
+            if current.is_none() {
+                match queue.next() {
+                    Some((header, len, plan)) => {
+                        *current = Some(Box::new(Builder::new(header, len, plan, &self.device)?));
+                    }
+                    None if chunk.is_empty() => return Ok(()),
+                    None => return Err("bytes after the last tensor".into()),
+                }
+            }
+            let Some(builder) = current.as_mut() else {
+                continue;
+            };
+            let used = builder.take(chunk, pending)?;
+            chunk = &chunk[used..];
+            if builder.remaining == 0 {
+                if let Some((name, built)) = current
+                    .take()
+                    .map(|done| done.finish(&self.device))
+                    .transpose()?
+                    .flatten()
+                {
+                    self.weights.bytes += built_bytes(&built);
+                    self.weights.built.insert(name, built);
+                }
+                continue;
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Intake for SafetensorsIntake<'_> {
+    fn take(&mut self, chunk: &[u8]) -> Result<(), IntakeError> {
+        if let Stage::Header(gathered) = &mut self.stage {
+            gathered.extend_from_slice(chunk);
+            let gathered = std::mem::take(gathered);
+            match self.start_data(&gathered)? {
+                Some(rest) => return self.feed(&rest),
+                None => {
+                    self.stage = Stage::Header(gathered);
+                    return Ok(());
+                }
+            }
+        }
+        self.feed(chunk)
+    }
+}
+
+fn built_bytes(built: &Built) -> u64 {
+    match built {
+        Built::Dense(t) => (t.elem_count() * 4) as u64,
+        Built::Matrix(m, _) => m.bytes(),
+    }
+}
+
+/// Where one tensor's converted rows go.
+enum Target {
+    Skip,
+    Dense(Vec<f32>),
+    Packed(PackedBuilder),
+    /// ggml blocks for candle, filled group by group.
+    Blocks {
+        quant: Quant,
+        raw: Vec<u8>,
+    },
+}
+
+/// One tensor being built from its bytes.
+struct Builder {
+    header: TensorHeader,
+    choice: Option<Choice>,
+    /// Bytes of the tensor still to come.
+    remaining: usize,
+    /// Bytes per converted unit (an element, or a group of whole rows).
+    unit: usize,
+    element: usize,
+    target: Target,
+    rows_buf: Vec<f32>,
+}
+
+impl Builder {
+    fn new(
+        header: TensorHeader,
+        len: usize,
+        plan: Plan,
+        device: &Device,
+    ) -> Result<Self, IntakeError> {
+        let element = (header.dtype.bitsize() / 8).max(1);
+        let name = &header.name;
+        if plan != Plan::Skip && !header.is_float() {
+            return Err(format!(
+                "tensor {name:?} is {:?}, not a float type sanctum can load",
+                header.dtype
+            )
+            .into());
+        }
+        let (target, unit, choice) = match plan {
+            Plan::Skip => (Target::Skip, 1, None),
+            Plan::Dense => (
+                Target::Dense(Vec::with_capacity(header.elements())),
+                element,
+                None,
+            ),
+            Plan::Matrix(choice) => {
+                let &[rows, cols] = header.shape.as_slice() else {
+                    return Err(format!(
+                        "tensor {name:?} has shape {:?}, not a matrix",
+                        header.shape
+                    )
+                    .into());
+                };
+                let row_bytes = (cols * element).max(1);
+                let unit = row_bytes * (GROUP_BYTES / row_bytes).max(1);
+                let quant = choice.used;
+                let packed_format = match quant {
+                    Quant::Q8_0 => Some(Format::Q8_0),
+                    Quant::Q4_0 => Some(Format::Q4_0),
+                    _ => None,
+                };
+                let target = match packed_format {
+                    Some(format) if device.is_cpu() => {
+                        Target::Packed(PackedBuilder::new(format, rows, cols)?)
+                    }
+                    _ if quant == Quant::F32 => Target::Dense(Vec::with_capacity(rows * cols)),
+                    _ => {
+                        let ggml = quant.ggml();
+                        let size = rows * cols / ggml.block_size() * ggml.type_size();
+                        Target::Blocks {
+                            quant,
+                            raw: Vec::with_capacity(size),
+                        }
+                    }
+                };
+                (target, unit, Some(choice))
+            }
+        };
+        Ok(Self {
+            header,
+            choice,
+            remaining: len,
+            unit,
+            element,
+            target,
+            rows_buf: Vec::new(),
+        })
+    }
+
+    /// Takes what it needs of `chunk` (returns how much), converting every whole unit gathered.
+    fn take(&mut self, chunk: &[u8], pending: &mut Vec<u8>) -> Result<usize, IntakeError> {
+        let used = chunk.len().min(self.remaining);
+        self.remaining -= used;
+        let bytes = &chunk[..used];
+        if let Target::Skip = self.target {
+            return Ok(used);
+        }
+        let last = self.remaining == 0;
+        // Whole units straight from the chunk when nothing is pending; else through `pending`.
+        if pending.is_empty() {
+            let whole = if last {
+                bytes.len()
+            } else {
+                bytes.len() / self.unit * self.unit
+            };
+            self.convert(&bytes[..whole])?;
+            pending.extend_from_slice(&bytes[whole..]);
+        } else {
+            pending.extend_from_slice(bytes);
+            let whole = if last {
+                pending.len()
+            } else {
+                pending.len() / self.unit * self.unit
+            };
+            if whole > 0 {
+                let rest = pending.split_off(whole);
+                let ready = std::mem::replace(pending, rest);
+                self.convert(&ready)?;
+            }
+        }
+        Ok(used)
+    }
+
+    /// Converts whole elements (whole rows for matrices) into the target.
+    fn convert(&mut self, bytes: &[u8]) -> Result<(), IntakeError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if !bytes.len().is_multiple_of(self.element) {
+            return Err(format!("tensor {:?} ends inside an element", self.header.name).into());
+        }
+        self.rows_buf.clear();
+        to_f32(self.header.dtype, bytes, &mut self.rows_buf);
+        match &mut self.target {
+            Target::Skip => {}
+            Target::Dense(values) => values.extend_from_slice(&self.rows_buf),
+            Target::Packed(builder) => builder.push_rows(&self.rows_buf)?,
+            Target::Blocks { quant, raw } => {
+                let cols = self.header.shape.get(1).copied().unwrap_or(1).max(1);
+                let rows = self.rows_buf.len() / cols;
+                let group = Tensor::from_slice(&self.rows_buf, (rows, cols), &Device::Cpu)?;
+                let q = QTensor::quantize(&group, quant.ggml())?;
+                raw.extend_from_slice(&q.data()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The built tensor; None for a skipped one.
+    fn finish(self, device: &Device) -> Result<Option<(String, Built)>, IntakeError> {
+        let shape = self.header.shape.clone();
+        let name = self.header.name;
+        let built = match (self.target, self.choice) {
+            (Target::Dense(values), choice) => {
+                let dense = Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?;
+                match choice {
+                    None => Built::Dense(dense),
+                    Some(choice) => Built::Matrix(Matrix::Candle(QMatMul::Tensor(dense)), choice),
+                }
+            }
+            (Target::Packed(builder), Some(choice)) => Built::Matrix(
+                Matrix::Packed(std::sync::Arc::new(builder.finish()?)),
+                choice,
+            ),
+            (Target::Blocks { quant, raw }, Some(choice)) => {
+                let storage = QStorage::from_data(Cow::Owned(raw), device, quant.ggml())?;
+                let q = QTensor::new(storage, shape)?;
+                // Not `QMatMul::from_qtensor`: it would expand f16/bf16 back to f32.
+                let matrix = Matrix::Candle(QMatMul::QTensor(std::sync::Arc::new(q)));
+                Built::Matrix(matrix, choice)
+            }
+            (Target::Skip, _) => return Ok(None),
+            (_, None) => return Err(format!("tensor {name:?} has no format chosen").into()),
+        };
+        Ok(Some((name, built)))
+    }
+}
+
+/// Appends `bytes` (little-endian `dtype` values, a float type) to `out` as f32.
+fn to_f32(dtype: safetensors::Dtype, bytes: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        safetensors::Dtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        safetensors::Dtype::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        _ => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+    }
+}
