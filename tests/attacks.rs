@@ -253,45 +253,78 @@ fn file_replaced_after_verification_cannot_reach_the_loader() {
     assert!(err.to_string().contains("model.safetensors"), "{err}");
 }
 
-/// A writer racing the loader, flipping the file between good and bad in place: every load either
-/// fails or yields exactly the locked bytes.
+/// A writer racing the loaders, flipping a multi-chunk weight file between good and bad in place
+/// until they are done: every load, kept in memory or streamed into an intake chunk by chunk,
+/// either fails naming the file or yields exactly the locked bytes; and the writer did race them
+/// (some loads were refused).
 #[test]
 fn in_place_rewrites_racing_the_loader_never_leak_through() {
-    let good = tiny_safetensors();
+    let data = vec![7u8; 3 << 20];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![data.len()], &data)
+            .unwrap();
+    let good = safetensors::serialize([("w", view)], None).unwrap();
     let mut evil = good.clone();
-    let last = evil.len() - 1;
-    evil[last] ^= 0xff;
+    let middle = evil.len() / 2;
+    evil[middle] ^= 0xff;
     let tiny = TinyModel::new(&[("model.safetensors", &good), ("config.json", b"{}")]);
     let (_, lock) = tiny_lock(&tiny);
     let entry = &lock.models[0];
     let path = tiny.model_dir.join("model.safetensors");
     let stop = std::sync::atomic::AtomicBool::new(false);
+
+    struct Collect(Vec<u8>);
+    impl attest::verify::Intake for Collect {
+        fn take(&mut self, chunk: &[u8]) -> Result<(), attest::verify::IntakeError> {
+            self.0.extend_from_slice(chunk);
+            Ok(())
+        }
+    }
+    let progress = attest::progress::NoProgress;
+    let streamed = || -> Result<Vec<u8>, attest::verify::VerifyError> {
+        let mut load = attest::verify::begin_load(entry, &tiny.model_dir, &progress, |p| {
+            p.ends_with(".safetensors")
+        })?;
+        let mut intake = Collect(Vec::new());
+        load.stream("model.safetensors", &mut intake)?;
+        load.finish()?;
+        Ok(intake.0)
+    };
+    let kept = || {
+        attest::verify::load_verified(entry, &tiny.model_dir, &progress)
+            .map(|m| m.file("model.safetensors").unwrap().bytes.clone())
+    };
     std::thread::scope(|s| {
         s.spawn(|| {
-            for i in 0..2000 {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let bytes = if i % 2 == 0 { &evil } else { &good };
                 let _ = fs::write(&path, bytes);
+                i += 1;
+                // Long enough for some loads to read a whole good copy.
+                std::thread::sleep(std::time::Duration::from_millis(2));
             }
         });
         let (mut ok, mut refused) = (0, 0);
-        for _ in 0..300 {
-            match attest::verify::load_verified(
-                entry,
-                &tiny.model_dir,
-                &attest::progress::NoProgress,
-            ) {
-                Ok(model) => {
-                    assert_eq!(model.file("model.safetensors").unwrap().bytes, good);
+        for i in 0..200 {
+            let loaded = if i % 2 == 0 { streamed() } else { kept() };
+            match loaded {
+                Ok(bytes) => {
+                    assert!(
+                        bytes == good,
+                        "load {i} got bytes other than the locked ones"
+                    );
                     ok += 1;
                 }
-                Err(_) => refused += 1,
+                Err(e) => {
+                    assert!(e.to_string().contains("model.safetensors"), "{e}");
+                    refused += 1;
+                }
             }
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(ok + refused, 300);
+        eprintln!("{ok} loads got the locked bytes, {refused} were refused");
+        assert!(refused > 0, "the writer never raced a load");
     });
 }
 

@@ -786,3 +786,168 @@ fn read_prefix(path: &Path) -> Vec<u8> {
     }
     prefix
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lockfile::{HfSource, Source, Task};
+
+    /// A Safetensors file of one U8 tensor of `len` bytes (several read chunks when large).
+    fn safetensors(len: usize, fill: u8) -> Vec<u8> {
+        let data = vec![fill; len];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![len], &data)
+            .expect("view");
+        safetensors::serialize([("w", view)], None).expect("serializes")
+    }
+
+    fn model(files: &[(&str, &[u8])]) -> (tempfile::TempDir, ModelEntry) {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let locked = files
+            .iter()
+            .map(|(path, bytes)| {
+                fs::write(dir.path().join(path), bytes).expect("writes");
+                LockedFile {
+                    path: (*path).to_owned(),
+                    sha256: Sha256Digest::of(bytes),
+                    size: bytes.len() as u64,
+                }
+            })
+            .collect();
+        let source = Source::Hf(HfSource {
+            repo: "org/tiny".to_owned(),
+            revision: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+            files: None,
+        });
+        let entry = ModelEntry::new("tiny", Task::Chat, "llama", "MIT", source, locked);
+        (dir, entry)
+    }
+
+    /// Gathers what it is streamed, recording each chunk's size.
+    #[derive(Default)]
+    struct Collect {
+        bytes: Vec<u8>,
+        chunks: Vec<usize>,
+    }
+
+    impl Intake for Collect {
+        fn take(&mut self, chunk: &[u8]) -> Result<(), IntakeError> {
+            self.bytes.extend_from_slice(chunk);
+            self.chunks.push(chunk.len());
+            Ok(())
+        }
+    }
+
+    fn is_weights(path: &str) -> bool {
+        path.ends_with(".safetensors")
+    }
+
+    #[test]
+    fn streamed_bytes_are_the_file_in_bounded_chunks_and_kept_files_stay_in_memory() {
+        let weights = safetensors(3 * HASH_CHUNK + 17, 7);
+        let (dir, entry) = model(&[("config.json", b"{}"), ("model.safetensors", &weights)]);
+        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
+            .expect("begins");
+        assert_eq!(load.to_stream(), ["model.safetensors"]);
+        assert_eq!(
+            load.file("config.json").map(|f| f.bytes.as_slice()),
+            Some(&b"{}"[..])
+        );
+        let mut intake = Collect::default();
+        load.stream("model.safetensors", &mut intake)
+            .expect("streams");
+        assert_eq!(intake.bytes, weights);
+        assert!(intake.chunks.iter().all(|&n| n <= HASH_CHUNK));
+        let verified = load.finish().expect("finishes");
+        assert!(verified.file("model.safetensors").is_none());
+        assert_eq!(verified.streamed.len(), 1);
+        assert_eq!(verified.streamed[0].sha256, entry.files[1].sha256);
+    }
+
+    #[test]
+    fn a_byte_changed_after_the_lock_was_made_fails_the_stream_after_its_bytes_went_by() {
+        let weights = safetensors(2 * HASH_CHUNK, 1);
+        let (dir, entry) = model(&[("model.safetensors", &weights)]);
+        let mut tampered = weights.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        fs::write(dir.path().join("model.safetensors"), &tampered).expect("writes");
+        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
+            .expect("sizes still match");
+        let mut intake = Collect::default();
+        let err = load
+            .stream("model.safetensors", &mut intake)
+            .expect_err("refused");
+        assert!(
+            matches!(&err, VerifyError::File { path, problem: FileProblem::DigestMismatch { .. }, .. } if path == "model.safetensors"),
+            "{err}"
+        );
+        assert!(err.is_refusal());
+        // The intake did see the bytes: the refusal is what keeps them from inference.
+        assert_eq!(intake.bytes, tampered);
+    }
+
+    #[test]
+    fn a_malformed_header_is_refused_before_any_byte_reaches_the_intake() {
+        let mut weights = safetensors(64, 0);
+        weights[8] = b' '; // Whitespace before the header's `{`.
+        let (dir, entry) = model(&[("model.safetensors", &weights)]);
+        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
+            .expect("begins");
+        let mut intake = Collect::default();
+        let err = load
+            .stream("model.safetensors", &mut intake)
+            .expect_err("refused");
+        assert!(matches!(
+            err,
+            VerifyError::File {
+                problem: FileProblem::Format(_),
+                ..
+            }
+        ));
+        assert!(intake.bytes.is_empty());
+    }
+
+    #[test]
+    fn missing_weights_fail_at_the_start_and_unstreamed_ones_are_hashed_at_the_end() {
+        let weights = safetensors(100, 3);
+        let (dir, entry) = model(&[("a.safetensors", &weights), ("b.safetensors", &weights)]);
+        fs::remove_file(dir.path().join("b.safetensors")).expect("removes");
+        let err = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("b.safetensors: missing"), "{err}");
+
+        fs::write(dir.path().join("b.safetensors"), safetensors(100, 4)).expect("writes");
+        let load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
+            .expect("sizes match");
+        // Nothing streamed: finish still hashes both and finds b's swap.
+        let err = load.finish().expect_err("refused");
+        assert!(
+            err.to_string().contains("b.safetensors: sha256 mismatch"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_intake_error_names_the_file_and_is_not_a_refusal() {
+        struct Refuse;
+        impl Intake for Refuse {
+            fn take(&mut self, _: &[u8]) -> Result<(), IntakeError> {
+                Err("dtype I64 cannot be a weight".into())
+            }
+        }
+        let weights = safetensors(10, 0);
+        let (dir, entry) = model(&[("model.safetensors", &weights)]);
+        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
+            .expect("begins");
+        let err = load
+            .stream("model.safetensors", &mut Refuse)
+            .expect_err("fails");
+        assert_eq!(
+            err.to_string(),
+            "model \"tiny\": model.safetensors: cannot be loaded: dtype I64 cannot be a weight"
+        );
+        assert!(!err.is_refusal());
+        assert!(load.stream("config.json", &mut Refuse).is_err());
+    }
+}

@@ -323,39 +323,6 @@ impl Matrix {
     }
 }
 
-/// Brings one weight matrix (on the CPU, any float dtype) into `quant` on `device`, ready for
-/// matmuls. `f32` stays dense (fast dense GEMM for prompts); q8_0 and q4_0 on the CPU go to
-/// sanctum's kernels; every other format is a ggml block tensor multiplied by candle's quantized
-/// kernels, so `f16`/`bf16` halve the memory too.
-pub fn quantize_matrix(
-    weight: &Tensor,
-    quant: Quant,
-    device: &Device,
-) -> candle_core::Result<Matrix> {
-    let format = match quant {
-        Quant::Q8_0 => Some(Format::Q8_0),
-        Quant::Q4_0 => Some(Format::Q4_0),
-        _ => None,
-    };
-    if let (Some(format), true) = (format, device.is_cpu()) {
-        let (rows, cols) = weight.dims2()?;
-        let data = weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let packed = PackedMatrix::quantize(format, &data, rows, cols)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        return Ok(Matrix::Packed(Arc::new(packed)));
-    }
-    if quant == Quant::F32 {
-        let dense = weight.to_dtype(DType::F32)?.to_device(device)?;
-        return Ok(Matrix::Candle(QMatMul::Tensor(dense)));
-    }
-    let q = QTensor::quantize_onto(weight, quant.ggml(), device)?;
-    // Not `QMatMul::from_qtensor`: it would expand f16/bf16 back to f32.
-    Ok(Matrix::Candle(QMatMul::QTensor(Arc::new(q))))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,28 +358,5 @@ mod tests {
         assert_eq!(c.reason, None);
         let c = choose("x", Quant::Q4_0, Role::Layer, 576);
         assert_eq!((c.used, c.reason), (Quant::Q4_0, None));
-    }
-
-    #[test]
-    fn every_format_quantizes_and_multiplies() -> candle_core::Result<()> {
-        let values = |n, state| crate::testing::values(n, state, 1.0);
-        let w = Tensor::from_vec(values(64 * 256, 1), (64, 256), &Device::Cpu)?;
-        let x = Tensor::from_vec(values(3 * 256, 2), (1, 3, 256), &Device::Cpu)?;
-        let exact = QMatMul::Tensor(w.clone()).forward(&x)?;
-        let rms = |t: &Tensor| -> candle_core::Result<f32> {
-            t.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()
-        };
-        for q in ALL {
-            let y = quantize_matrix(&w, q, &Device::Cpu)?.forward(&x)?;
-            let relative = rms(&(y - &exact)?)? / rms(&exact)?;
-            let bound = match q {
-                Quant::F32 => 1e-6,
-                Quant::F16 => 0.002,
-                Quant::Bf16 | Quant::Q8_0 => 0.02,
-                _ => 0.15,
-            };
-            assert!(relative < bound, "{q}: relative error {relative}");
-        }
-        Ok(())
     }
 }

@@ -515,3 +515,183 @@ fn to_f32(dtype: safetensors::Dtype, bytes: &[u8], out: &mut Vec<f32>) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Module;
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+    use crate::kernels::PackedMatrix;
+    use crate::quant::ALL;
+
+    const ROWS: usize = 48;
+    const COLS: usize = 256;
+
+    fn values(n: usize, state: u64) -> Vec<f32> {
+        crate::testing::values(n, state, 1.0)
+    }
+
+    /// One `[ROWS, COLS]` matrix in `dtype`, an f16 vector, and an i64 buffer, as Safetensors.
+    fn file(dtype: safetensors::Dtype) -> (Vec<u8>, Vec<f32>) {
+        let w = values(ROWS * COLS, 1);
+        let bytes: Vec<u8> = match dtype {
+            safetensors::Dtype::BF16 => w
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            safetensors::Dtype::F16 => w
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            _ => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        // What the matrix holds once read, for references.
+        let mut read = Vec::new();
+        to_f32(dtype, &bytes, &mut read);
+        let norm: Vec<u8> = [0.5f32, -2.0, 3.25]
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let ids: Vec<u8> = (0i64..4).flat_map(|v| v.to_le_bytes()).collect();
+        let view = |dtype, shape: Vec<usize>, data| {
+            safetensors::tensor::TensorView::new(dtype, shape, data).expect("view")
+        };
+        let tensors = [
+            ("ids", view(safetensors::Dtype::I64, vec![4], &ids)),
+            ("norm", view(safetensors::Dtype::F16, vec![3], &norm)),
+            ("w", view(dtype, vec![ROWS, COLS], &bytes)),
+        ];
+        (
+            safetensors::serialize(tensors, None).expect("serializes"),
+            read,
+        )
+    }
+
+    fn plan_for(quant: Quant) -> impl FnMut(&[TensorHeader]) -> Vec<Plan> {
+        move |tensors: &[TensorHeader]| {
+            tensors
+                .iter()
+                .map(|t| match t.name.as_str() {
+                    "w" => Plan::Matrix(crate::quant::choose(
+                        "w",
+                        quant,
+                        crate::quant::Role::Layer,
+                        COLS,
+                    )),
+                    "norm" => Plan::Dense,
+                    _ => Plan::Skip,
+                })
+                .collect()
+        }
+    }
+
+    /// Feeds `bytes` in chunks of `chunk` bytes, as a streamed read does.
+    fn built(bytes: &[u8], quant: Quant, chunk: usize) -> Weights {
+        let mut plan = plan_for(quant);
+        let mut intake = SafetensorsIntake::new(&Device::Cpu, &mut plan);
+        for piece in bytes.chunks(chunk) {
+            intake.take(piece).expect("takes");
+        }
+        intake.finish_into()
+    }
+
+    fn product(m: &Matrix) -> Vec<f32> {
+        let x = Tensor::from_vec(values(3 * COLS, 2), (1, 3, COLS), &Device::Cpu).expect("x");
+        m.forward(&x)
+            .and_then(|y| y.flatten_all())
+            .and_then(|y| y.to_vec1())
+            .expect("multiplies")
+    }
+
+    /// The matrix built from a stream is the one quantizing the whole tensor at once gives, bit
+    /// for bit, however the stream is cut, from every float dtype, in every format.
+    #[test]
+    fn streamed_matrices_equal_whole_tensor_quantization_for_any_chunking() {
+        for dtype in [
+            safetensors::Dtype::F32,
+            safetensors::Dtype::F16,
+            safetensors::Dtype::BF16,
+        ] {
+            let (bytes, read) = file(dtype);
+            for quant in ALL {
+                let whole = Tensor::from_vec(read.clone(), (ROWS, COLS), &Device::Cpu).expect("w");
+                let reference = match quant {
+                    Quant::Q8_0 | Quant::Q4_0 => {
+                        let format = if quant == Quant::Q8_0 {
+                            Format::Q8_0
+                        } else {
+                            Format::Q4_0
+                        };
+                        let packed =
+                            PackedMatrix::quantize(format, &read, ROWS, COLS).expect("packs");
+                        product(&Matrix::Packed(std::sync::Arc::new(packed)))
+                    }
+                    Quant::F32 => product(&Matrix::Candle(QMatMul::Tensor(whole))),
+                    _ => {
+                        let q = QTensor::quantize(&whole, quant.ggml()).expect("quantizes");
+                        product(&Matrix::Candle(QMatMul::QTensor(std::sync::Arc::new(q))))
+                    }
+                };
+                for chunk in [1, 7, 4099, bytes.len()] {
+                    let mut weights = built(&bytes, quant, chunk);
+                    assert!(!weights.has("ids"), "integer buffers are skipped");
+                    let norm = weights.dense("norm").expect("norm");
+                    assert_eq!(norm.to_vec1::<f32>().expect("f32"), [0.5, -2.0, 3.25]);
+                    let (m, choice) = weights.matrix("w").expect("matrix");
+                    assert_eq!(choice.used, quant);
+                    assert_eq!(
+                        product(&m),
+                        reference,
+                        "{dtype:?} {quant} in chunks of {chunk}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Memory is what the formats cost, and the in-memory size is reported.
+    #[test]
+    fn built_sizes_are_the_formats_sizes() {
+        let (bytes, _) = file(safetensors::Dtype::BF16);
+        for (quant, per_block) in [(Quant::Q8_0, 34), (Quant::Q4_0, 18)] {
+            let weights = built(&bytes, quant, 1 << 20);
+            let expected = (ROWS * COLS / 32 * per_block + 3 * 4) as u64;
+            assert_eq!(weights.bytes(), expected, "{quant}");
+        }
+        let weights = built(&bytes, Quant::Q4K, 1 << 20);
+        let q4k = GgmlDType::Q4K;
+        let expected = ROWS * COLS / q4k.block_size() * q4k.type_size() + 3 * 4;
+        assert_eq!(weights.bytes(), expected as u64);
+    }
+
+    #[test]
+    fn unusable_tensors_are_refused_by_name() {
+        let (bytes, _) = file(safetensors::Dtype::F32);
+        let mut plan = |t: &[TensorHeader]| vec![Plan::Dense; t.len()];
+        let err = Weights::from_bytes(&bytes, &Device::Cpu, &mut plan).expect_err("i64");
+        assert_eq!(
+            err.to_string(),
+            "tensor \"ids\" is I64, not a float type sanctum can load"
+        );
+        let mut plan = |t: &[TensorHeader]| {
+            t.iter()
+                .map(|t| match t.name.as_str() {
+                    "norm" => Plan::Matrix(crate::quant::choose(
+                        "norm",
+                        Quant::Q8_0,
+                        crate::quant::Role::Layer,
+                        3,
+                    )),
+                    _ => Plan::Skip,
+                })
+                .collect()
+        };
+        let err = Weights::from_bytes(&bytes, &Device::Cpu, &mut plan).expect_err("vector");
+        assert!(
+            err.to_string()
+                .contains("\"norm\" has shape [3], not a matrix"),
+            "{err}"
+        );
+    }
+}

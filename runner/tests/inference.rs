@@ -17,7 +17,7 @@ use std::ops::ControlFlow;
 use attest::Sha256Digest;
 use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task};
 use attest::progress::NoProgress;
-use attest::verify::{VerifiedModel, load_verified};
+use attest::verify::{VerifiedModel, begin_load, load_verified};
 use runner::batch::{Batcher, Event, Job, Limits, Sink};
 use runner::chat::{
     ChatModel, GenerateError, GenerateOptions, Generation, LoadOptions, StopReason,
@@ -34,13 +34,26 @@ use tempfile::TempDir;
 // ---------------------------------------------------------------------------------------------
 // Making and verifying models
 
-/// Writes `files` into a fresh directory, approves them in a lock entry, and loads them verified.
+/// Writes `files` into a fresh directory, approves them in a lock entry, and loads them verified,
+/// every file kept in memory.
 fn verified(
     name: &str,
     task: Task,
     architecture: &str,
     files: &[(&str, Vec<u8>)],
 ) -> (TempDir, VerifiedModel) {
+    let (dir, entry) = stored(name, task, architecture, files);
+    let model = load_verified(&entry, dir.path(), &NoProgress).unwrap();
+    (dir, model)
+}
+
+/// Writes `files` into a fresh directory and approves them in a lock entry.
+fn stored(
+    name: &str,
+    task: Task,
+    architecture: &str,
+    files: &[(&str, Vec<u8>)],
+) -> (TempDir, ModelEntry) {
     let dir = TempDir::new().unwrap();
     let mut locked = Vec::new();
     for (path, bytes) in files {
@@ -59,8 +72,12 @@ fn verified(
         files: None,
     });
     let entry = ModelEntry::new(name, task, architecture, "Apache-2.0", source, locked);
-    let model = load_verified(&entry, dir.path(), &NoProgress).unwrap();
-    (dir, model)
+    (dir, entry)
+}
+
+/// The weights streamed from disk as `sanctum` opens them.
+fn is_weights(path: &str) -> bool {
+    path.ends_with(".safetensors")
 }
 
 fn safetensors_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
@@ -321,9 +338,10 @@ fn load(
     quant: Quant,
     context: Option<usize>,
 ) -> Result<ChatModel, LoadError> {
-    let (_dir, model) = verified("tiny-llama", Task::Chat, "llama", files);
+    let (dir, entry) = stored("tiny-llama", Task::Chat, "llama", files);
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
     ChatModel::load(
-        model,
+        opened,
         &LoadOptions {
             quant: Some(quant),
             device: Device::Cpu,
@@ -864,8 +882,9 @@ fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn embedder(with_head: bool) -> Embedder {
-    let (_dir, model) = verified("tiny-bert", Task::Embed, "bert", &bert_files(with_head));
-    Embedder::load(model, &Device::Cpu).unwrap()
+    let (dir, entry) = stored("tiny-bert", Task::Embed, "bert", &bert_files(with_head));
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+    Embedder::load(opened, &Device::Cpu).unwrap()
 }
 
 fn close(a: &[f32], b: &[f32]) -> bool {
