@@ -155,7 +155,7 @@ impl Embedder {
             tensors
                 .iter()
                 .map(|t| {
-                    if t.is_float() {
+                    if t.is_loadable() {
                         Plan::Dense
                     } else {
                         Plan::Skip

@@ -10,10 +10,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::kernels::{Format, PackedMatrix, Scratch};
+use crate::kernels::{PackedMatrix, Scratch};
 
 /// A format weights run in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

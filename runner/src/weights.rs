@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use attest::verify::{Intake, IntakeError, ModelFiles, VerifyError};
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 use safetensors::tensor::Metadata;
@@ -24,15 +24,44 @@ use crate::quant::{Choice, Matrix, Quant};
 /// to be noise beside the weights.
 const GROUP_BYTES: usize = 4 << 20;
 
+/// `__metadata__` key prefix naming a tensor's ggml block type (docs/quantized-safetensors.md):
+/// `"sanctum.ggml_type.<tensor>": "q4_1"` for a `U8` tensor `[rows, row_bytes]` of raw blocks.
+pub const GGML_TYPE_KEY: &str = "sanctum.ggml_type.";
+
+/// The ggml block types a quantized Safetensors file may hold, by their names in it.
+pub const BLOCK_TYPES: [(&str, GgmlDType); 11] = [
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q8_0", GgmlDType::Q8_0),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+    ("q8_k", GgmlDType::Q8K),
+];
+
+/// The name a block type is written under, or None for a type that is not a block format.
+pub fn block_type_name(dtype: GgmlDType) -> Option<&'static str> {
+    BLOCK_TYPES
+        .iter()
+        .find(|(_, t)| *t == dtype)
+        .map(|(name, _)| *name)
+}
+
 /// A tensor as the file's header declares it.
 #[derive(Debug, Clone)]
 pub struct TensorHeader {
     /// Name in the checkpoint.
     pub name: String,
-    /// Element type.
+    /// Element type (`U8` for ggml blocks).
     pub dtype: safetensors::Dtype,
-    /// Shape.
+    /// Shape of the values: for ggml blocks `[rows, cols]` of weights, not of bytes.
     pub shape: Vec<usize>,
+    /// The ggml block type, for a quantized tensor.
+    pub blocks: Option<GgmlDType>,
 }
 
 impl TensorHeader {
@@ -41,12 +70,22 @@ impl TensorHeader {
         self.shape.iter().product()
     }
 
-    /// True for the float types weights can be built from (f32, f16, bf16).
-    pub fn is_float(&self) -> bool {
-        matches!(
-            self.dtype,
-            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
-        )
+    /// True for what weights can be built from: f32, f16, bf16 values, or ggml blocks.
+    pub fn is_loadable(&self) -> bool {
+        self.blocks.is_some()
+            || matches!(
+                self.dtype,
+                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+            )
+    }
+
+    /// Bytes of one row of the stored tensor.
+    fn row_bytes(&self) -> usize {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        match self.blocks {
+            Some(t) => cols / t.block_size() * t.type_size(),
+            None => cols * (self.dtype.bitsize() / 8),
+        }
     }
 }
 
@@ -209,21 +248,24 @@ impl<'a> SafetensorsIntake<'a> {
         };
         let header = std::str::from_utf8(header)?;
         let metadata: Metadata = serde_json::from_str(header)?;
+        let block_types = block_types(&metadata)?;
         let mut tensors: Vec<(TensorHeader, usize, usize)> = metadata
             .tensors()
             .into_iter()
             .map(|(name, info)| {
-                (
-                    TensorHeader {
+                let header = match block_types.get(name.as_str()) {
+                    Some(&t) => block_header(name, info.dtype, &info.shape, t)?,
+                    None => TensorHeader {
                         name,
                         dtype: info.dtype,
                         shape: info.shape.clone(),
+                        blocks: None,
                     },
-                    info.data_offsets.0,
-                    info.data_offsets.1 - info.data_offsets.0,
-                )
+                };
+                let (begin, end) = info.data_offsets;
+                Ok((header, begin, end - begin))
             })
-            .collect();
+            .collect::<Result<_, IntakeError>>()?;
         tensors.sort_by_key(|(_, begin, _)| *begin);
         let headers: Vec<TensorHeader> = tensors.iter().map(|(h, _, _)| h.clone()).collect();
         let plans = (self.plan)(&headers);
@@ -314,6 +356,64 @@ fn built_bytes(built: &Built) -> u64 {
     }
 }
 
+/// The block type of every tensor the metadata names one for.
+fn block_types(metadata: &Metadata) -> Result<HashMap<String, GgmlDType>, IntakeError> {
+    let mut types = HashMap::new();
+    for (key, value) in metadata.metadata().iter().flatten() {
+        let Some(tensor) = key.strip_prefix(GGML_TYPE_KEY) else {
+            continue;
+        };
+        let Some(&(_, t)) = BLOCK_TYPES.iter().find(|(name, _)| name == value) else {
+            let known: Vec<&str> = BLOCK_TYPES.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "__metadata__ {key:?} names block type {value:?}; known types: {}",
+                known.join(", ")
+            )
+            .into());
+        };
+        if metadata.info(tensor).is_none() {
+            return Err(
+                format!("__metadata__ {key:?} names a tensor the file does not have").into(),
+            );
+        }
+        types.insert(tensor.to_owned(), t);
+    }
+    Ok(types)
+}
+
+/// The header of a tensor of raw ggml blocks: `U8 [rows, row_bytes]`, whole blocks per row.
+fn block_header(
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+    blocks: GgmlDType,
+) -> Result<TensorHeader, IntakeError> {
+    let kind = block_type_name(blocks).unwrap_or("?");
+    let malformed = |problem: String| -> IntakeError {
+        format!("tensor {name:?} ({kind} blocks): malformed block layout: {problem}").into()
+    };
+    if dtype != safetensors::Dtype::U8 {
+        return Err(malformed(format!("dtype is {dtype:?}, not U8")));
+    }
+    let &[rows, row_bytes] = shape else {
+        return Err(malformed(format!(
+            "shape {shape:?} is not [rows, bytes per row]"
+        )));
+    };
+    let size = blocks.type_size();
+    if row_bytes == 0 || !row_bytes.is_multiple_of(size) {
+        return Err(malformed(format!(
+            "rows of {row_bytes} bytes are not a whole number of {size}-byte blocks"
+        )));
+    }
+    Ok(TensorHeader {
+        name,
+        dtype,
+        shape: vec![rows, row_bytes / size * blocks.block_size()],
+        blocks: Some(blocks),
+    })
+}
+
 /// Where one tensor's converted rows go.
 enum Target {
     Skip,
@@ -322,7 +422,7 @@ enum Target {
     /// ggml blocks for candle, filled group by group.
     Blocks {
         quant: Quant,
-        raw: Vec<u8>,
+        raw: AlignedBytes,
     },
 }
 
@@ -346,9 +446,13 @@ impl Builder {
         plan: Plan,
         device: &Device,
     ) -> Result<Self, IntakeError> {
-        let element = (header.dtype.bitsize() / 8).max(1);
+        // Blocks convert a row at a time at least; values an element at a time.
+        let element = match header.blocks {
+            Some(_) => header.row_bytes().max(1),
+            None => (header.dtype.bitsize() / 8).max(1),
+        };
         let name = &header.name;
-        if plan != Plan::Skip && !header.is_float() {
+        if plan != Plan::Skip && !header.is_loadable() {
             return Err(format!(
                 "tensor {name:?} is {:?}, not a float type sanctum can load",
                 header.dtype
@@ -370,7 +474,7 @@ impl Builder {
                     )
                     .into());
                 };
-                let row_bytes = (cols * element).max(1);
+                let row_bytes = header.row_bytes().max(1);
                 let unit = row_bytes * (GROUP_BYTES / row_bytes).max(1);
                 let quant = choice.used;
                 let packed_format = match quant {
@@ -388,7 +492,7 @@ impl Builder {
                         let size = rows * cols / ggml.block_size() * ggml.type_size();
                         Target::Blocks {
                             quant,
-                            raw: Vec::with_capacity(size),
+                            raw: AlignedBytes::with_capacity(size),
                         }
                     }
                 };
@@ -448,8 +552,26 @@ impl Builder {
         if !bytes.len().is_multiple_of(self.element) {
             return Err(format!("tensor {:?} ends inside an element", self.header.name).into());
         }
-        self.rows_buf.clear();
-        to_f32(self.header.dtype, bytes, &mut self.rows_buf);
+        if let Some(stored) = self.header.blocks {
+            // Blocks already in the format asked for go in as they are; others are expanded.
+            match &mut self.target {
+                Target::Blocks { quant, raw } if quant.ggml() == stored => {
+                    raw.extend(bytes);
+                    return Ok(());
+                }
+                Target::Packed(builder) if packs(builder.format(), stored) => {
+                    builder.push_ggml_rows(bytes)?;
+                    return Ok(());
+                }
+                _ => {}
+            }
+            self.rows_buf.clear();
+            let cols = self.header.shape.last().copied().unwrap_or(1);
+            dequantize(stored, bytes, cols, &mut self.rows_buf)?;
+        } else {
+            self.rows_buf.clear();
+            to_f32(self.header.dtype, bytes, &mut self.rows_buf);
+        }
         match &mut self.target {
             Target::Skip => {}
             Target::Dense(values) => values.extend_from_slice(&self.rows_buf),
@@ -459,7 +581,7 @@ impl Builder {
                 let rows = self.rows_buf.len() / cols;
                 let group = Tensor::from_slice(&self.rows_buf, (rows, cols), &Device::Cpu)?;
                 let q = QTensor::quantize(&group, quant.ggml())?;
-                raw.extend_from_slice(&q.data()?);
+                raw.extend(&q.data()?[..]);
             }
         }
         Ok(())
@@ -482,7 +604,8 @@ impl Builder {
                 choice,
             ),
             (Target::Blocks { quant, raw }, Some(choice)) => {
-                let storage = QStorage::from_data(Cow::Owned(raw), device, quant.ggml())?;
+                let storage =
+                    QStorage::from_data(Cow::Borrowed(raw.bytes()), device, quant.ggml())?;
                 let q = QTensor::new(storage, shape)?;
                 // Not `QMatMul::from_qtensor`: it would expand f16/bf16 back to f32.
                 let matrix = Matrix::Candle(QMatMul::QTensor(std::sync::Arc::new(q)));
@@ -493,6 +616,61 @@ impl Builder {
         };
         Ok(Some((name, built)))
     }
+}
+
+/// True when ggml blocks of `stored` are in the packed matrix's format already.
+fn packs(format: Format, stored: GgmlDType) -> bool {
+    matches!(
+        (format, stored),
+        (Format::Q8_0, GgmlDType::Q8_0) | (Format::Q4_0, GgmlDType::Q4_0)
+    )
+}
+
+/// Bytes kept 8-byte aligned, as candle's block types need when it reads them in place.
+struct AlignedBytes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedBytes {
+    fn with_capacity(bytes: usize) -> Self {
+        Self {
+            words: Vec::with_capacity(bytes.div_ceil(8)),
+            len: 0,
+        }
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        let len = self.len + bytes.len();
+        self.words.resize(len.div_ceil(8), 0);
+        bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[self.len..len].copy_from_slice(bytes);
+        self.len = len;
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
+    }
+}
+
+/// Appends whole rows of `stored` blocks (rows of `cols` values) to `out` as f32, exactly as
+/// ggml dequantizes them.
+fn dequantize(
+    stored: GgmlDType,
+    bytes: &[u8],
+    cols: usize,
+    out: &mut Vec<f32>,
+) -> Result<(), IntakeError> {
+    let row_bytes = cols / stored.block_size() * stored.type_size();
+    let rows = bytes.len() / row_bytes.max(1);
+    let mut aligned = AlignedBytes::with_capacity(bytes.len());
+    aligned.extend(bytes);
+    let storage = QStorage::from_data(Cow::Borrowed(aligned.bytes()), &Device::Cpu, stored)?;
+    let values = QTensor::new(storage, (rows, cols))?
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    out.extend_from_slice(&values);
+    Ok(())
 }
 
 /// Appends `bytes` (little-endian `dtype` values, a float type) to `out` as f32.
@@ -693,5 +871,137 @@ mod tests {
                 .contains("\"norm\" has shape [3], not a matrix"),
             "{err}"
         );
+    }
+
+    /// A file holding `w` as raw blocks of `stored` (quantized from the test values by candle),
+    /// and those blocks dequantized, which is what the weights are.
+    fn block_file(stored: GgmlDType) -> (Vec<u8>, Vec<f32>) {
+        let w = Tensor::from_vec(values(ROWS * COLS, 3), (ROWS, COLS), &Device::Cpu).expect("w");
+        let q = QTensor::quantize(&w, stored).expect("quantizes");
+        let raw = q.data().expect("data").into_owned();
+        let exact: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("dequantizes");
+        let name = block_type_name(stored).expect("a block type");
+        let row_bytes = raw.len() / ROWS;
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::U8,
+            vec![ROWS, row_bytes],
+            &raw,
+        )
+        .expect("view");
+        let metadata = HashMap::from([(format!("{GGML_TYPE_KEY}w"), name.to_owned())]);
+        let bytes = safetensors::serialize([("w", view)], Some(metadata)).expect("serializes");
+        (bytes, exact)
+    }
+
+    /// Stored blocks in the format asked for go in unchanged; into any other format they are
+    /// dequantized exactly as ggml does and quantized from those values.
+    #[test]
+    fn stored_blocks_pass_through_or_are_requantized_from_their_exact_values() {
+        for stored in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let (bytes, exact) = block_file(stored);
+            for quant in ALL {
+                let mut weights = built(&bytes, quant, 5003);
+                let (m, _) = weights.matrix("w").expect("matrix");
+                let reference = if quant.ggml() == stored {
+                    match &m {
+                        Matrix::Packed(p) => {
+                            // Unchanged blocks: every row dequantizes to ggml's values.
+                            let mut row = vec![0f32; COLS];
+                            for r in 0..ROWS {
+                                p.dequantize_row(r, &mut row);
+                                assert_eq!(row, exact[r * COLS..(r + 1) * COLS], "{quant} row {r}");
+                            }
+                            continue;
+                        }
+                        _ => {
+                            // The very blocks the file holds (candle quantizes the same values
+                            // to the same blocks).
+                            let w = Tensor::from_vec(
+                                values(ROWS * COLS, 3),
+                                (ROWS, COLS),
+                                &Device::Cpu,
+                            )
+                            .expect("w");
+                            let q = QTensor::quantize(&w, stored).expect("quantizes");
+                            product(&Matrix::Candle(QMatMul::QTensor(std::sync::Arc::new(q))))
+                        }
+                    }
+                } else {
+                    let (whole_bytes, _) = {
+                        let b: Vec<u8> = exact.iter().flat_map(|v| v.to_le_bytes()).collect();
+                        let view = safetensors::tensor::TensorView::new(
+                            safetensors::Dtype::F32,
+                            vec![ROWS, COLS],
+                            &b,
+                        )
+                        .expect("view");
+                        (
+                            safetensors::serialize([("w", view)], None).expect("serializes"),
+                            (),
+                        )
+                    };
+                    let mut from_values = built(&whole_bytes, quant, 1 << 20);
+                    product(&from_values.matrix("w").expect("matrix").0)
+                };
+                assert_eq!(product(&m), reference, "{stored:?} stored, {quant} asked");
+            }
+            // As f32 (a BERT, a norm) the blocks are their exact values.
+            let mut dense = |t: &[TensorHeader]| vec![Plan::Dense; t.len()];
+            let mut weights = Weights::from_bytes(&bytes, &Device::Cpu, &mut dense).expect("dense");
+            let w = weights.dense("w").expect("w");
+            assert_eq!(w.dims(), [ROWS, COLS]);
+            assert_eq!(
+                w.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .expect("f32"),
+                exact
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_block_layouts_are_refused_naming_the_tensor() {
+        let raw = vec![0u8; 4 * 34];
+        let file = |dtype, shape: Vec<usize>, kind: &str, key: &str| {
+            let view = safetensors::tensor::TensorView::new(dtype, shape, &raw).expect("view");
+            let metadata = HashMap::from([(format!("{GGML_TYPE_KEY}{key}"), kind.to_owned())]);
+            safetensors::serialize([("w", view)], Some(metadata)).expect("serializes")
+        };
+        let mut dense = |t: &[TensorHeader]| vec![Plan::Dense; t.len()];
+        for (bytes, message) in [
+            (
+                file(safetensors::Dtype::U8, vec![4, 34], "q9_9", "w"),
+                "names block type \"q9_9\"",
+            ),
+            (
+                file(safetensors::Dtype::U8, vec![4, 34], "q8_0", "x"),
+                "names a tensor the file does not have",
+            ),
+            (
+                file(safetensors::Dtype::U8, vec![2, 68], "q4_0", "w"),
+                "tensor \"w\" (q4_0 blocks): malformed block layout: rows of 68 bytes are not a whole number of 18-byte blocks",
+            ),
+            (
+                file(safetensors::Dtype::U8, vec![136], "q8_0", "w"),
+                "malformed block layout: shape [136] is not [rows, bytes per row]",
+            ),
+            (
+                file(safetensors::Dtype::I16, vec![4, 17], "q8_0", "w"),
+                "malformed block layout: dtype is I16, not U8",
+            ),
+        ] {
+            let err = Weights::from_bytes(&bytes, &Device::Cpu, &mut dense).expect_err(message);
+            assert!(err.to_string().contains(message), "{err}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! `import_gguf` on a tiny synthetic Llama GGUF written here, and (when available) on the real
 //! SmolLM2-135M-Instruct GGUF named by `SANCTUM_TEST_SMOLLM2_GGUF`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -10,6 +10,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use runner::import::gguf::{GgufImport, ImportError, import_gguf};
+use runner::weights::{Plan, TensorHeader, Weights};
 use safetensors::SafeTensors;
 use tokenizers::Tokenizer;
 
@@ -231,15 +232,21 @@ fn write_gguf(dir: &Path, spec: &Spec) -> PathBuf {
     path
 }
 
-fn read_f32(st: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
-    let data = t
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect();
-    (t.shape().to_vec(), data)
+/// Every tensor of a `model.safetensors` as f32, ggml blocks dequantized, as sanctum's loader
+/// reads them.
+fn tensors_f32(bytes: &[u8]) -> HashMap<String, Tensor> {
+    let mut dense = |t: &[TensorHeader]| vec![Plan::Dense; t.len()];
+    Weights::from_bytes(bytes, &Device::Cpu, &mut dense)
+        .unwrap()
+        .into_dense()
+}
+
+fn read_f32(tensors: &HashMap<String, Tensor>, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let t = tensors.get(name).unwrap_or_else(|| panic!("no {name}"));
+    (
+        t.dims().to_vec(),
+        t.flatten_all().unwrap().to_vec1().unwrap(),
+    )
 }
 
 fn file_names(dir: &Path) -> Vec<String> {
@@ -294,10 +301,23 @@ fn converts_names_shapes_config_and_unpermutes_q_k() {
     let bytes = fs::read(out.join("model.safetensors")).unwrap();
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let user_metadata = header.metadata().clone().unwrap();
-    assert_eq!(user_metadata.len(), 1);
     assert_eq!(user_metadata["format"], "pt");
+    // q8_0 matrices keep their blocks, named in the metadata; f32 tensors stay f32.
     let st = SafeTensors::deserialize(&bytes).unwrap();
+    let down = st.tensor("model.layers.0.mlp.down_proj.weight").unwrap();
+    assert_eq!(down.dtype(), safetensors::Dtype::U8);
+    assert_eq!(down.shape(), [HIDDEN, FFN / 32 * 34]);
+    assert_eq!(
+        user_metadata["sanctum.ggml_type.model.layers.0.mlp.down_proj.weight"],
+        "q8_0"
+    );
+    let q = st.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
+    assert_eq!(q.dtype(), safetensors::Dtype::F32);
+    assert!(
+        !user_metadata.contains_key("sanctum.ggml_type.model.layers.0.self_attn.q_proj.weight")
+    );
     let names: BTreeSet<String> = st.names().into_iter().map(String::from).collect();
+    let st = tensors_f32(&bytes);
     let mut expected = BTreeSet::from(
         [
             "model.embed_tokens.weight",
@@ -356,7 +376,7 @@ fn converts_names_shapes_config_and_unpermutes_q_k() {
             hf_k(n)
         );
     }
-    // Unpermuted tensors pass through (f32 exactly, q8_0 approximately).
+    // Unpermuted tensors pass through (f32 exactly, q8_0 as its blocks dequantize).
     assert_eq!(
         read_f32(&st, "model.layers.1.post_attention_layernorm.weight").1,
         values(2006, HIDDEN)
@@ -694,23 +714,18 @@ fn smollm2_real_gguf() {
     assert_eq!(config["max_position_embeddings"], 8192);
     assert_eq!(config["tie_word_embeddings"], true);
 
+    // Lossless: the GGUF's blocks are kept, so the weights take about the GGUF's size.
     let bytes = fs::read(a.join("model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert!(bytes.len() < 100_000_000, "{} bytes", bytes.len());
+    let st = tensors_f32(&bytes);
     assert_eq!(st.len(), 272);
+    assert_eq!(st["model.embed_tokens.weight"].dims(), [49152, 576]);
     assert_eq!(
-        st.tensor("model.embed_tokens.weight").unwrap().shape(),
-        [49152, 576]
-    );
-    assert_eq!(
-        st.tensor("model.layers.29.self_attn.k_proj.weight")
-            .unwrap()
-            .shape(),
+        st["model.layers.29.self_attn.k_proj.weight"].dims(),
         [192, 576]
     );
     assert_eq!(
-        st.tensor("model.layers.29.mlp.down_proj.weight")
-            .unwrap()
-            .shape(),
+        st["model.layers.29.mlp.down_proj.weight"].dims(),
         [576, 1536]
     );
     drop(st);
@@ -748,7 +763,8 @@ fn smollm2_real_gguf() {
             .contains("<|im_start|>")
     );
 
-    // Greedy generation with the f32 weights: only right if q/k were un-permuted correctly.
+    // Greedy generation with candle's own Llama on the weights dequantized to f32: only right if
+    // q/k were un-permuted correctly.
     let answer = greedy(&a, &tok, "What is the capital of France?", 24);
     eprintln!("SmolLM2 (imported, greedy): {answer:?}");
     assert!(answer.contains("Paris"), "{answer:?}");
@@ -761,7 +777,7 @@ fn greedy(dir: &Path, tok: &Tokenizer, question: &str, max_tokens: usize) -> Str
     let config: LlamaConfig =
         serde_json::from_slice(&fs::read(dir.join("config.json")).unwrap()).unwrap();
     let config = config.into_config(false);
-    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &device).unwrap();
+    let weights = tensors_f32(&fs::read(dir.join("model.safetensors")).unwrap());
     let vb = candle_nn::VarBuilder::from_tensors(weights, candle_core::DType::F32, &device);
     let model = Llama::load(vb, &config).unwrap();
     let mut cache = Cache::new(true, candle_core::DType::F32, &config, &device).unwrap();

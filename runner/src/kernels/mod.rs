@@ -136,20 +136,65 @@ impl PackedBuilder {
         })
     }
 
-    /// Rows filled so far.
-    pub fn filled(&self) -> usize {
-        self.filled
+    /// The block format.
+    pub fn format(&self) -> Format {
+        self.matrix.format
     }
 
     /// Quantizes the next whole rows (`data` is `k × cols` values), in parallel, exactly as ggml
     /// quantizes them.
     pub fn push_rows(&mut self, data: &[f32]) -> Result<(), ShapeError> {
+        let (format, cols) = (self.matrix.format, self.matrix.cols);
+        self.pack_rows(data.len(), cols, data, |x, b, values| {
+            let x = &x[b * BLOCK..(b + 1) * BLOCK];
+            match format {
+                Format::Q8_0 => quantize_q8_0_block(x, values),
+                Format::Q4_0 => quantize_q4_0_block(x, values),
+            }
+        })
+    }
+
+    /// Takes the next whole rows as ggml stores them in this format (q8_0: per block an f16 scale
+    /// and 32 `i8`; q4_0: an f16 scale and 16 bytes, low nibbles first), without requantizing.
+    pub fn push_ggml_rows(&mut self, blocks: &[u8]) -> Result<(), ShapeError> {
+        let format = self.matrix.format;
+        let block = 2 + format.block_bytes();
+        let row_bytes = self.matrix.cols / BLOCK * block;
+        self.pack_rows(blocks.len(), row_bytes, blocks, |row, b, values| {
+            let block = &row[b * block..(b + 1) * block];
+            let (d, qs) = block.split_at(2);
+            match format {
+                Format::Q8_0 => {
+                    for (v, &q) in values.iter_mut().zip(qs) {
+                        *v = (q as i8 as i32 + 128) as u8;
+                    }
+                }
+                Format::Q4_0 => {
+                    for (j, &q) in qs.iter().enumerate() {
+                        values[j] = q & 0x0f;
+                        values[j + BLOCK / 2] = q >> 4;
+                    }
+                }
+            }
+            f16::from_le_bytes([d[0], d[1]])
+        })
+    }
+
+    /// Packs the rows of `input` (`len` items, `per_row` per row) in parallel; `block` writes
+    /// block `b` of a row's unsigned values and returns its scale.
+    fn pack_rows<T: Sync>(
+        &mut self,
+        len: usize,
+        per_row: usize,
+        input: &[T],
+        block: impl Fn(&[T], usize, &mut [u8; BLOCK]) -> f16 + Sync,
+    ) -> Result<(), ShapeError> {
         let m = &mut self.matrix;
         let (rows, cols) = (m.rows, m.cols);
-        let count = data.len() / cols;
-        if !data.len().is_multiple_of(cols) || self.filled + count > rows {
+        let count = len / per_row;
+        if !len.is_multiple_of(per_row) || self.filled + count > rows {
             return Err(ShapeError::Values {
-                got: data.len(),
+                got: len / per_row * cols,
                 rows: rows - self.filled,
                 cols,
             });
@@ -159,16 +204,14 @@ impl PackedBuilder {
         let at = self.filled;
         let scales = &mut m.scales[at * nb..(at + count) * nb];
         let quants = &mut m.quants[at * row_bytes..(at + count) * row_bytes];
-        data.par_chunks_exact(cols)
+        input
+            .par_chunks_exact(per_row)
             .zip(quants.par_chunks_exact_mut(row_bytes))
             .zip(scales.par_chunks_exact_mut(nb))
             .for_each(|((x, q), scales)| {
                 let mut values = [0u8; BLOCK];
-                for (b, (x, scale)) in x.chunks_exact(BLOCK).zip(scales).enumerate() {
-                    *scale = match format {
-                        Format::Q8_0 => quantize_q8_0_block(x, &mut values),
-                        Format::Q4_0 => quantize_q4_0_block(x, &mut values),
-                    };
+                for (b, scale) in scales.iter_mut().enumerate() {
+                    *scale = block(x, b, &mut values);
                     // Runs of 4 values stay together in every layout `position` describes.
                     for (t, run) in values.chunks_exact(4).enumerate() {
                         let (at, shift) = position(format, nb, b, 4 * t);
