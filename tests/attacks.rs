@@ -298,7 +298,7 @@ fn in_place_rewrites_racing_the_loader_never_leak_through() {
         s.spawn(|| {
             let mut i = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let bytes = if i % 2 == 0 { &evil } else { &good };
+                let bytes = if i.is_multiple_of(2) { &evil } else { &good };
                 let _ = fs::write(&path, bytes);
                 i += 1;
                 // Long enough for some loads to read a whole good copy.
@@ -306,8 +306,12 @@ fn in_place_rewrites_racing_the_loader_never_leak_through() {
             }
         });
         let (mut ok, mut refused) = (0, 0);
-        for i in 0..200 {
-            let loaded = if i % 2 == 0 { streamed() } else { kept() };
+        for i in 0..200usize {
+            let loaded = if i.is_multiple_of(2) {
+                streamed()
+            } else {
+                kept()
+            };
             match loaded {
                 Ok(bytes) => {
                     assert!(

@@ -326,6 +326,9 @@ pub struct BenchReport {
     pub profile: Option<ProfileUse>,
     /// RFC 3339 UTC start time.
     pub started_at: String,
+    /// The machine's 1-, 5- and 15-minute load averages at the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_average: Option<[f64; 3]>,
     /// Every test's result.
     pub results: Vec<TestResult>,
 }

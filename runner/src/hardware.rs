@@ -234,6 +234,14 @@ fn total_memory_gib() -> f64 {
 }
 
 /// A `Key:   N kB` field of a Linux `/proc` file (`/proc/meminfo`, `/proc/self/status`), in KiB.
+/// The 1-, 5- and 15-minute load averages (`/proc/loadavg`; None elsewhere): a benchmark records
+/// them at its start, since a busy neighbour changes every figure.
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([fields.next()??, fields.next()??, fields.next()??])
+}
+
 pub(crate) fn proc_kib(path: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
     let value = text

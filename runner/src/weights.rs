@@ -15,6 +15,7 @@ use attest::verify::{Intake, IntakeError, ModelFiles, VerifyError};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::tensor::Metadata;
 
 use crate::kernels::{Format, PackedBuilder};
@@ -567,7 +568,21 @@ impl Builder {
             }
             self.rows_buf.clear();
             let cols = self.header.shape.last().copied().unwrap_or(1);
-            dequantize(stored, bytes, cols, &mut self.rows_buf)?;
+            // Rows dequantize independently: split them over the pool.
+            let row_bytes = self.element;
+            let per_task = (bytes.len() / row_bytes)
+                .div_ceil(rayon::current_num_threads())
+                .max(1);
+            let parts = bytes
+                .par_chunks(per_task * row_bytes)
+                .map(|rows| {
+                    let mut values = Vec::new();
+                    dequantize(stored, rows, cols, &mut values).map(|()| values)
+                })
+                .collect::<Result<Vec<_>, IntakeError>>()?;
+            for part in parts {
+                self.rows_buf.extend_from_slice(&part);
+            }
         } else {
             self.rows_buf.clear();
             to_f32(self.header.dtype, bytes, &mut self.rows_buf);
@@ -696,7 +711,6 @@ fn to_f32(dtype: safetensors::Dtype, bytes: &[u8], out: &mut Vec<f32>) {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Module;
     use candle_core::quantized::GgmlDType;
 
     use super::*;

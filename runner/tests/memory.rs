@@ -105,7 +105,6 @@ fn write_weights(path: &Path) -> (Sha256Digest, u64, u64) {
         }
     }
     put(&buf);
-    drop(put);
     out.flush().expect("flushes");
     (hasher.finish(), size, parameters)
 }

@@ -244,11 +244,17 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
     }
     let runtime = args.runtime.start()?;
     let started = SystemTime::now();
+    let load_average = hardware::load_average();
     let say = |line: &str| {
         if !ctx.quiet() {
             eprintln!("bench: {line}");
         }
     };
+    if let Some([one, five, fifteen]) = load_average {
+        say(&format!(
+            "load average at start: {one:.2} {five:.2} {fifteen:.2} (1, 5, 15 min)"
+        ));
+    }
 
     say("measuring memory bandwidth");
     let machine = hardware::detect(None, &build_features(), true);
@@ -318,6 +324,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
         hardware: machine,
         profile: profile.as_ref().map(|(use_, _)| use_.clone()),
         started_at: rfc3339(started),
+        load_average,
         results,
     };
     let bytes = render(&report, args.format)?.into_bytes();

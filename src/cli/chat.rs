@@ -12,8 +12,8 @@ use runner::template::Message;
 
 use super::Context;
 
-use super::run::{GenerationArgs, ModelArgs, StdoutSink, load_chat, reply_record, summary};
-use super::stamp::{OutputArgs, OutputStamper};
+use super::run::{GenerationArgs, ModelArgs, StdoutSink, open_beside_load, reply_record, summary};
+use super::stamp::OutputArgs;
 use ::attest::statement::OutputTask;
 
 #[derive(Debug, Args)]
@@ -45,15 +45,12 @@ pub fn run(args: ChatArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let options = args.generation.options();
     options.sampling.validate()?;
     let verbose = args.model_args.verbose;
-    let stamper = OutputStamper::open(
-        ctx,
-        &OutputArgs {
-            out: None,
-            attest_prompt: args.attest.attest_prompt,
-        },
-    )?;
+    let output = OutputArgs {
+        out: None,
+        attest_prompt: args.attest.attest_prompt,
+    };
+    let (stamper, loaded) = open_beside_load(ctx, &output, &args.model, &args.model_args)?;
     let entry = stamper.model(&args.model)?;
-    let loaded = load_chat(ctx, &args.model, &args.model_args)?;
     let mut session = loaded.model.session();
     if !loaded.model.has_template() {
         anyhow::bail!(

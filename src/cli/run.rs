@@ -210,6 +210,24 @@ pub fn note_pull(ctx: &Context, engine: &Engine, name: &str, task: Task) -> anyh
     Ok(())
 }
 
+/// Opens the signer (key, lock under the policy, the binary's hash) on a thread of its own while
+/// the model loads, so neither waits for the other; a signer that cannot be opened still stops
+/// the command before anything is generated, and its error comes first.
+pub fn open_beside_load(
+    ctx: &Context,
+    output: &OutputArgs,
+    name: &str,
+    args: &ModelArgs,
+) -> anyhow::Result<(OutputStamper, Loaded)> {
+    let (stamper, loaded) = std::thread::scope(|s| {
+        let stamper = s.spawn(|| OutputStamper::open(ctx, output));
+        let loaded = load_chat(ctx, name, args);
+        (stamper.join(), loaded)
+    });
+    let stamper = stamper.map_err(|_| anyhow::anyhow!("opening the signer failed"))??;
+    Ok((stamper, loaded?))
+}
+
 /// Loads a chat model as the flags say; `--verbose` details go to stderr.
 pub fn load_chat(ctx: &Context, name: &str, args: &ModelArgs) -> anyhow::Result<Loaded> {
     let runtime = args.runtime.start()?;
@@ -333,9 +351,7 @@ pub fn run(args: RunArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let prompt = read_prompt(args.prompt.as_deref())?;
     let options = args.generation.options();
     options.sampling.validate()?;
-    // Before any work: a signer key that cannot be opened stops the command here.
-    let stamper = OutputStamper::open(ctx, &args.output)?;
-    let loaded = load_chat(ctx, &args.model, &args.model_args)?;
+    let (stamper, loaded) = open_beside_load(ctx, &args.output, &args.model, &args.model_args)?;
     let model = &loaded.model;
     let mut session = model.session();
     let rendered = if args.raw {
