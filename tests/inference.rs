@@ -543,6 +543,83 @@ fn the_default_f16_matches_f32_on_the_france_prompt() {
     assert!(f32_text.contains("Paris"), "{f32_text}");
 }
 
+/// `sanctum quantize` writes a copy an approver can pin: the printed entry parses, names its
+/// source, and the copy, approved in a lock of its own, answers as in-situ q8_0 of its source does.
+#[test]
+fn a_quantized_smollm2_is_approvable_and_answers_as_in_situ_q8_0() {
+    let _guard = one_at_a_time();
+    let Some(mut cmd) = real() else { return };
+    let tmp = TempDir::new().unwrap();
+    let out_dir = tmp.path().join("q8");
+    let out = cmd
+        .args(["quantize", SMOL, "--quant", "q8_0", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entry_text = String::from_utf8(out.stdout).unwrap();
+    let lock_text = format!("version = 1\n\n{entry_text}");
+    let lock = attest::lockfile::Lockfile::parse(&lock_text).unwrap();
+    let entry = &lock.models[0];
+    let derived = entry.derived.as_ref().unwrap();
+    assert_eq!(
+        (derived.from.as_str(), derived.quantization.as_str()),
+        (SMOL, "q8_0")
+    );
+    assert_eq!(entry.name, "smollm2-135m-instruct-q8_0");
+
+    // Approve the copy in a store of its own and run it beside its source.
+    let home = tmp.path().join("home");
+    let dir = home
+        .join("models")
+        .join(&entry.name)
+        .join(entry.digest.to_string());
+    fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    fs::rename(&out_dir, &dir).unwrap();
+    let lock_path = tmp.path().join("models.lock");
+    fs::write(&lock_path, lock_text).unwrap();
+    let prompt = "Give me a tip for learning Rust.";
+    let args = [
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+        "--quant",
+        "q8_0",
+        "--json",
+    ];
+    let copy = sanctum()
+        .arg("--store")
+        .arg(&home)
+        .arg("--lock")
+        .arg(&lock_path)
+        .args(["run", &entry.name, prompt])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        copy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    let copy: serde_json::Value = serde_json::from_slice(&copy.stdout).unwrap();
+    let source = run_json(&[
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "20",
+        "--quant",
+        "q8_0",
+    ])
+    .unwrap();
+    assert_eq!(copy["text"], source["text"]);
+}
+
 #[test]
 fn the_same_seed_gives_the_same_bytes() {
     let _guard = one_at_a_time();

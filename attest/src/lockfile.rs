@@ -55,6 +55,9 @@ pub struct ModelEntry {
     /// The conversion that turned the fetched artifact into `files`, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import: Option<Import>,
+    /// The approved model these files were derived from (`sanctum quantize`), when they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<Derived>,
     /// Every file of the model directory; nothing else may be there.
     #[serde(rename = "file")]
     pub files: Vec<LockedFile>,
@@ -151,6 +154,21 @@ pub struct Import {
     pub input_sha256: Sha256Digest,
     /// The converter that produced `files`, e.g. `sanctum 0.1.0`.
     pub converter: String,
+}
+
+/// Provenance of a model derived from another approved one (`sanctum quantize`): an approver
+/// approves the derived files themselves, and this says what they were made from and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Derived {
+    /// Name of the model they were made from, as its lock entry had it.
+    pub from: String,
+    /// That model's digest.
+    pub from_digest: Sha256Digest,
+    /// The format asked for (`q4_0`, `q8_0`, `q4k`...).
+    pub quantization: String,
+    /// The tool that made them, e.g. `sanctum 0.1.0`.
+    pub tool: String,
 }
 
 /// Formats sanctum's import converts.
@@ -350,6 +368,7 @@ impl ModelEntry {
             upstream: None,
             source,
             import: None,
+            derived: None,
             files,
         }
     }

@@ -421,6 +421,8 @@ pub trait ModelFiles {
     fn file(&self, path: &str) -> Option<&VerifiedFile>;
     /// The weight files to stream, in lock order.
     fn weight_files(&self) -> Vec<String>;
+    /// Every other file (configs, tokenizer), verified and in memory, in lock order.
+    fn other_files(&self) -> Vec<&VerifiedFile>;
     /// Hands one weight file's verified bytes to `intake`.
     fn stream(&mut self, path: &str, intake: &mut dyn Intake) -> Result<(), VerifyError>;
     /// Completes verification; only after `Ok` may what the intakes built be used.
@@ -439,6 +441,9 @@ impl ModelFiles for StreamedLoad<'_> {
     }
     fn weight_files(&self) -> Vec<String> {
         self.to_stream()
+    }
+    fn other_files(&self) -> Vec<&VerifiedFile> {
+        self.kept.iter().collect()
     }
     fn stream(&mut self, path: &str, intake: &mut dyn Intake) -> Result<(), VerifyError> {
         StreamedLoad::stream(self, path, intake)
@@ -464,6 +469,13 @@ impl ModelFiles for VerifiedModel {
             .iter()
             .filter(|f| f.path.to_ascii_lowercase().ends_with(".safetensors"))
             .map(|f| f.path.clone())
+            .collect()
+    }
+    fn other_files(&self) -> Vec<&VerifiedFile> {
+        let weights = ModelFiles::weight_files(self);
+        self.files
+            .iter()
+            .filter(|f| !weights.contains(&f.path))
             .collect()
     }
     fn stream(&mut self, path: &str, intake: &mut dyn Intake) -> Result<(), VerifyError> {

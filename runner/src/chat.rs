@@ -17,7 +17,7 @@ use candle_core::Device;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use crate::models::llama::{self, Cache, Llama, Workspace};
+use crate::models::llama::{self, Cache, HeadTying, Llama, Workspace};
 use crate::models::{self, Family, LoadError};
 use crate::quant::{Choice, Quant};
 use crate::sampling::{InvalidParams, Sampler, SamplingParams};
@@ -243,12 +243,6 @@ enum TokenIds {
     Many(Vec<u32>),
 }
 
-/// `model.safetensors.index.json` of a sharded checkpoint: which file holds each tensor.
-#[derive(Debug, Deserialize)]
-struct WeightIndex {
-    weight_map: std::collections::HashMap<String, String>,
-}
-
 #[derive(Debug, Default, Deserialize)]
 struct EosFields {
     #[serde(default)]
@@ -346,24 +340,11 @@ impl ChatModel {
                 path: "model.safetensors".to_owned(),
             });
         }
-        // The head is the embedding table when the config says so, or when no file has one (the
-        // index of a sharded checkpoint names every tensor; a single file's header is its list).
-        let index: Option<WeightIndex> =
-            models::optional_json(&model, "model.safetensors.index.json")?;
-        let mut tied = config.tie_word_embeddings;
-        if let Some(index) = &index {
-            tied |= !index.weight_map.contains_key("lm_head.weight");
-        }
+        let mut tying = HeadTying::new(&model, &config)?;
         let quant = options
             .quant
-            .unwrap_or_else(|| crate::quant::auto(config.parameters(variant, tied)));
-        let single_file = index.is_none() && weight_files.len() == 1;
-        let mut plan = |tensors: &[TensorHeader]| {
-            if single_file && !tensors.iter().any(|t| t.name == "lm_head.weight") {
-                tied = true;
-            }
-            llama::plan(tensors, quant, tied)
-        };
+            .unwrap_or_else(|| crate::quant::auto(config.parameters(variant, tying.tied())));
+        let mut plan = |tensors: &[TensorHeader]| tying.plan(tensors, quant);
         let mut weights = Weights::load(&mut model, &options.device, &mut plan)?;
         model.finish()?;
         // Verified: the weights may be used from here on.
@@ -377,7 +358,7 @@ impl ChatModel {
             &config,
             variant,
             &mut weights,
-            tied,
+            tying.tied(),
             &options.device,
             context,
         )

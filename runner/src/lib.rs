@@ -15,6 +15,7 @@ pub mod import;
 pub mod kernels;
 pub mod models;
 pub mod quant;
+pub mod quantize;
 pub mod sampling;
 pub mod source;
 pub mod store;

@@ -52,6 +52,39 @@ pub fn block_type_name(dtype: GgmlDType) -> Option<&'static str> {
         .map(|(name, _)| *name)
 }
 
+/// The header of a Safetensors file of these tensors, in this order (name, dtype, shape of what is
+/// stored, ggml block type when it holds blocks): `__metadata__` with `"format": "pt"` and one
+/// [`GGML_TYPE_KEY`] entry per block tensor, keys sorted so the bytes never depend on hashing,
+/// the length prefix first and spaces up to a multiple of 8 bytes, as the `safetensors` crate
+/// writes. The data follows in the same order, with no gaps.
+pub fn safetensors_header(
+    tensors: &[(String, safetensors::Dtype, Vec<usize>, Option<GgmlDType>)],
+) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("format".to_owned(), "pt".into());
+    let mut offset = 0usize;
+    for (name, dtype, shape, blocks) in tensors {
+        let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+        if let Some(kind) = blocks.and_then(block_type_name) {
+            metadata.insert(format!("{GGML_TYPE_KEY}{name}"), kind.into());
+        }
+    }
+    header.insert("__metadata__".to_owned(), metadata.into());
+    let mut json = serde_json::to_vec(&header).expect("serializing plain data to JSON cannot fail");
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(json);
+    bytes
+}
+
 /// A tensor as the file's header declares it.
 #[derive(Debug, Clone)]
 pub struct TensorHeader {
@@ -103,10 +136,16 @@ pub enum Plan {
 
 /// One built tensor.
 #[derive(Debug)]
-enum Built {
+pub enum Built {
+    /// f32 on the device.
     Dense(Tensor),
+    /// A weight matrix, with the format chosen for it.
     Matrix(Matrix, Choice),
 }
+
+/// Receives each tensor as soon as it is built, in file order (instead of [`Weights`] keeping
+/// it): what `sanctum quantize` writes out one tensor at a time.
+pub type TensorSink<'a> = &'a mut dyn FnMut(&TensorHeader, Built) -> Result<(), IntakeError>;
 
 /// The tensors built from a model's weight files, taken out by name as the model is assembled.
 #[derive(Debug, Default)]
@@ -216,6 +255,7 @@ pub struct SafetensorsIntake<'a> {
     plan: &'a mut dyn FnMut(&[TensorHeader]) -> Vec<Plan>,
     stage: Stage,
     weights: Weights,
+    sink: Option<TensorSink<'a>>,
 }
 
 impl<'a> SafetensorsIntake<'a> {
@@ -226,6 +266,19 @@ impl<'a> SafetensorsIntake<'a> {
             plan,
             stage: Stage::Header(Vec::new()),
             weights: Weights::default(),
+            sink: None,
+        }
+    }
+
+    /// An intake that hands each built tensor to `sink` rather than keeping it.
+    pub fn with_sink(
+        device: &Device,
+        plan: &'a mut dyn FnMut(&[TensorHeader]) -> Vec<Plan>,
+        sink: TensorSink<'a>,
+    ) -> Self {
+        Self {
+            sink: Some(sink),
+            ..Self::new(device, plan)
         }
     }
 
@@ -315,14 +368,19 @@ impl<'a> SafetensorsIntake<'a> {
             let used = builder.take(chunk, pending)?;
             chunk = &chunk[used..];
             if builder.remaining == 0 {
-                if let Some((name, built)) = current
+                if let Some((header, built)) = current
                     .take()
                     .map(|done| done.finish(&self.device))
                     .transpose()?
                     .flatten()
                 {
-                    self.weights.bytes += built_bytes(&built);
-                    self.weights.built.insert(name, built);
+                    match &mut self.sink {
+                        Some(sink) => sink(&header, built)?,
+                        None => {
+                            self.weights.bytes += built_bytes(&built);
+                            self.weights.built.insert(header.name, built);
+                        }
+                    }
                 }
                 continue;
             }
@@ -603,9 +661,9 @@ impl Builder {
     }
 
     /// The built tensor; None for a skipped one.
-    fn finish(self, device: &Device) -> Result<Option<(String, Built)>, IntakeError> {
+    fn finish(self, device: &Device) -> Result<Option<(TensorHeader, Built)>, IntakeError> {
         let shape = self.header.shape.clone();
-        let name = self.header.name;
+        let name = &self.header.name;
         let built = match (self.target, self.choice) {
             (Target::Dense(values), choice) => {
                 let dense = Tensor::from_vec(values, shape, &Device::Cpu)?.to_device(device)?;
@@ -629,7 +687,7 @@ impl Builder {
             (Target::Skip, _) => return Ok(None),
             (_, None) => return Err(format!("tensor {name:?} has no format chosen").into()),
         };
-        Ok(Some((name, built)))
+        Ok(Some((self.header, built)))
     }
 }
 

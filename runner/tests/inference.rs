@@ -1095,3 +1095,108 @@ fn batched_replies_equal_solo_replies_and_the_queue_is_bounded() {
         batcher.shutdown();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// sanctum quantize
+
+/// A model quantized by `quantize_model` holds ggml blocks, loads in its format without
+/// requantizing, and generates exactly what in-situ quantization of its source generates.
+#[test]
+fn a_quantized_copy_generates_what_in_situ_quantization_of_its_source_does() {
+    let files = random_llama_files();
+    for quant in [
+        Quant::Q8_0,
+        Quant::Q4_0,
+        Quant::Q4_1,
+        Quant::Q4K,
+        Quant::F16,
+    ] {
+        let (dir, entry) = stored("tiny-llama", Task::Chat, "llama", &files);
+        let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+        let out = TempDir::new().unwrap();
+        let out_dir = out.path().join("quantized");
+        let report = runner::quantize::quantize_model(opened, quant, &out_dir).unwrap();
+        let paths: Vec<&str> = report.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "config.json",
+                "model.safetensors",
+                "tokenizer.json",
+                "tokenizer_config.json"
+            ]
+        );
+        let derived: Vec<(&str, Vec<u8>)> = files
+            .iter()
+            .map(|(path, _)| (*path, fs::read(out_dir.join(path)).unwrap()))
+            .collect();
+        let weights = &derived[1].1;
+        let (_, header) = safetensors::SafeTensors::read_metadata(weights).unwrap();
+        let metadata = header.metadata().clone().unwrap();
+        let q_proj = metadata.get("sanctum.ggml_type.model.layers.0.self_attn.q_proj.weight");
+        match quant {
+            Quant::F16 => assert!(q_proj.is_none()),
+            // 64-wide rows do not fit q4_K's 256-value blocks: llama.cpp's fallback, q5_0.
+            Quant::Q4K => assert_eq!(q_proj.map(String::as_str), Some("q5_0")),
+            _ => assert_eq!(q_proj.map(String::as_str), Some(quant.name())),
+        }
+        assert!(
+            weights.len() < files[1].1.len() * 6 / 10,
+            "{quant}: {} bytes",
+            weights.len()
+        );
+
+        let prompt = [1, 2, 3, 4, 5];
+        let reply = |model: &ChatModel| {
+            model
+                .generate(
+                    &mut model.session(),
+                    &prompt,
+                    &options(Some(12), &[], greedy()),
+                    &mut |_| ControlFlow::Continue(()),
+                )
+                .unwrap()
+                .tokens
+        };
+        let in_situ = load(&files, quant, None).unwrap();
+        let quantized = load(&derived, quant, None).unwrap();
+        assert_eq!(quantized.choices(), in_situ.choices(), "{quant}");
+        assert_eq!(reply(&quantized), reply(&in_situ), "{quant}");
+    }
+}
+
+/// Only chat models are quantized, and a source that fails verification leaves no output.
+#[test]
+fn quantize_refuses_embedding_models_and_tampered_sources() {
+    let (dir, entry) = stored("tiny-bert", Task::Embed, "bert", &bert_files(true));
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+    let out = TempDir::new().unwrap();
+    let err =
+        runner::quantize::quantize_model(opened, Quant::Q8_0, &out.path().join("q")).unwrap_err();
+    assert!(
+        err.to_string().contains("only chat models are quantized"),
+        "{err}"
+    );
+
+    let files = random_llama_files();
+    let (dir, entry) = stored("tiny-llama", Task::Chat, "llama", &files);
+    let weights = dir.path().join("model.safetensors");
+    let mut bytes = fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&weights, bytes).unwrap();
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+    let out_dir = out.path().join("q");
+    let err = runner::quantize::quantize_model(opened, Quant::Q8_0, &out_dir).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("model.safetensors: sha256 mismatch"),
+        "{err}"
+    );
+    assert!(!out_dir.exists());
+    assert_eq!(
+        fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "no staging left"
+    );
+}

@@ -70,15 +70,7 @@ fn gguf(args: GgufArgs) -> anyhow::Result<ExitCode> {
     let name = args
         .name
         .unwrap_or_else(|| input.split('.').next().unwrap_or_default().to_lowercase());
-    let files: Vec<LockedFile> = imported
-        .files
-        .iter()
-        .map(|f| LockedFile {
-            path: f.path.clone(),
-            sha256: f.sha256,
-            size: f.size,
-        })
-        .collect();
+    let files: Vec<LockedFile> = imported.files.iter().map(|f| f.locked()).collect();
     let (source, source_given) = match (&args.pypi, &args.hf) {
         (Some(spec), _) => {
             let (package, version) = spec

@@ -21,6 +21,8 @@ mod models;
 #[cfg(feature = "inference")]
 mod progress;
 #[cfg(feature = "inference")]
+mod quantize;
+#[cfg(feature = "inference")]
 mod run;
 #[cfg(feature = "inference")]
 mod serve;
@@ -67,6 +69,10 @@ enum Command {
     #[cfg(feature = "inference")]
     #[command(subcommand)]
     Import(import::ImportCommand),
+    /// Rewrite an approved chat model in one format (quantized Safetensors) and print its lock
+    /// entry, so the quantized model itself can be approved and loads without quantizing.
+    #[cfg(feature = "inference")]
+    Quantize(quantize::QuantizeArgs),
     /// Generate a reply from an approved chat model, streamed to stdout.
     #[cfg(feature = "inference")]
     Run(run::RunArgs),
@@ -106,6 +112,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Models(cmd) => models::run(cmd, &ctx),
         #[cfg(feature = "inference")]
         Command::Import(cmd) => import::run(cmd, &ctx),
+        #[cfg(feature = "inference")]
+        Command::Quantize(args) => quantize::run(args, &ctx),
         #[cfg(feature = "inference")]
         Command::Run(args) => run::run(args, &ctx),
         #[cfg(feature = "inference")]

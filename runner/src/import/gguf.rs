@@ -13,7 +13,7 @@
 //! size of the largest tensor. The output appears at `out_dir` by one rename of a fully written,
 //! fsynced temporary directory: on any error nothing is left there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use safetensors::Dtype;
 use serde::Serialize;
 
 use super::gguf_tokenizer;
-use crate::weights::{GGML_TYPE_KEY, block_type_name};
+use crate::weights::{block_type_name, safetensors_header};
 
 /// Name of the weights file written by the import.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -46,6 +46,17 @@ pub struct ImportedFile {
     pub sha256: Sha256Digest,
     /// Size in bytes.
     pub size: u64,
+}
+
+impl ImportedFile {
+    /// Its `[[model.file]]` entry.
+    pub fn locked(&self) -> attest::lockfile::LockedFile {
+        attest::lockfile::LockedFile {
+            path: self.path.clone(),
+            sha256: self.sha256,
+            size: self.size,
+        }
+    }
 }
 
 /// What [`import_gguf`] produced.
@@ -200,7 +211,7 @@ pub enum ImportError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ {
     move |source| ImportError::Io {
         path: path.to_path_buf(),
         source,
@@ -268,15 +279,7 @@ pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportErr
     drop(metadata);
 
     // Everything is known to be convertible; now write.
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".sanctum-import-")
-        .tempdir_in(parent)
-        .map_err(io_err(parent))?;
+    let staging = staging_dir(out_dir, ".sanctum-import-")?;
     let dir = staging.path();
     let mut files = vec![
         write_bytes(dir, CONFIG_FILE, &config)?,
@@ -306,7 +309,7 @@ pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportErr
 }
 
 /// Refuses an `out_dir` that exists and is not an empty directory.
-fn check_out_dir(out_dir: &Path) -> Result<(), ImportError> {
+pub(crate) fn check_out_dir(out_dir: &Path) -> Result<(), ImportError> {
     match fs::read_dir(out_dir) {
         Ok(mut entries) => match entries.next() {
             None => Ok(()),
@@ -824,42 +827,26 @@ impl TensorSource<'_> {
     }
 }
 
-/// Writes `model.safetensors`: a header with sorted keys (so its bytes never depend on hashing),
-/// padded with spaces to 8 bytes, then each tensor's bytes in plan order, read one at a time.
+/// Writes `model.safetensors`: the header ([`safetensors_header`]), then each tensor's bytes in
+/// plan order, read one at a time.
 fn write_safetensors(
     path: &Path,
     plan: &[PlannedTensor],
     source: &mut TensorSource<'_>,
 ) -> Result<(), ImportError> {
-    let mut types = BTreeMap::new();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for t in plan {
-        let (dtype, shape) = t.layout();
-        let len = t.byte_len();
-        header.insert(
-            t.hf.clone(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-        if let Stored::Blocks(kind) = t.stored {
-            types.insert(format!("{GGML_TYPE_KEY}{}", t.hf), block_type_name(kind));
-        }
-    }
-    let mut metadata = serde_json::Map::new();
-    metadata.insert("format".to_owned(), "pt".into());
-    for (key, kind) in types {
-        metadata.insert(key, kind.into());
-    }
-    header.insert("__metadata__".to_owned(), metadata.into());
-    let mut header =
-        serde_json::to_vec(&header).expect("serializing plain data to JSON cannot fail");
-    while !header.len().is_multiple_of(8) {
-        header.push(b' ');
-    }
+    let layout: Vec<_> = plan
+        .iter()
+        .map(|t| {
+            let (dtype, shape) = t.layout();
+            let blocks = match t.stored {
+                Stored::Blocks(kind) => Some(kind),
+                _ => None,
+            };
+            (t.hf.clone(), dtype, shape, blocks)
+        })
+        .collect();
     let mut out = io::BufWriter::new(File::create(path).map_err(io_err(path))?);
-    out.write_all(&(header.len() as u64).to_le_bytes())
-        .and_then(|()| out.write_all(&header))
+    out.write_all(&safetensors_header(&layout))
         .map_err(io_err(path))?;
     for t in plan {
         let bytes = source.load(t)?;
@@ -948,7 +935,11 @@ pub(crate) fn json_bytes(value: &impl Serialize) -> Vec<u8> {
 }
 
 /// Writes `bytes` to `dir/name`, fsyncs it, and returns its digest.
-fn write_bytes(dir: &Path, name: &str, bytes: &[u8]) -> Result<ImportedFile, ImportError> {
+pub(crate) fn write_bytes(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> Result<ImportedFile, ImportError> {
     let path = dir.join(name);
     let mut file = File::create(&path).map_err(io_err(&path))?;
     file.write_all(bytes).map_err(io_err(&path))?;
@@ -961,7 +952,7 @@ fn write_bytes(dir: &Path, name: &str, bytes: &[u8]) -> Result<ImportedFile, Imp
 }
 
 /// Re-reads `dir/name` for its digest and fsyncs it.
-fn hash_and_sync(dir: &Path, name: &str) -> Result<ImportedFile, ImportError> {
+pub(crate) fn hash_and_sync(dir: &Path, name: &str) -> Result<ImportedFile, ImportError> {
     let path = dir.join(name);
     let file = File::open(&path).map_err(io_err(&path))?;
     file.sync_all().map_err(io_err(&path))?;
@@ -973,8 +964,21 @@ fn hash_and_sync(dir: &Path, name: &str) -> Result<ImportedFile, ImportError> {
     })
 }
 
+/// A temporary directory beside `out_dir` (same filesystem, so [`publish`] is one rename).
+pub(crate) fn staging_dir(out_dir: &Path, prefix: &str) -> Result<tempfile::TempDir, ImportError> {
+    let parent = match out_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .map_err(io_err(parent))
+}
+
 /// Moves the finished staging directory to `out_dir` with one rename.
-fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<(), ImportError> {
+pub(crate) fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<(), ImportError> {
     let dir = staging.path();
     #[cfg(unix)]
     {

@@ -283,6 +283,31 @@ impl PackedMatrix {
         self.cols / BLOCK
     }
 
+    /// The matrix in ggml's own block layout (what [`PackedBuilder::push_ggml_rows`] takes): per
+    /// block the f16 scale, then q8_0's 32 `i8` or q4_0's 16 bytes, low nibbles first.
+    pub fn ggml_blocks(&self) -> Vec<u8> {
+        let nb = self.blocks_per_row();
+        let row_bytes = nb * self.format.block_bytes();
+        let mut out = Vec::with_capacity(self.rows * nb * (2 + self.format.block_bytes()));
+        for (row, scales) in self
+            .quants
+            .chunks_exact(row_bytes)
+            .zip(self.scales.chunks_exact(nb))
+        {
+            for (b, d) in scales.iter().enumerate() {
+                out.extend_from_slice(&d.to_le_bytes());
+                let value = |e| stored(self.format, row, nb, b, e);
+                match self.format {
+                    Format::Q8_0 => out.extend((0..BLOCK).map(|e| (value(e) - 128) as i8 as u8)),
+                    Format::Q4_0 => out.extend(
+                        (0..BLOCK / 2).map(|j| (value(j) | (value(j + BLOCK / 2) << 4)) as u8),
+                    ),
+                }
+            }
+        }
+        out
+    }
+
     /// Writes row `row` as f32 (the values candle's dequantization gives) into `out` (`cols` long).
     ///
     /// # Panics

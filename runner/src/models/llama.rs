@@ -378,6 +378,52 @@ pub fn plan(tensors: &[TensorHeader], quant: Quant, tied: bool) -> Vec<Plan> {
         .collect()
 }
 
+/// Whether the output head is the embedding table: the config says so, or no weight file has an
+/// `lm_head.weight` (the index of a sharded checkpoint names every tensor; a single file's header
+/// is its list, seen when it streams in).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadTying {
+    tied: bool,
+    single_file: bool,
+}
+
+/// `model.safetensors.index.json` of a sharded checkpoint: which file holds each tensor.
+#[derive(Debug, Deserialize)]
+struct WeightIndex {
+    weight_map: std::collections::HashMap<String, String>,
+}
+
+impl HeadTying {
+    /// What the config and the index (if any) say.
+    pub fn new(
+        model: &(impl attest::verify::ModelFiles + ?Sized),
+        config: &Config,
+    ) -> std::result::Result<Self, super::LoadError> {
+        let index: Option<WeightIndex> =
+            super::optional_json(model, "model.safetensors.index.json")?;
+        let mut tied = config.tie_word_embeddings;
+        if let Some(index) = &index {
+            tied |= !index.weight_map.contains_key("lm_head.weight");
+        }
+        let single_file = index.is_none() && model.weight_files().len() == 1;
+        Ok(Self { tied, single_file })
+    }
+
+    /// True when the embedding table is the output head.
+    pub fn tied(&self) -> bool {
+        self.tied
+    }
+
+    /// [`plan`] for one weight file's tensors, learning from a single file's header whether it
+    /// has a head of its own.
+    pub fn plan(&mut self, tensors: &[TensorHeader], quant: Quant) -> Vec<Plan> {
+        if self.single_file && !tensors.iter().any(|t| t.name == "lm_head.weight") {
+            self.tied = true;
+        }
+        plan(tensors, quant, self.tied)
+    }
+}
+
 impl Config {
     /// The weights a checkpoint of this config has (embedding, head when not `tied`, layers,
     /// norms, biases), without reading it: what [`crate::quant::auto`] goes by.
