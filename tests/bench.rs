@@ -53,12 +53,24 @@ fn json_results_have_every_sample_and_the_extras() {
     };
     let _guard = one_at_a_time();
     let out = dir.path().join("bench.json");
-    cmd.args(["bench", SMOL, "--quant", "q8_0,q4_0", "-o", "json", "--out"])
-        .arg(&out)
-        .args(SMALL)
-        .assert()
-        .success()
-        .stderr(contains("q4_0 tg4 2/2"));
+    cmd.args([
+        "bench",
+        SMOL,
+        "--quant",
+        "q8_0,q4_0",
+        "-o",
+        "json",
+        "--busy-neighbour",
+    ])
+    .arg("--out")
+    .arg(&out)
+    .args(SMALL)
+    .assert()
+    .success()
+    .stderr(contains("q4_0 tg4 2/2"))
+    .stderr(contains(
+        "a busy-looping neighbour thread runs beside the tests",
+    ));
     let report: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
     let results = report["results"].as_array().unwrap();
     let tests: Vec<(&str, &str)> = results
@@ -88,6 +100,10 @@ fn json_results_have_every_sample_and_the_extras() {
     // q4_0 weights take less memory than q8_0 ones (the output head stays q8_0).
     assert!(results[2]["model_size"].as_u64() < results[0]["model_size"].as_u64());
     assert!(report["hardware"]["cpu"]["cores"].as_u64().unwrap() >= 1);
+    assert_eq!(report["busy_neighbour"], true);
+    if cfg!(target_os = "linux") {
+        assert_eq!(report["load_average"].as_array().unwrap().len(), 3);
+    }
     assert!(
         report["hardware"]["memory"]["read_bandwidth_gbs"]
             .as_f64()

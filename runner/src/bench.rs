@@ -303,6 +303,47 @@ pub fn mix(choices: &[crate::quant::Choice]) -> String {
     parts.join(", ")
 }
 
+/// One thread spinning on integer work until dropped, beside a benchmark (`--busy-neighbour`): how
+/// speed holds up when another program wants a core too, as on a developer's laptop during a
+/// build. A thread rather than a process, so it can never outlive the benchmark.
+#[derive(Debug)]
+pub struct BusyNeighbour {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BusyNeighbour {
+    /// Starts spinning.
+    pub fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut x = 1u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..4096 {
+                    x = std::hint::black_box(
+                        x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
+                    );
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BusyNeighbour {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            // A panic in a loop of multiplications cannot happen; nothing to report if it did.
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Peak resident memory of this process so far, bytes (`VmHWM`; None off Linux).
 pub fn peak_rss_bytes() -> Option<u64> {
     crate::hardware::proc_kib("/proc/self/status", "VmHWM").map(|kib| kib * 1024)
@@ -329,6 +370,9 @@ pub struct BenchReport {
     /// The machine's 1-, 5- and 15-minute load averages at the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_average: Option<[f64; 3]>,
+    /// A busy-looping neighbour thread ran during the tests ([`BusyNeighbour`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub busy_neighbour: bool,
     /// Every test's result.
     pub results: Vec<TestResult>,
 }

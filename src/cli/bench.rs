@@ -101,6 +101,10 @@ struct RunBench {
     /// Seed of the random prompt tokens.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run the tests with one busy-looping thread beside them (a neighbour wanting a core), to
+    /// measure how speed holds up under contention; recorded in the report.
+    #[arg(long)]
+    busy_neighbour: bool,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -296,6 +300,10 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             load_verify.as_secs_f64()
         ));
         let quant_name = model.quant().name();
+        let neighbour = args.busy_neighbour.then(|| {
+            say("a busy-looping neighbour thread runs beside the tests");
+            bench::BusyNeighbour::start()
+        });
         let samples = bench::run(
             &model,
             &tests,
@@ -303,6 +311,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             args.seed,
             &mut |event| progress(&say, quant_name, event),
         )?;
+        drop(neighbour);
         let info = RunInfo {
             quant: model.quant().name().to_owned(),
             mix,
@@ -325,6 +334,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
         profile: profile.as_ref().map(|(use_, _)| use_.clone()),
         started_at: rfc3339(started),
         load_average,
+        busy_neighbour: args.busy_neighbour,
         results,
     };
     let bytes = render(&report, args.format)?.into_bytes();
