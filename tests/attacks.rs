@@ -282,9 +282,12 @@ fn in_place_rewrites_racing_the_loader_never_leak_through() {
     }
     let progress = attest::progress::NoProgress;
     let streamed = || -> Result<Vec<u8>, attest::verify::VerifyError> {
-        let mut load = attest::verify::begin_load(entry, &tiny.model_dir, &progress, |p| {
-            p.ends_with(".safetensors")
-        })?;
+        let mut load = attest::verify::begin_load(
+            entry,
+            &tiny.model_dir,
+            &progress,
+            attest::format::is_safetensors_name,
+        )?;
         let mut intake = Collect(Vec::new());
         load.stream("model.safetensors", &mut intake)?;
         load.finish()?;

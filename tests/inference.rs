@@ -469,9 +469,13 @@ fn real() -> Option<Command> {
 }
 
 fn run_json(args: &[&str]) -> Option<serde_json::Value> {
-    let mut cmd = real()?;
+    Some(reply_json(real()?, SMOL, args))
+}
+
+/// `run MODEL ARGS --json` with one thread through `cmd`; the reply's JSON.
+fn reply_json(mut cmd: Command, model: &str, args: &[&str]) -> serde_json::Value {
     let out = cmd
-        .args(["run", SMOL])
+        .args(["run", model])
         .args(args)
         .args(["--json", "--threads", "1"])
         .output()
@@ -481,7 +485,7 @@ fn run_json(args: &[&str]) -> Option<serde_json::Value> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Some(serde_json::from_slice(&out.stdout).unwrap())
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -582,41 +586,19 @@ fn a_quantized_smollm2_is_approvable_and_answers_as_in_situ_q8_0() {
     fs::rename(&out_dir, &dir).unwrap();
     let lock_path = tmp.path().join("models.lock");
     fs::write(&lock_path, lock_text).unwrap();
-    let prompt = "Give me a tip for learning Rust.";
     let args = [
+        "Give me a tip for learning Rust.",
         "--temperature",
         "0",
         "--max-tokens",
         "20",
         "--quant",
         "q8_0",
-        "--json",
     ];
-    let copy = sanctum()
-        .arg("--store")
-        .arg(&home)
-        .arg("--lock")
-        .arg(&lock_path)
-        .args(["run", &entry.name, prompt])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        copy.status.success(),
-        "{}",
-        String::from_utf8_lossy(&copy.stderr)
-    );
-    let copy: serde_json::Value = serde_json::from_slice(&copy.stdout).unwrap();
-    let source = run_json(&[
-        prompt,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "20",
-        "--quant",
-        "q8_0",
-    ])
-    .unwrap();
+    let mut cmd = sanctum();
+    cmd.arg("--store").arg(&home).arg("--lock").arg(&lock_path);
+    let copy = reply_json(cmd, &entry.name, &args);
+    let source = run_json(&args).unwrap();
     assert_eq!(copy["text"], source["text"]);
 }
 

@@ -698,6 +698,12 @@ fn check_coverage(spans: &mut [(u64, u64, &str)], data_len: u64) -> Result<(), F
     Ok(())
 }
 
+/// True for a name ending `.safetensors` (any case): a weight file, which must pass
+/// [`check_safetensors`] and which loaders stream rather than keep.
+pub fn is_safetensors_name(path: &str) -> bool {
+    path.to_ascii_lowercase().ends_with(".safetensors")
+}
+
 /// The policy applied to every file of a model directory. `path` is the file's relative path in it,
 /// used for the name checks.
 ///
@@ -744,8 +750,7 @@ pub fn check_model_file_start(
     if let Some(found) = found {
         return Err(FormatError::NotSafetensors { found });
     }
-    let named_safetensors = path.to_ascii_lowercase().ends_with(".safetensors");
-    if named_safetensors || kind == ContentKind::Safetensors {
+    if is_safetensors_name(path) || kind == ContentKind::Safetensors {
         check_safetensors_start(start, file_len)?;
         return Ok(ContentKind::Safetensors);
     }

@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::digest::{HASH_CHUNK, Sha256Digest, Sha256Hasher};
 use crate::format::{
-    ContentKind, FormatError, check_model_file_start, forbidden_weight_format, sniff, start_len,
+    ContentKind, FormatError, check_model_file_start, forbidden_weight_format, is_safetensors_name,
+    sniff, start_len,
 };
 use crate::lockfile::{LockedFile, ModelEntry};
 use crate::progress::Progress;
@@ -335,11 +336,6 @@ pub fn begin_load<'a>(
 }
 
 impl StreamedLoad<'_> {
-    /// The model's name.
-    pub fn name(&self) -> &str {
-        &self.entry.name
-    }
-
     /// A verified, kept file (not a streamed one).
     pub fn file(&self, path: &str) -> Option<&VerifiedFile> {
         self.kept.iter().find(|f| f.path == path)
@@ -467,7 +463,7 @@ impl ModelFiles for VerifiedModel {
     fn weight_files(&self) -> Vec<String> {
         self.files
             .iter()
-            .filter(|f| f.path.to_ascii_lowercase().ends_with(".safetensors"))
+            .filter(|f| is_safetensors_name(&f.path))
             .map(|f| f.path.clone())
             .collect()
     }
@@ -611,27 +607,19 @@ fn report(
 /// Checks one listed file as `mode` says. A deferred file reports the lock's digest, which its
 /// stream must still match.
 fn check_listed(dir: &Path, file: &LockedFile, progress: &dyn Progress, mode: Mode) -> Checked {
-    let size = Some(file.size);
+    let mut kept = (mode == Mode::Keep).then(Vec::new);
     let outcome = match mode {
         Mode::Defer => open_listed(dir, file).map(|_| file.sha256),
-        Mode::Discard => read_listed(dir, file, progress, &mut |_| Ok(()))
-            .and_then(|actual| matches_lock(file, actual)),
-        Mode::Keep => {
-            let mut bytes = Vec::new();
-            let outcome = read_listed(dir, file, progress, &mut |chunk| {
+        Mode::Keep | Mode::Discard => read_listed(dir, file, progress, &mut |chunk| {
+            if let Some(bytes) = &mut kept {
                 bytes.extend_from_slice(chunk);
-                Ok(())
-            })
-            .and_then(|actual| matches_lock(file, actual));
-            let keep = outcome.is_ok().then_some(bytes);
-            return match outcome {
-                Ok(sha256) => (report(file, size, Ok(sha256)), keep),
-                Err((size, problem)) => (report(file, size, Err(problem)), None),
-            };
-        }
+            }
+            Ok(())
+        })
+        .and_then(|actual| matches_lock(file, actual)),
     };
     match outcome {
-        Ok(sha256) => (report(file, size, Ok(sha256)), None),
+        Ok(sha256) => (report(file, Some(file.size), Ok(sha256)), kept),
         Err((size, problem)) => (report(file, size, Err(problem)), None),
     }
 }
@@ -834,6 +822,19 @@ mod tests {
         (dir, entry)
     }
 
+    /// Opens `entry` in `dir` as the store does: Safetensors files streamed, the rest kept.
+    fn open<'a>(
+        entry: &'a ModelEntry,
+        dir: &tempfile::TempDir,
+    ) -> Result<StreamedLoad<'a>, VerifyError> {
+        begin_load(
+            entry,
+            dir.path(),
+            &crate::progress::NoProgress,
+            is_safetensors_name,
+        )
+    }
+
     /// Gathers what it is streamed, recording each chunk's size.
     #[derive(Default)]
     struct Collect {
@@ -849,16 +850,11 @@ mod tests {
         }
     }
 
-    fn is_weights(path: &str) -> bool {
-        path.ends_with(".safetensors")
-    }
-
     #[test]
     fn streamed_bytes_are_the_file_in_bounded_chunks_and_kept_files_stay_in_memory() {
         let weights = safetensors(3 * HASH_CHUNK + 17, 7);
         let (dir, entry) = model(&[("config.json", b"{}"), ("model.safetensors", &weights)]);
-        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
-            .expect("begins");
+        let mut load = open(&entry, &dir).expect("begins");
         assert_eq!(load.to_stream(), ["model.safetensors"]);
         assert_eq!(
             load.file("config.json").map(|f| f.bytes.as_slice()),
@@ -883,8 +879,7 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         fs::write(dir.path().join("model.safetensors"), &tampered).expect("writes");
-        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
-            .expect("sizes still match");
+        let mut load = open(&entry, &dir).expect("sizes still match");
         let mut intake = Collect::default();
         let err = load
             .stream("model.safetensors", &mut intake)
@@ -903,8 +898,7 @@ mod tests {
         let mut weights = safetensors(64, 0);
         weights[8] = b' '; // Whitespace before the header's `{`.
         let (dir, entry) = model(&[("model.safetensors", &weights)]);
-        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
-            .expect("begins");
+        let mut load = open(&entry, &dir).expect("begins");
         let mut intake = Collect::default();
         let err = load
             .stream("model.safetensors", &mut intake)
@@ -924,14 +918,11 @@ mod tests {
         let weights = safetensors(100, 3);
         let (dir, entry) = model(&[("a.safetensors", &weights), ("b.safetensors", &weights)]);
         fs::remove_file(dir.path().join("b.safetensors")).expect("removes");
-        let err = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
-            .err()
-            .expect("refused");
+        let err = open(&entry, &dir).err().expect("refused");
         assert!(err.to_string().contains("b.safetensors: missing"), "{err}");
 
         fs::write(dir.path().join("b.safetensors"), safetensors(100, 4)).expect("writes");
-        let load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
-            .expect("sizes match");
+        let load = open(&entry, &dir).expect("sizes match");
         // Nothing streamed: finish still hashes both and finds b's swap.
         let err = load.finish().expect_err("refused");
         assert!(
@@ -950,8 +941,7 @@ mod tests {
         }
         let weights = safetensors(10, 0);
         let (dir, entry) = model(&[("model.safetensors", &weights)]);
-        let mut load = begin_load(&entry, dir.path(), &crate::progress::NoProgress, is_weights)
-            .expect("begins");
+        let mut load = open(&entry, &dir).expect("begins");
         let err = load
             .stream("model.safetensors", &mut Refuse)
             .expect_err("fails");

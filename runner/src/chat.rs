@@ -333,13 +333,6 @@ impl ChatModel {
         stop_tokens.dedup();
 
         let digest = model.digest();
-        let weight_files = model.weight_files();
-        if weight_files.is_empty() {
-            return Err(LoadError::MissingFile {
-                model: name,
-                path: "model.safetensors".to_owned(),
-            });
-        }
         let mut tying = HeadTying::new(&model, &config)?;
         let quant = options
             .quant

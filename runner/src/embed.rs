@@ -144,12 +144,6 @@ impl Embedder {
             }))
             .map_err(|e| tok_err(e.to_string()))?;
 
-        if model.weight_files().is_empty() {
-            return Err(LoadError::MissingFile {
-                model: name,
-                path: "model.safetensors".to_owned(),
-            });
-        }
         // Every float tensor as f32; integer buffers (`position_ids`) are not weights.
         let weights = Weights::load(&mut model, device, &mut |tensors| {
             tensors

@@ -15,7 +15,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use attest::verify::{IntakeError, ModelFiles, VerifyError};
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device};
 use safetensors::Dtype;
 
@@ -27,7 +27,8 @@ use crate::models::llama::{self, HeadTying};
 use crate::models::{self, Family, LoadError};
 use crate::quant::{Choice, Matrix, Quant};
 use crate::weights::{
-    Built, Plan, SafetensorsIntake, TensorHeader, block_type_name, safetensors_header,
+    Built, Plan, SafetensorsIntake, Stored, StoredTensor, TensorHeader, block_type_name,
+    safetensors_header,
 };
 
 /// Why a model could not be quantized.
@@ -48,8 +49,6 @@ pub enum QuantizeError {
 /// What [`quantize_model`] wrote.
 #[derive(Debug)]
 pub struct Quantized {
-    /// `config.json`'s architecture family name (`llama`).
-    pub architecture: String,
     /// The files written, sorted by path.
     pub files: Vec<ImportedFile>,
     /// The format chosen for each matrix.
@@ -90,7 +89,7 @@ pub fn quantize_model(
         files.push(write_bytes(dir, &file.path, &file.bytes)?);
     }
     let mut choices = Vec::new();
-    for path in model.weight_files() {
+    for path in models::weight_files(&model)? {
         let out = dir.join(&path);
         let writer = RefCell::new(Writer::new(&out)?);
         let mut plan = |tensors: &[TensorHeader]| {
@@ -112,19 +111,15 @@ pub fn quantize_model(
     model.finish()?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
     publish(staging, out_dir)?;
-    Ok(Quantized {
-        architecture: "llama".to_owned(),
-        files,
-        choices,
-    })
+    Ok(Quantized { files, choices })
 }
 
 /// One output Safetensors file, written as the tensors are built.
 struct Writer {
     path: PathBuf,
     out: BufWriter<File>,
-    /// Each kept tensor's name and byte length, in order; None until the header is known.
-    layout: Option<Vec<(String, usize)>>,
+    /// The tensors written, in order (skipped ones left out); None until the header is known.
+    layout: Option<Vec<StoredTensor>>,
     /// Writing the header failed (a plan callback has no error to return): said at the next write.
     header_error: Option<std::io::Error>,
     next: usize,
@@ -146,20 +141,24 @@ impl Writer {
     /// Fixes the output's tensors from the plans (skipped ones are left out); the header is
     /// written with the first tensor.
     fn lay_out(&mut self, tensors: &[TensorHeader], plans: &[Plan]) {
-        let mut header = Vec::new();
-        let mut layout = Vec::new();
-        for (t, plan) in tensors.iter().zip(plans) {
-            let (dtype, shape, blocks) = match plan {
-                Plan::Skip => continue,
-                Plan::Dense => (Dtype::F32, t.shape.clone(), None),
-                Plan::Matrix(choice) => stored_form(choice.used, &t.shape),
-            };
-            let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-            layout.push((t.name.clone(), len));
-            header.push((t.name.clone(), dtype, shape, blocks));
-        }
-        self.layout = Some(layout);
-        self.header_error = self.out.write_all(&safetensors_header(&header)).err();
+        let written: Vec<StoredTensor> = tensors
+            .iter()
+            .zip(plans)
+            .filter_map(|(t, plan)| {
+                let stored = match plan {
+                    Plan::Skip => return None,
+                    Plan::Dense => Stored::Values(Dtype::F32),
+                    Plan::Matrix(choice) => stored_form(choice.used, &t.shape),
+                };
+                Some(StoredTensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    stored,
+                })
+            })
+            .collect();
+        self.header_error = self.out.write_all(&safetensors_header(&written)).err();
+        self.layout = Some(written);
     }
 
     fn write(&mut self, header: &TensorHeader, built: Built) -> Result<(), IntakeError> {
@@ -169,9 +168,10 @@ impl Writer {
         let Some(layout) = &self.layout else {
             return Err(format!("tensor {:?} came before the header", header.name).into());
         };
-        let Some((name, len)) = layout.get(self.next).cloned() else {
+        let Some(expected) = layout.get(self.next) else {
             return Err(format!("tensor {:?} was not laid out", header.name).into());
         };
+        let (name, len) = (expected.name.clone(), expected.byte_len());
         if name != header.name {
             return Err(
                 format!("tensor {:?} came where {name:?} was laid out", header.name).into(),
@@ -218,20 +218,16 @@ impl Writer {
     }
 }
 
-/// How a matrix in `quant` is stored: ggml blocks as `U8 [rows, row bytes]`, float formats as
-/// their values.
-fn stored_form(quant: Quant, shape: &[usize]) -> (Dtype, Vec<usize>, Option<GgmlDType>) {
+/// How a matrix in `quant` is stored: ggml blocks for the block formats, float formats as their
+/// values.
+fn stored_form(quant: Quant, shape: &[usize]) -> Stored {
     let ggml = quant.ggml();
     match (quant, shape) {
-        (Quant::F32, _) => (Dtype::F32, shape.to_vec(), None),
-        (Quant::F16, _) => (Dtype::F16, shape.to_vec(), None),
-        (Quant::Bf16, _) => (Dtype::BF16, shape.to_vec(), None),
-        (_, &[rows, cols]) if block_type_name(ggml).is_some() => (
-            Dtype::U8,
-            vec![rows, cols / ggml.block_size() * ggml.type_size()],
-            Some(ggml),
-        ),
-        _ => (Dtype::F32, shape.to_vec(), None),
+        (Quant::F32, _) => Stored::Values(Dtype::F32),
+        (Quant::F16, _) => Stored::Values(Dtype::F16),
+        (Quant::Bf16, _) => Stored::Values(Dtype::BF16),
+        (_, [_, _]) if block_type_name(ggml).is_some() => Stored::Blocks(ggml),
+        _ => Stored::Values(Dtype::F32),
     }
 }
 

@@ -214,9 +214,12 @@ impl Store {
         entry: &'a ModelEntry,
         progress: &'a dyn Progress,
     ) -> Result<StreamedLoad<'a>, VerifyError> {
-        verify::begin_load(entry, &self.model_dir(entry), progress, |path| {
-            path.to_ascii_lowercase().ends_with(".safetensors")
-        })
+        verify::begin_load(
+            entry,
+            &self.model_dir(entry),
+            progress,
+            attest::format::is_safetensors_name,
+        )
     }
 
     /// Brings a model into the store, verified. A verified copy already there is left alone; a damaged

@@ -11,7 +11,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use attest::verify::{Intake, IntakeError, ModelFiles, VerifyError};
+use attest::verify::{Intake, IntakeError, ModelFiles};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use safetensors::tensor::Metadata;
 
 use crate::kernels::{Format, PackedBuilder};
+use crate::models::{self, LoadError};
 use crate::quant::{Choice, Matrix, Quant};
 
 /// Raw bytes converted per step of a matrix: large enough to keep every core busy, small enough
@@ -52,27 +53,72 @@ pub fn block_type_name(dtype: GgmlDType) -> Option<&'static str> {
         .map(|(name, _)| *name)
 }
 
-/// The header of a Safetensors file of these tensors, in this order (name, dtype, shape of what is
-/// stored, ggml block type when it holds blocks): `__metadata__` with `"format": "pt"` and one
-/// [`GGML_TYPE_KEY`] entry per block tensor, keys sorted so the bytes never depend on hashing,
-/// the length prefix first and spaces up to a multiple of 8 bytes, as the `safetensors` crate
-/// writes. The data follows in the same order, with no gaps.
-pub fn safetensors_header(
-    tensors: &[(String, safetensors::Dtype, Vec<usize>, Option<GgmlDType>)],
-) -> Vec<u8> {
+/// Bytes of one row of `cols` values in ggml blocks of type `t`.
+pub fn block_row_bytes(t: GgmlDType, cols: usize) -> usize {
+    cols / t.block_size() * t.type_size()
+}
+
+/// How a tensor's values are written in a Safetensors file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// As values of this dtype.
+    Values(safetensors::Dtype),
+    /// As a matrix's raw ggml blocks of this type: `U8 [rows, row bytes]`.
+    Blocks(GgmlDType),
+}
+
+/// One tensor of a Safetensors file being written.
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    /// Its name.
+    pub name: String,
+    /// The shape of its values (`[rows, cols]` for blocks).
+    pub shape: Vec<usize>,
+    /// How they are written.
+    pub stored: Stored,
+}
+
+impl StoredTensor {
+    /// The dtype and shape its header entry declares.
+    pub fn declared(&self) -> (safetensors::Dtype, Vec<usize>) {
+        match self.stored {
+            Stored::Values(dtype) => (dtype, self.shape.clone()),
+            Stored::Blocks(t) => {
+                let cols = self.shape.last().copied().unwrap_or(0);
+                let rows = self.shape.iter().product::<usize>() / cols.max(1);
+                (safetensors::Dtype::U8, vec![rows, block_row_bytes(t, cols)])
+            }
+        }
+    }
+
+    /// Bytes of its data.
+    pub fn byte_len(&self) -> usize {
+        let (dtype, shape) = self.declared();
+        shape.iter().product::<usize>() * dtype.bitsize() / 8
+    }
+}
+
+/// The header of a Safetensors file of these tensors, in this order: `__metadata__` with
+/// `"format": "pt"` and one [`GGML_TYPE_KEY`] entry per block tensor, keys sorted so the bytes
+/// never depend on hashing, the length prefix first and spaces up to a multiple of 8 bytes, as the
+/// `safetensors` crate writes. The data follows in the same order, with no gaps.
+pub fn safetensors_header(tensors: &[StoredTensor]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     let mut metadata = serde_json::Map::new();
     metadata.insert("format".to_owned(), "pt".into());
     let mut offset = 0usize;
-    for (name, dtype, shape, blocks) in tensors {
-        let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+    for tensor in tensors {
+        let (dtype, shape) = tensor.declared();
+        let len = tensor.byte_len();
         header.insert(
-            name.clone(),
+            tensor.name.clone(),
             serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
         );
         offset += len;
-        if let Some(kind) = blocks.and_then(block_type_name) {
-            metadata.insert(format!("{GGML_TYPE_KEY}{name}"), kind.into());
+        if let Stored::Blocks(t) = tensor.stored
+            && let Some(kind) = block_type_name(t)
+        {
+            metadata.insert(format!("{GGML_TYPE_KEY}{}", tensor.name), kind.into());
         }
     }
     header.insert("__metadata__".to_owned(), metadata.into());
@@ -117,7 +163,7 @@ impl TensorHeader {
     fn row_bytes(&self) -> usize {
         let cols = self.shape.last().copied().unwrap_or(1);
         match self.blocks {
-            Some(t) => cols / t.block_size() * t.type_size(),
+            Some(t) => block_row_bytes(t, cols),
             None => cols * (self.dtype.bitsize() / 8),
         }
     }
@@ -157,15 +203,16 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Streams every weight file of `model` through a [`SafetensorsIntake`], then completes
-    /// verification: only then are the weights returned. `plan` sees each file's whole header.
+    /// Streams every weight file of `model` through a [`SafetensorsIntake`]; `plan` sees each
+    /// file's whole header. The caller completes verification ([`ModelFiles::finish`]) before
+    /// using them.
     pub fn load(
         model: &mut impl ModelFiles,
         device: &Device,
         plan: &mut dyn FnMut(&[TensorHeader]) -> Vec<Plan>,
-    ) -> Result<Self, VerifyError> {
+    ) -> Result<Self, LoadError> {
         let mut weights = Weights::default();
-        for path in model.weight_files() {
+        for path in models::weight_files(model)? {
             let mut intake = SafetensorsIntake::new(device, plan);
             model.stream(&path, &mut intake)?;
             weights.absorb(intake.finish_into());
@@ -195,11 +242,6 @@ impl Weights {
     /// Every tensor the files declared.
     pub fn headers(&self) -> &[TensorHeader] {
         &self.headers
-    }
-
-    /// True when a tensor of this name was built.
-    pub fn has(&self, name: &str) -> bool {
-        self.built.contains_key(name)
     }
 
     /// Bytes the built tensors take in memory.
@@ -547,8 +589,7 @@ impl Builder {
                     }
                     _ if quant == Quant::F32 => Target::Dense(Vec::with_capacity(rows * cols)),
                     _ => {
-                        let ggml = quant.ggml();
-                        let size = rows * cols / ggml.block_size() * ggml.type_size();
+                        let size = rows * block_row_bytes(quant.ggml(), cols);
                         Target::Blocks {
                             quant,
                             raw: AlignedBytes::with_capacity(size),
@@ -577,25 +618,19 @@ impl Builder {
         if let Target::Skip = self.target {
             return Ok(used);
         }
-        let last = self.remaining == 0;
-        // Whole units straight from the chunk when nothing is pending; else through `pending`.
+        // Every whole unit, or everything at the tensor's end.
+        let (last, unit) = (self.remaining == 0, self.unit);
+        let whole = |len: usize| if last { len } else { len / unit * unit };
+        // Straight from the chunk when nothing is pending; else through `pending`.
         if pending.is_empty() {
-            let whole = if last {
-                bytes.len()
-            } else {
-                bytes.len() / self.unit * self.unit
-            };
-            self.convert(&bytes[..whole])?;
-            pending.extend_from_slice(&bytes[whole..]);
+            let ready = whole(bytes.len());
+            self.convert(&bytes[..ready])?;
+            pending.extend_from_slice(&bytes[ready..]);
         } else {
             pending.extend_from_slice(bytes);
-            let whole = if last {
-                pending.len()
-            } else {
-                pending.len() / self.unit * self.unit
-            };
-            if whole > 0 {
-                let rest = pending.split_off(whole);
+            let ready = whole(pending.len());
+            if ready > 0 {
+                let rest = pending.split_off(ready);
                 let ready = std::mem::replace(pending, rest);
                 self.convert(&ready)?;
             }
@@ -613,12 +648,16 @@ impl Builder {
         }
         if let Some(stored) = self.header.blocks {
             // Blocks already in the format asked for go in as they are; others are expanded.
+            let unchanged = self
+                .choice
+                .as_ref()
+                .is_some_and(|c| c.used.ggml() == stored);
             match &mut self.target {
-                Target::Blocks { quant, raw } if quant.ggml() == stored => {
+                Target::Blocks { raw, .. } if unchanged => {
                     raw.extend(bytes);
                     return Ok(());
                 }
-                Target::Packed(builder) if packs(builder.format(), stored) => {
+                Target::Packed(builder) if unchanged => {
                     builder.push_ggml_rows(bytes)?;
                     return Ok(());
                 }
@@ -691,14 +730,6 @@ impl Builder {
     }
 }
 
-/// True when ggml blocks of `stored` are in the packed matrix's format already.
-fn packs(format: Format, stored: GgmlDType) -> bool {
-    matches!(
-        (format, stored),
-        (Format::Q8_0, GgmlDType::Q8_0) | (Format::Q4_0, GgmlDType::Q4_0)
-    )
-}
-
 /// Bytes kept 8-byte aligned, as candle's block types need when it reads them in place.
 struct AlignedBytes {
     words: Vec<u64>,
@@ -733,8 +764,7 @@ fn dequantize(
     cols: usize,
     out: &mut Vec<f32>,
 ) -> Result<(), IntakeError> {
-    let row_bytes = cols / stored.block_size() * stored.type_size();
-    let rows = bytes.len() / row_bytes.max(1);
+    let rows = bytes.len() / block_row_bytes(stored, cols).max(1);
     let mut aligned = AlignedBytes::with_capacity(bytes.len());
     aligned.extend(bytes);
     let storage = QStorage::from_data(Cow::Borrowed(aligned.bytes()), &Device::Cpu, stored)?;
@@ -885,7 +915,11 @@ mod tests {
                 };
                 for chunk in [1, 7, 4099, bytes.len()] {
                     let mut weights = built(&bytes, quant, chunk);
-                    assert!(!weights.has("ids"), "integer buffers are skipped");
+                    let skipped = weights
+                        .dense("ids")
+                        .expect_err("integer buffers are skipped");
+                    // (candle appends a backtrace when RUST_BACKTRACE is set)
+                    assert!(skipped.to_string().starts_with("cannot find tensor ids"));
                     let norm = weights.dense("norm").expect("norm");
                     assert_eq!(norm.to_vec1::<f32>().expect("f32"), [0.5, -2.0, 3.25]);
                     let (m, choice) = weights.matrix("w").expect("matrix");

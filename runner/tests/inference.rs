@@ -15,6 +15,7 @@ use std::fs;
 use std::ops::ControlFlow;
 
 use attest::Sha256Digest;
+use attest::format::is_safetensors_name;
 use attest::lockfile::{HfSource, LockedFile, ModelEntry, Source, Task};
 use attest::progress::NoProgress;
 use attest::verify::{VerifiedModel, begin_load, load_verified};
@@ -73,11 +74,6 @@ fn stored(
     });
     let entry = ModelEntry::new(name, task, architecture, "Apache-2.0", source, locked);
     (dir, entry)
-}
-
-/// The weights streamed from disk as `sanctum` opens them.
-fn is_weights(path: &str) -> bool {
-    path.ends_with(".safetensors")
 }
 
 fn safetensors_f32(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
@@ -339,7 +335,7 @@ fn load(
     context: Option<usize>,
 ) -> Result<ChatModel, LoadError> {
     let (dir, entry) = stored("tiny-llama", Task::Chat, "llama", files);
-    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_safetensors_name).unwrap();
     ChatModel::load(
         opened,
         &LoadOptions {
@@ -883,7 +879,7 @@ fn bert_files(with_head: bool) -> Vec<(&'static str, Vec<u8>)> {
 
 fn embedder(with_head: bool) -> Embedder {
     let (dir, entry) = stored("tiny-bert", Task::Embed, "bert", &bert_files(with_head));
-    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_safetensors_name).unwrap();
     Embedder::load(opened, &Device::Cpu).unwrap()
 }
 
@@ -1112,7 +1108,7 @@ fn a_quantized_copy_generates_what_in_situ_quantization_of_its_source_does() {
         Quant::F16,
     ] {
         let (dir, entry) = stored("tiny-llama", Task::Chat, "llama", &files);
-        let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+        let opened = begin_load(&entry, dir.path(), &NoProgress, is_safetensors_name).unwrap();
         let out = TempDir::new().unwrap();
         let out_dir = out.path().join("quantized");
         let report = runner::quantize::quantize_model(opened, quant, &out_dir).unwrap();
@@ -1169,7 +1165,7 @@ fn a_quantized_copy_generates_what_in_situ_quantization_of_its_source_does() {
 #[test]
 fn quantize_refuses_embedding_models_and_tampered_sources() {
     let (dir, entry) = stored("tiny-bert", Task::Embed, "bert", &bert_files(true));
-    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_safetensors_name).unwrap();
     let out = TempDir::new().unwrap();
     let err =
         runner::quantize::quantize_model(opened, Quant::Q8_0, &out.path().join("q")).unwrap_err();
@@ -1185,7 +1181,7 @@ fn quantize_refuses_embedding_models_and_tampered_sources() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     fs::write(&weights, bytes).unwrap();
-    let opened = begin_load(&entry, dir.path(), &NoProgress, is_weights).unwrap();
+    let opened = begin_load(&entry, dir.path(), &NoProgress, is_safetensors_name).unwrap();
     let out_dir = out.path().join("q");
     let err = runner::quantize::quantize_model(opened, Quant::Q8_0, &out_dir).unwrap_err();
     assert!(

@@ -162,9 +162,12 @@ fn a_300m_parameter_bf16_model_loads_in_q4_0_within_1_3x_of_its_packed_weights()
 
     assert!(runner::bench::reset_peak_rss(), "VmHWM can be reset");
     let before = vm_hwm_bytes();
-    let opened = begin_load(&entry, dir.path(), &NoProgress, |p| {
-        p.ends_with(".safetensors")
-    })
+    let opened = begin_load(
+        &entry,
+        dir.path(),
+        &NoProgress,
+        attest::format::is_safetensors_name,
+    )
     .expect("opens");
     let options = LoadOptions {
         quant: Some(Quant::Q4_0),

@@ -26,7 +26,7 @@ use safetensors::Dtype;
 use serde::Serialize;
 
 use super::gguf_tokenizer;
-use crate::weights::{block_type_name, safetensors_header};
+use crate::weights::{Stored, StoredTensor, block_type_name, safetensors_header};
 
 /// Name of the weights file written by the import.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -581,36 +581,33 @@ struct PlannedTensor {
     /// `Some(n_head)` for q/k: undo llama.cpp's rotary row permutation with that many heads.
     unpermute_heads: Option<usize>,
     /// How it is written: its GGUF type, or f32 for what has no Safetensors form.
-    stored: Stored,
+    form: Form,
 }
 
-/// A tensor's form in `model.safetensors`.
+/// A GGUF tensor's form in `model.safetensors`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stored {
+enum Form {
     /// Values of this float type, as in the GGUF.
     Float(Dtype),
-    /// A matrix's raw ggml blocks (`U8 [rows, row bytes]`).
+    /// A matrix's raw ggml blocks.
     Blocks(GgmlDType),
     /// Dequantized to f32: quantized tensors that are not matrices.
     Dequantized,
 }
 
 impl PlannedTensor {
-    /// Shape and dtype in `model.safetensors`.
-    fn layout(&self) -> (Dtype, Vec<usize>) {
-        match self.stored {
-            Stored::Float(dtype) => (dtype, self.shape.clone()),
-            Stored::Dequantized => (Dtype::F32, self.shape.clone()),
-            Stored::Blocks(t) => {
-                let (rows, cols) = (self.shape[0], self.shape[1]);
-                (Dtype::U8, vec![rows, cols / t.block_size() * t.type_size()])
-            }
+    /// The tensor as `model.safetensors` holds it.
+    fn written(&self) -> StoredTensor {
+        let stored = match self.form {
+            Form::Float(dtype) => Stored::Values(dtype),
+            Form::Blocks(t) => Stored::Blocks(t),
+            Form::Dequantized => Stored::Values(Dtype::F32),
+        };
+        StoredTensor {
+            name: self.hf.clone(),
+            shape: self.shape.clone(),
+            stored,
         }
-    }
-
-    fn byte_len(&self) -> usize {
-        let (dtype, shape) = self.layout();
-        shape.iter().product::<usize>() * dtype.bitsize() / 8
     }
 }
 
@@ -659,19 +656,19 @@ fn plan_tensors(
                 found,
             });
         }
-        let stored = match info.ggml_dtype {
-            GgmlDType::F32 => Stored::Float(Dtype::F32),
-            GgmlDType::F16 => Stored::Float(Dtype::F16),
-            GgmlDType::BF16 => Stored::Float(Dtype::BF16),
-            t if found.len() == 2 && block_type_name(t).is_some() => Stored::Blocks(t),
-            _ => Stored::Dequantized,
+        let form = match info.ggml_dtype {
+            GgmlDType::F32 => Form::Float(Dtype::F32),
+            GgmlDType::F16 => Form::Float(Dtype::F16),
+            GgmlDType::BF16 => Form::Float(Dtype::BF16),
+            t if found.len() == 2 && block_type_name(t).is_some() => Form::Blocks(t),
+            _ => Form::Dequantized,
         };
         plan.push(PlannedTensor {
             gguf,
             hf,
             shape: found,
             unpermute_heads,
-            stored,
+            form,
         });
         Ok(())
     };
@@ -802,7 +799,7 @@ impl TensorSource<'_> {
         let qtensor = info
             .read(&mut self.reader, self.data_offset, &Device::Cpu)
             .map_err(tensor_err)?;
-        if plan.stored != Stored::Dequantized {
+        if plan.form != Form::Dequantized {
             let mut bytes = qtensor.data().map_err(tensor_err)?.into_owned();
             if let Some(n_head) = plan.unpermute_heads {
                 let rows = plan.shape[0];
@@ -834,27 +831,21 @@ fn write_safetensors(
     plan: &[PlannedTensor],
     source: &mut TensorSource<'_>,
 ) -> Result<(), ImportError> {
-    let layout: Vec<_> = plan
-        .iter()
-        .map(|t| {
-            let (dtype, shape) = t.layout();
-            let blocks = match t.stored {
-                Stored::Blocks(kind) => Some(kind),
-                _ => None,
-            };
-            (t.hf.clone(), dtype, shape, blocks)
-        })
-        .collect();
+    let layout: Vec<StoredTensor> = plan.iter().map(PlannedTensor::written).collect();
     let mut out = io::BufWriter::new(File::create(path).map_err(io_err(path))?);
     out.write_all(&safetensors_header(&layout))
         .map_err(io_err(path))?;
-    for t in plan {
+    for (t, written) in plan.iter().zip(&layout) {
         let bytes = source.load(t)?;
-        if bytes.len() != t.byte_len() {
+        if bytes.len() != written.byte_len() {
             return Err(ImportError::Tensor {
                 path: source.path.to_path_buf(),
                 tensor: t.gguf.clone(),
-                problem: format!("{} bytes read, {} expected", bytes.len(), t.byte_len()),
+                problem: format!(
+                    "{} bytes read, {} expected",
+                    bytes.len(),
+                    written.byte_len()
+                ),
             });
         }
         out.write_all(&bytes).map_err(io_err(path))?;

@@ -145,7 +145,7 @@ impl PackedBuilder {
     /// quantizes them.
     pub fn push_rows(&mut self, data: &[f32]) -> Result<(), ShapeError> {
         let (format, cols) = (self.matrix.format, self.matrix.cols);
-        self.pack_rows(data.len(), cols, data, |x, b, values| {
+        self.pack_rows(cols, data, |x, b, values| {
             let x = &x[b * BLOCK..(b + 1) * BLOCK];
             match format {
                 Format::Q8_0 => quantize_q8_0_block(x, values),
@@ -160,7 +160,7 @@ impl PackedBuilder {
         let format = self.matrix.format;
         let block = 2 + format.block_bytes();
         let row_bytes = self.matrix.cols / BLOCK * block;
-        self.pack_rows(blocks.len(), row_bytes, blocks, |row, b, values| {
+        self.pack_rows(row_bytes, blocks, |row, b, values| {
             let block = &row[b * block..(b + 1) * block];
             let (d, qs) = block.split_at(2);
             match format {
@@ -180,21 +180,21 @@ impl PackedBuilder {
         })
     }
 
-    /// Packs the rows of `input` (`len` items, `per_row` per row) in parallel; `block` writes
-    /// block `b` of a row's unsigned values and returns its scale.
+    /// Packs the rows of `input` (`per_row` items per row) in parallel; `block` writes block `b`
+    /// of a row's unsigned values and returns its scale.
     fn pack_rows<T: Sync>(
         &mut self,
-        len: usize,
         per_row: usize,
         input: &[T],
         block: impl Fn(&[T], usize, &mut [u8; BLOCK]) -> f16 + Sync,
     ) -> Result<(), ShapeError> {
         let m = &mut self.matrix;
         let (rows, cols) = (m.rows, m.cols);
+        let len = input.len();
         let count = len / per_row;
         if !len.is_multiple_of(per_row) || self.filled + count > rows {
             return Err(ShapeError::Values {
-                got: len / per_row * cols,
+                got: count * cols,
                 rows: rows - self.filled,
                 cols,
             });

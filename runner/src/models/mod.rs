@@ -137,6 +137,18 @@ pub fn file_bytes<'a>(
         })
 }
 
+/// The model's weight files, or a `MissingFile` error when it has none.
+pub fn weight_files(model: &(impl ModelFiles + ?Sized)) -> Result<Vec<String>, LoadError> {
+    let files = model.weight_files();
+    if files.is_empty() {
+        return Err(LoadError::MissingFile {
+            model: model.name().to_owned(),
+            path: "model.safetensors".to_owned(),
+        });
+    }
+    Ok(files)
+}
+
 /// Parses one JSON file of a verified model.
 pub fn json_file<T: DeserializeOwned>(
     model: &(impl ModelFiles + ?Sized),
