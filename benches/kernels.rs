@@ -1,4 +1,5 @@
-//! Quantized matmul throughput at SmolLM2-135M's shapes: sanctum's kernels (q8_0, q4_0) against
+//! Quantized matmul throughput at SmolLM2-135M's shapes: sanctum's kernels (q8_0, q4_0, with 8- and
+//! 16-bit activations) against
 //! candle's `QMatMul` (q8_0, q4_0, q4k, f16) in the same run, for one activation row (generation)
 //! and 512 rows (a prompt). Elements are multiply-adds (`m × rows × cols`).
 //!
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use runner::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use runner::candle_core::{Device, Module, Tensor};
-use runner::kernels::{Format, PackedMatrix, Scratch};
+use runner::kernels::{Activations, Format, PackedMatrix, Scratch};
 
 /// `[rows, cols]` of SmolLM2-135M's projections (q/o, k/v, gate/up, down).
 const LAYER_SHAPES: [(usize, usize); 4] = [(576, 576), (192, 576), (1536, 576), (576, 1536)];
@@ -42,11 +43,15 @@ fn matmuls(c: &mut Criterion, group_name: &str, m: usize, shapes: &[(usize, usiz
         let x = values(m * cols, 2);
         let shape = format!("{rows}x{cols}");
         group.throughput(Throughput::Elements((m * rows * cols) as u64));
-        for (name, format) in [
-            ("sanctum q8_0", Format::Q8_0),
-            ("sanctum q4_0", Format::Q4_0),
+        for (name, format, activations) in [
+            ("sanctum q8_0", Format::Q8_0, Activations::Int8),
+            ("sanctum q4_0", Format::Q4_0, Activations::Int8),
+            ("sanctum q8_0+int16", Format::Q8_0, Activations::Int16),
+            ("sanctum q4_0+int16", Format::Q4_0, Activations::Int16),
         ] {
-            let packed = PackedMatrix::quantize(format, &w, rows, cols).expect("quantizes");
+            let packed = PackedMatrix::quantize(format, &w, rows, cols)
+                .expect("quantizes")
+                .with_activations(activations);
             let mut y = vec![0f32; m * rows];
             let mut scratch = Scratch::default();
             group.bench_function(BenchmarkId::new(name, &shape), |b| {

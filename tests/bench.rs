@@ -67,7 +67,7 @@ fn json_results_have_every_sample_and_the_extras() {
     .args(SMALL)
     .assert()
     .success()
-    .stderr(contains("q4_0 tg4 2/2"))
+    .stderr(contains("q4_0+int16 tg4 2/2"))
     .stderr(contains(
         "a busy-looping neighbour thread runs beside the tests",
     ));
@@ -80,10 +80,10 @@ fn json_results_have_every_sample_and_the_extras() {
     assert_eq!(
         tests,
         [
-            ("q8_0", "pp16"),
-            ("q8_0", "tg4"),
-            ("q4_0", "pp16"),
-            ("q4_0", "tg4")
+            ("q8_0+int16", "pp16"),
+            ("q8_0+int16", "tg4"),
+            ("q4_0+int16", "pp16"),
+            ("q4_0+int16", "tg4")
         ]
     );
     for r in results {
@@ -119,7 +119,8 @@ fn markdown_uses_llama_bench_columns() {
         return;
     };
     let _guard = one_at_a_time();
-    cmd.args(["bench", SMOL, "--quant", "q8_0"])
+    // llama.cpp's arithmetic, named as llama-bench names it.
+    cmd.args(["bench", SMOL, "--quant", "q8_0", "--activations", "int8"])
         .args(SMALL)
         .assert()
         .success()
@@ -256,4 +257,77 @@ fn hardware_profiles_gate_the_run() {
     let mismatches = report["profile"]["mismatches"].to_string();
     assert!(mismatches.contains(" / 99"), "{mismatches}");
     assert_eq!(report["results"][0]["test"], "pp8");
+}
+
+/// `bench --quality`: the reference scores itself perfectly; the default (the stored q4_1 blocks
+/// with 16-bit activations) stays closer to f32 than llama.cpp's 8-bit arithmetic at q8_0; every
+/// number is in range; a text shorter than one window is refused with its name.
+#[test]
+fn quality_compares_formats_with_the_f32_reference() {
+    let dir = setup();
+    let Some(mut cmd) = real(dir.path()) else {
+        return;
+    };
+    let _guard = one_at_a_time();
+    let text = dir.path().join("text.txt");
+    fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(4)
+            + "Licenses grant rights to copy, modify and distribute software under conditions \
+               that protect the authors and the users who receive it, and they say so in words \
+               a court can read.",
+    )
+    .unwrap();
+    let out = cmd
+        .args(["bench", SMOL, "--quality"])
+        .arg(&text)
+        .args(["--quant", "auto,q8_0", "--activations", "int16,int8"])
+        .args([
+            "--window",
+            "48",
+            "--windows",
+            "1",
+            "-o",
+            "json",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["results"].as_array().unwrap();
+    let formats: Vec<&str> = rows.iter().map(|r| r["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["f32", "q4_1+int16", "q4_1", "q8_0+int16", "q8_0"]);
+    let kl = |i: usize| rows[i]["mean_kl"].as_f64().unwrap();
+    assert_eq!((kl(0), rows[0]["top1"].as_f64()), (0.0, Some(1.0)));
+    assert!(kl(1) < kl(4), "{kl:?}", kl = (kl(1), kl(4)));
+    for r in rows {
+        assert_eq!(r["positions"], 24, "{r}");
+        let ppl = r["perplexity"].as_f64().unwrap();
+        assert!(ppl.is_finite() && ppl >= 1.0, "{r}");
+        let top1 = r["top1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&top1), "{r}");
+        assert!(
+            r["max_kl"].as_f64().unwrap() >= r["mean_kl"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+
+    let short = dir.path().join("short.txt");
+    fs::write(&short, "Too short.").unwrap();
+    let Some(mut cmd) = real(dir.path()) else {
+        return;
+    };
+    cmd.args(["bench", SMOL, "--quality"])
+        .arg(&short)
+        .args(["--window", "48", "--threads", "1"])
+        .assert()
+        .code(2)
+        .stderr(contains("short.txt"))
+        .stderr(contains("fewer than one window of 48"));
 }

@@ -17,6 +17,7 @@ use candle_core::Device;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
+use crate::kernels::Activations;
 use crate::models::llama::{self, Cache, HeadTying, Llama, Workspace};
 use crate::models::{self, Family, LoadError};
 use crate::quant::{Choice, Quant};
@@ -43,8 +44,12 @@ pub(crate) const PROMPT_CHUNK: usize = 512;
 /// How to load a chat model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// The format weights run in; None picks one by model size ([`crate::quant::auto`]).
+    /// The format weights run in; None: the block format they are stored in when sanctum's kernels
+    /// run it, else [`crate::quant::AUTO_FOR_FLOATS`] ([`crate::models::llama::auto_quant`]).
     pub quant: Option<Quant>,
+    /// How sanctum's kernels quantize activations; None: [`Activations::Int16`], which keeps
+    /// f32's answers (see [`crate::kernels::Activations`]).
+    pub activations: Option<Activations>,
     /// Where to run.
     pub device: Device,
     /// Most tokens (prompt and reply) held at once; None: the model's own maximum, capped by
@@ -184,6 +189,8 @@ pub struct ChatModel {
     template: Option<ChatTemplate>,
     stop_tokens: Vec<u32>,
     quant: Quant,
+    /// The activations of the matrices on sanctum's kernels; None when there are none.
+    activations: Option<Activations>,
     choices: Vec<Choice>,
     /// Weights in the checkpoint.
     parameters: u64,
@@ -334,11 +341,15 @@ impl ChatModel {
 
         let digest = model.digest();
         let mut tying = HeadTying::new(&model, &config)?;
-        let quant = options
-            .quant
-            .unwrap_or_else(|| crate::quant::auto(config.parameters(variant, tying.tied())));
-        let mut plan = |tensors: &[TensorHeader]| tying.plan(tensors, quant);
+        let activations = options.activations.unwrap_or(Activations::Int16);
+        // `auto` is decided by the first weight file's header ([`llama::auto_quant`]).
+        let mut chosen = options.quant;
+        let mut plan = |tensors: &[TensorHeader]| {
+            let quant = *chosen.get_or_insert_with(|| llama::auto_quant(tensors));
+            tying.plan(tensors, quant, activations)
+        };
         let mut weights = Weights::load(&mut model, &options.device, &mut plan)?;
+        let quant = chosen.unwrap_or(crate::quant::AUTO_FOR_FLOATS);
         model.finish()?;
         // Verified: the weights may be used from here on.
         let parameters: u64 = weights.headers().iter().map(|t| t.elements() as u64).sum();
@@ -374,6 +385,10 @@ impl ChatModel {
             template,
             stop_tokens,
             quant,
+            activations: choices
+                .iter()
+                .any(|c| options.device.is_cpu() && c.used.packed_format().is_some())
+                .then_some(activations),
             choices,
             parameters,
             weight_bytes,
@@ -408,6 +423,20 @@ impl ChatModel {
     /// The format asked for (or picked by size).
     pub fn quant(&self) -> Quant {
         self.quant
+    }
+
+    /// How activations are quantized for the matrices on sanctum's kernels (None: no matrix is).
+    pub fn activations(&self) -> Option<Activations> {
+        self.activations
+    }
+
+    /// The format, and the activations when they are not llama.cpp's 8 bits: `q8_0`,
+    /// `q4_0+int16`; what reports and attestations name.
+    pub fn arithmetic(&self) -> String {
+        match self.activations {
+            Some(a @ Activations::Int16) => format!("{}+{a}", self.quant),
+            _ => self.quant.name().to_owned(),
+        }
     }
 
     /// The format each weight matrix got, with the reason when it differs from the one asked for.

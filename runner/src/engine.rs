@@ -84,11 +84,11 @@ impl Runtime {
     }
 
     /// The attestation's record of it, with the format the weights run in.
-    pub fn record(&self, quant: Option<Quant>) -> RuntimeRecord {
+    pub fn record(&self, quantization: Option<String>) -> RuntimeRecord {
         RuntimeRecord {
             device: self.device_name.clone(),
             threads: self.threads as u32,
-            quantization: quant.map(|q| q.name().to_owned()),
+            quantization,
         }
     }
 }
@@ -246,7 +246,7 @@ impl<'a> Reply<'a> {
             bytes: self.bytes,
             task: self.task,
             model: entry,
-            runtime: runtime.record(Some(model.quant())),
+            runtime: runtime.record(Some(model.arithmetic())),
             sampling: Some(sampling_record(self.options)),
             prompt: self.prompt,
             include_prompt_text: false,
@@ -284,7 +284,7 @@ impl<'a> Embeddings<'a> {
             bytes: self.bytes,
             task: OutputTask::Embed,
             model: entry,
-            runtime: runtime.record(Some(Quant::F32)),
+            runtime: runtime.record(Some(Quant::F32.name().to_owned())),
             sampling: None,
             prompt: self.texts,
             include_prompt_text: false,

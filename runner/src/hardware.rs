@@ -62,8 +62,25 @@ pub struct CpuProfile {
     /// Hardware threads.
     pub threads: usize,
     /// The instruction-set features sanctum's kernels care about that the CPU has, sorted; names
-    /// as Rust's `is_x86_feature_detected!` / `is_aarch64_feature_detected!` spell them.
+    /// as Rust's `is_x86_feature_detected!` / `is_aarch64_feature_detected!` spell them (AMX from
+    /// CPUID: a process must still ask Linux for its tile state before using it).
     pub features: Vec<String>,
+    /// Cache sizes of one core (L3: shared), informative: what tile sizes fit in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSizes>,
+}
+
+/// Data cache sizes in KiB, as the OS reports them for the first CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSizes {
+    /// Level 1 data cache.
+    pub l1d_kib: u64,
+    /// Level 2.
+    pub l2_kib: u64,
+    /// Level 3, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l3_kib: Option<u64>,
 }
 
 /// Main memory.
@@ -182,6 +199,13 @@ fn isa_features() -> Vec<String> {
             "avxvnni",
             "sha"
         );
+        // `is_x86_feature_detected!` does not take AMX names on stable Rust: CPUID leaf 7 says.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        for (bit, name) in [(22, "amx-bf16"), (24, "amx-tile"), (25, "amx-int8")] {
+            if leaf7.edx & (1 << bit) != 0 {
+                found.push(name);
+            }
+        }
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -212,6 +236,40 @@ fn cpu_model() -> String {
         return name;
     }
     format!("unknown {} CPU", std::env::consts::ARCH)
+}
+
+/// The first CPU's data cache sizes (Linux: sysfs), None where the OS does not say.
+fn cache_sizes() -> Option<CacheSizes> {
+    #[cfg(target_os = "linux")]
+    {
+        let (mut l1d, mut l2, mut l3) = (None, None, None);
+        let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+        for entry in dir.flatten() {
+            let read = |name: &str| std::fs::read_to_string(entry.path().join(name)).ok();
+            let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size"))
+            else {
+                continue;
+            };
+            let Some(kib) = size.trim().strip_suffix('K').and_then(|k| k.parse().ok()) else {
+                continue;
+            };
+            match (level.trim(), kind.trim()) {
+                ("1", "Data") => l1d = Some(kib),
+                ("2", "Unified") => l2 = Some(kib),
+                ("3", "Unified") => l3 = Some(kib),
+                _ => {}
+            }
+        }
+        Some(CacheSizes {
+            l1d_kib: l1d?,
+            l2_kib: l2?,
+            l3_kib: l3,
+        })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
 }
 
 /// Total memory in GiB, rounded to a tenth.
@@ -314,6 +372,7 @@ pub fn detect(
             cores,
             threads: num_cpus::get(),
             features: isa_features(),
+            cache: cache_sizes(),
         },
         memory: MemoryProfile {
             total_gib: memory_gib,

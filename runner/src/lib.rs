@@ -14,6 +14,7 @@ pub mod hardware;
 pub mod import;
 pub mod kernels;
 pub mod models;
+pub mod quality;
 pub mod quant;
 pub mod quantize;
 pub mod sampling;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::kernels::{PackedMatrix, Scratch};
+use crate::kernels::{Activations, Format, PackedMatrix, Scratch};
 
 /// A format weights run in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,6 +128,16 @@ impl Quant {
         }
     }
 
+    /// The format of sanctum's own kernels ([`crate::kernels`]) for it on the CPU, if any.
+    pub fn packed_format(self) -> Option<Format> {
+        match self {
+            Self::Q8_0 => Some(Format::Q8_0),
+            Self::Q4_0 => Some(Format::Q4_0),
+            Self::Q4_1 => Some(Format::Q4_1),
+            _ => None,
+        }
+    }
+
     /// Weights per block: a row's length must be a multiple of it.
     pub fn block_size(self) -> usize {
         self.ggml().block_size()
@@ -181,29 +191,16 @@ impl Quant {
     }
 }
 
-/// Models with fewer parameters than this run in f16 when no format is asked for; larger ones in
-/// q8_0.
+/// The format a checkpoint of floats (f32, f16, bf16, what Hugging Face repositories ship) runs in
+/// when none is asked for; one stored in a block format sanctum's kernels run keeps it
+/// ([`crate::models::llama::auto_quant`]).
 ///
-/// Measured on SmolLM2-135M (2-core AVX-512 CPU): f16 keeps f32's greedy output on 12 of 12 test
-/// prompts for 20 tokens, q8_0 on 3 of 12 (candle's q8_0 kernels quantize activations to 8 bits,
-/// to one scale per 256 values on the fast AVX-512 path, and a model this small is sensitive to
-/// it); f16 generates at about 88% of q8_0's speed (87 vs 99 tokens/s) and processes prompts as
-/// fast (265 vs 261 tokens/s). For larger
-/// models, whose decoding is bound by memory bandwidth, q8_0 reads about half the bytes per token
-/// and is the usual choice. These speeds predate [`crate::kernels`]: on the CPU q8_0 now runs
-/// there, with activations quantized per 32 values as llama.cpp does, at 189–205 tokens/s (tg128,
-/// `sanctum bench`), and still flips the capital-of-France answer; the fidelity count is worth
-/// measuring again with them.
-pub const AUTO_F16_BELOW: u64 = 1_000_000_000;
-
-/// The format used when none is asked for, by parameter count (see [`AUTO_F16_BELOW`]).
-pub fn auto(parameters: u64) -> Quant {
-    if parameters < AUTO_F16_BELOW {
-        Quant::F16
-    } else {
-        Quant::Q8_0
-    }
-}
+/// Measured with `sanctum bench --quality` (docs/performance.md, SmolLM2-135M, 1024 positions of
+/// a license text against f32): q8_0 with 16-bit activations (the default
+/// [`crate::kernels::Activations::Int16`]) has a mean KL divergence of 0.0014 and the f32 top token
+/// at 98% of positions, keeps f32's capital-of-France answer, and generates about twice as fast as
+/// candle's f16 (KL 0.000004); q4_0 is faster still but diverges 190 times more (0.27).
+pub const AUTO_FOR_FLOATS: Quant = Quant::Q8_0;
 
 /// What a weight matrix does, which decides how far it may be quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,6 +223,17 @@ pub struct Choice {
     pub used: Quant,
     /// Why they differ (None when they do not).
     pub reason: Option<String>,
+    /// How activations are quantized for it on sanctum's kernels (q8_0, q4_0, q4_1 on the CPU); candle's
+    /// kernels quantize their own, to 8 bits.
+    pub activations: Activations,
+}
+
+impl Choice {
+    /// The choice, multiplied with `activations` on sanctum's kernels.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
+    }
 }
 
 /// Picks the format for one weight of shape `[rows, row_len]`.
@@ -253,16 +261,17 @@ pub fn choose(tensor: &str, requested: Quant, role: Role, row_len: usize) -> Cho
         requested,
         used,
         reason,
+        activations: Activations::default(),
     }
 }
 
-/// A weight matrix ready for matmuls: on candle's kernels, or, for q8_0 and q4_0 on the CPU, on
+/// A weight matrix ready for matmuls: on candle's kernels, or, for q8_0, q4_0 and q4_1 on the CPU, on
 /// sanctum's own ([`crate::kernels`]), which tile batched prompts and multiply 4-6x faster there.
 #[derive(Debug, Clone)]
 pub enum Matrix {
     /// Dense f32, or a ggml block tensor multiplied by candle.
     Candle(QMatMul),
-    /// q8_0 or q4_0 packed for [`crate::kernels`].
+    /// q8_0, q4_0 or q4_1 packed for [`crate::kernels`].
     Packed(Arc<PackedMatrix>),
 }
 

@@ -23,6 +23,7 @@ use crate::import::gguf::{
     ImportError, ImportedFile, check_out_dir, hash_and_sync, io_err, publish, staging_dir,
     write_bytes,
 };
+use crate::kernels::Activations;
 use crate::models::llama::{self, HeadTying};
 use crate::models::{self, Family, LoadError};
 use crate::quant::{Choice, Matrix, Quant};
@@ -93,7 +94,7 @@ pub fn quantize_model(
         let out = dir.join(&path);
         let writer = RefCell::new(Writer::new(&out)?);
         let mut plan = |tensors: &[TensorHeader]| {
-            let plans = tying.plan(tensors, quant);
+            let plans = tying.plan(tensors, quant, Activations::Int8);
             writer.borrow_mut().lay_out(tensors, &plans);
             plans
         };

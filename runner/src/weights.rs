@@ -18,7 +18,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::tensor::Metadata;
 
-use crate::kernels::{Format, PackedBuilder};
+use crate::kernels::PackedBuilder;
 use crate::models::{self, LoadError};
 use crate::quant::{Choice, Matrix, Quant};
 
@@ -578,15 +578,11 @@ impl Builder {
                 let row_bytes = header.row_bytes().max(1);
                 let unit = row_bytes * (GROUP_BYTES / row_bytes).max(1);
                 let quant = choice.used;
-                let packed_format = match quant {
-                    Quant::Q8_0 => Some(Format::Q8_0),
-                    Quant::Q4_0 => Some(Format::Q4_0),
-                    _ => None,
-                };
-                let target = match packed_format {
-                    Some(format) if device.is_cpu() => {
-                        Target::Packed(PackedBuilder::new(format, rows, cols)?)
-                    }
+                let target = match quant.packed_format() {
+                    Some(format) if device.is_cpu() => Target::Packed(
+                        PackedBuilder::new(format, rows, cols)?
+                            .with_activations(choice.activations),
+                    ),
                     _ if quant == Quant::F32 => Target::Dense(Vec::with_capacity(rows * cols)),
                     _ => {
                         let size = rows * block_row_bytes(quant.ggml(), cols);
@@ -896,19 +892,14 @@ mod tests {
             let (bytes, read) = file(dtype);
             for quant in ALL {
                 let whole = Tensor::from_vec(read.clone(), (ROWS, COLS), &Device::Cpu).expect("w");
-                let reference = match quant {
-                    Quant::Q8_0 | Quant::Q4_0 => {
-                        let format = if quant == Quant::Q8_0 {
-                            Format::Q8_0
-                        } else {
-                            Format::Q4_0
-                        };
+                let reference = match quant.packed_format() {
+                    Some(format) => {
                         let packed =
                             PackedMatrix::quantize(format, &read, ROWS, COLS).expect("packs");
                         product(&Matrix::Packed(std::sync::Arc::new(packed)))
                     }
-                    Quant::F32 => product(&Matrix::Candle(QMatMul::Tensor(whole))),
-                    _ => {
+                    None if quant == Quant::F32 => product(&Matrix::Candle(QMatMul::Tensor(whole))),
+                    None => {
                         let q = QTensor::quantize(&whole, quant.ggml()).expect("quantizes");
                         product(&Matrix::Candle(QMatMul::QTensor(std::sync::Arc::new(q))))
                     }

@@ -25,6 +25,7 @@ use runner::chat::{
 };
 use runner::device::Device;
 use runner::embed::{Embedder, Pooling};
+use runner::kernels::Activations;
 use runner::models::LoadError;
 use runner::quant::Quant;
 use runner::sampling::SamplingParams;
@@ -340,6 +341,7 @@ fn load(
         opened,
         &LoadOptions {
             quant: Some(quant),
+            activations: None,
             device: Device::Cpu,
             context,
             context_cap: None,
@@ -519,19 +521,20 @@ fn a_sink_can_cancel() {
 }
 
 #[test]
-fn small_models_default_to_f16() {
+fn float_checkpoints_default_to_q8_0_with_16_bit_activations() {
     let (_dir, model) = verified("tiny-llama", Task::Chat, "llama", &chain_files(1.0, 64));
     let options = LoadOptions {
         quant: None,
+        activations: None,
         device: Device::Cpu,
         context: None,
         context_cap: None,
     };
-    assert_eq!(
-        ChatModel::load(model, &options).unwrap().quant(),
-        Quant::F16
-    );
-    assert_eq!(runner::quant::auto(7_000_000_000), Quant::Q8_0);
+    let model = ChatModel::load(model, &options).unwrap();
+    assert_eq!(model.quant(), runner::quant::AUTO_FOR_FLOATS);
+    assert_eq!(model.quant(), Quant::Q8_0);
+    assert_eq!(model.activations(), Some(Activations::Int16));
+    assert_eq!(model.arithmetic(), "q8_0+int16");
 }
 
 #[test]
@@ -678,6 +681,7 @@ fn a_context_cap_applies_only_without_a_context() {
         let (_dir, model) = verified("tiny-llama", Task::Chat, "llama", &files);
         let options = LoadOptions {
             quant: Some(Quant::F32),
+            activations: None,
             device: Device::Cpu,
             context,
             context_cap: cap,
@@ -936,6 +940,7 @@ fn the_wrong_kind_of_model_is_refused() {
         model,
         &LoadOptions {
             quant: Some(Quant::F32),
+            activations: None,
             device: Device::Cpu,
             context: None,
             context_cap: None,

@@ -171,6 +171,7 @@ fn a_300m_parameter_bf16_model_loads_in_q4_0_within_1_3x_of_its_packed_weights()
     .expect("opens");
     let options = LoadOptions {
         quant: Some(Quant::Q4_0),
+        activations: None,
         device: Device::Cpu,
         context: Some(CONTEXT),
         context_cap: None,

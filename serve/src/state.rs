@@ -16,6 +16,7 @@ use runner::batch::{Batcher, Event, Job, Limits};
 use runner::chat::{GenerateError, GenerateOptions, Generation, LoadOptions, StopReason};
 use runner::embed::Embedder;
 use runner::engine::{Embeddings, Engine, EngineError, Reply, Runtime};
+use runner::kernels::Activations;
 use runner::quant::Quant;
 use runner::template::Message;
 use tokio::sync::{OnceCell, mpsc};
@@ -42,6 +43,8 @@ pub struct ServeConfig {
     pub models: ModelSelection,
     /// Weight format of chat models; None: by size, as `run --quant auto`.
     pub quant: Option<Quant>,
+    /// How sanctum's CPU kernels quantize activations; None: as `run` does by default.
+    pub activations: Option<Activations>,
     /// Context of each sequence; None: the model's own, at most [`DEFAULT_CONTEXT`].
     pub context: Option<usize>,
     /// Active sequences and waiting requests per chat model.
@@ -231,6 +234,7 @@ impl AppState {
         // Without --ctx: the model's own context, capped so that `--parallel` caches fit.
         let options = LoadOptions {
             quant: self.config.quant,
+            activations: self.config.activations,
             device: self.config.runtime.device.clone(),
             context: self.config.context,
             context_cap: Some(DEFAULT_CONTEXT),
@@ -244,7 +248,7 @@ impl AppState {
         log(&format!(
             "loaded {} ({}, context {}) in {:.2} s",
             entry.name,
-            model.quant(),
+            model.arithmetic(),
             model.context(),
             loaded.load_time.as_secs_f64()
         ));

@@ -63,6 +63,15 @@ struct RunBench {
         value_name = "FORMATS"
     )]
     quant: Vec<QuantArg>,
+    /// Activation precisions of sanctum's CPU kernels to test with each format, comma-separated
+    /// (as `run --activations`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "int16",
+        value_name = "PRECISIONS"
+    )]
+    activations: Vec<runner::kernels::Activations>,
     /// Prompt-processing tests: prompt lengths, comma-separated (0: none).
     #[arg(
         short = 'p',
@@ -105,6 +114,8 @@ struct RunBench {
     /// measure how speed holds up under contention; recorded in the report.
     #[arg(long)]
     busy_neighbour: bool,
+    #[command(flatten)]
+    quality: super::quality::QualityArgs,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -231,6 +242,32 @@ pub fn build_features() -> Vec<&'static str> {
 }
 
 fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<ExitCode> {
+    if args.quality.quality.is_some() {
+        let runtime = args.runtime.start()?;
+        let engine = ctx.engine()?;
+        note_pull(ctx, &engine, model_name, Task::Chat)?;
+        let formats: Vec<_> = args
+            .quant
+            .iter()
+            .flat_map(|&q| args.activations.iter().map(move |&a| (q, a)))
+            .collect();
+        if matches!(args.format, Format::Jsonl | Format::Csv) {
+            bail!("--quality reports as -o md or -o json");
+        }
+        let report = super::quality::Report {
+            json: args.format == Format::Json,
+            out: args.out.as_deref(),
+        };
+        return super::quality::run(
+            ctx,
+            &engine,
+            model_name,
+            &args.quality,
+            &formats,
+            &runtime,
+            report,
+        );
+    }
     let tests: Vec<Test> = args
         .prompt
         .iter()
@@ -280,11 +317,16 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
     let engine = ctx.engine()?;
     note_pull(ctx, &engine, model_name, Task::Chat)?;
     let mut results: Vec<TestResult> = Vec::new();
-    for quant in &args.quant {
+    let formats = args
+        .quant
+        .iter()
+        .flat_map(|q| args.activations.iter().map(move |&a| (q, a)));
+    for (quant, activations) in formats {
         bench::reset_peak_rss();
         let load_started = Instant::now();
         let options = LoadOptions {
             quant: quant.format(),
+            activations: Some(activations),
             device: runtime.device.clone(),
             context: None,
             context_cap: None,
@@ -294,12 +336,11 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             .model;
         let load_verify = load_started.elapsed();
         let mix = bench::mix(model.choices());
+        let quant_name = model.arithmetic();
         say(&format!(
-            "{model_name} {}: loaded and verified in {:.2} s ({mix})",
-            model.quant(),
+            "{model_name} {quant_name}: loaded and verified in {:.2} s ({mix})",
             load_verify.as_secs_f64()
         ));
-        let quant_name = model.quant().name();
         let neighbour = args.busy_neighbour.then(|| {
             say("a busy-looping neighbour thread runs beside the tests");
             bench::BusyNeighbour::start()
@@ -309,11 +350,11 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             &tests,
             args.repetitions as usize,
             args.seed,
-            &mut |event| progress(&say, quant_name, event),
+            &mut |event| progress(&say, &quant_name, event),
         )?;
         drop(neighbour);
         let info = RunInfo {
-            quant: model.quant().name().to_owned(),
+            quant: quant_name.clone(),
             mix,
             backend: runtime.device_name.clone(),
             threads: runtime.threads,

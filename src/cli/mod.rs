@@ -21,6 +21,8 @@ mod models;
 #[cfg(feature = "inference")]
 mod progress;
 #[cfg(feature = "inference")]
+mod quality;
+#[cfg(feature = "inference")]
 mod quantize;
 #[cfg(feature = "inference")]
 mod run;
@@ -87,7 +89,7 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Benchmark a model per weight format (llama-bench's tests and more); compare results.
     #[cfg(feature = "inference")]
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// This machine as a hardware profile.
     #[cfg(feature = "inference")]
     #[command(subcommand)]
@@ -123,7 +125,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         #[cfg(feature = "inference")]
         Command::Serve(args) => serve::run(args, &ctx),
         #[cfg(feature = "inference")]
-        Command::Bench(args) => bench::run(args, &ctx),
+        Command::Bench(args) => bench::run(*args, &ctx),
         #[cfg(feature = "inference")]
         Command::Hw(cmd) => hw::run(cmd),
         Command::Keys(cmd) => keys::run(cmd, &ctx),

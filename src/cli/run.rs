@@ -22,7 +22,7 @@ use super::stamp::{OutputArgs, OutputStamper};
 use ::attest::stamp::OutputRecord;
 use ::attest::statement::OutputTask;
 
-/// `--quant`: a format, or `auto` (by model size, see `runner::quant::auto`).
+/// `--quant`: a format, or `auto` (see `runner::models::llama::auto_quant`).
 #[derive(Debug, Clone, Copy)]
 pub struct QuantArg(Option<Quant>);
 
@@ -71,10 +71,14 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Format the weights run in, quantized in memory from the verified Safetensors at load:
-    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k; auto picks f16 below 1B
-    /// parameters (keeps f32's output), q8_0 above (half the memory traffic).
+    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k; auto keeps the format the
+    /// weights are stored in when sanctum's own kernels run it (q8_0, q4_0, q4_1), else q8_0.
     #[arg(long, default_value = "auto", value_name = "FORMAT")]
     quant: QuantArg,
+    /// How sanctum's CPU kernels (q8_0, q4_0) quantize activations: int16 keeps f32's answers;
+    /// int8 is llama.cpp's arithmetic (bit for bit), faster on prompts.
+    #[arg(long, default_value = "int16", value_name = "PRECISION")]
+    activations: runner::kernels::Activations,
     /// Context size in tokens (prompt and reply) [default: the model's].
     #[arg(long, value_name = "TOKENS")]
     ctx: Option<usize>,
@@ -255,6 +259,7 @@ impl ModelArgs {
     pub fn load_options(&self, runtime: &Runtime) -> LoadOptions {
         LoadOptions {
             quant: self.quant.0,
+            activations: Some(self.activations),
             device: runtime.device.clone(),
             context: self.ctx,
             context_cap: None,
@@ -266,12 +271,16 @@ impl ModelArgs {
 pub fn report_load(model: &ChatModel, auto: bool, load_time: Duration, runtime: &Runtime) {
     let mix = runner::bench::mix(model.choices());
     eprintln!(
-        "{}: loaded and verified in {:.2} s; --quant {}{}: {}; {}, {} threads; context {}",
+        "{}: loaded and verified in {:.2} s; --quant {}{}: {}{}; {}, {} threads; context {}",
         model.name(),
         load_time.as_secs_f64(),
         model.quant(),
         if auto { " (auto)" } else { "" },
         mix,
+        model
+            .activations()
+            .map(|a| format!(", {a} activations"))
+            .unwrap_or_default(),
         runtime.device_name,
         runtime.threads,
         model.context()
@@ -296,7 +305,7 @@ pub fn summary(loaded: &Loaded, generation: &Generation) -> String {
         generation.tokens.len(),
         generation.generation_tokens_per_second(),
         loaded.load_time.as_secs_f64(),
-        loaded.model.quant(),
+        loaded.model.arithmetic(),
         loaded.runtime.device_name,
         loaded.runtime.threads,
         generation.stop.name()
@@ -426,6 +435,7 @@ fn run_json(loaded: &Loaded, options: &GenerateOptions, g: &Generation) -> serde
         "model": model.name(),
         "digest": format!("sha256:{}", model.digest()),
         "quant": model.quant().name(),
+        "activations": model.activations().map(|a| a.name()),
         "device": loaded.runtime.device_name,
         "threads": loaded.runtime.threads,
         "context": model.context(),

@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// Weight format of chat models (as `run --quant`).
     #[arg(long, default_value = "auto", value_name = "FORMAT")]
     quant: QuantArg,
+    /// How sanctum's CPU kernels quantize activations (as `run --activations`).
+    #[arg(long, default_value = "int16", value_name = "PRECISION")]
+    activations: runner::kernels::Activations,
     /// Context of each sequence in tokens [default: the model's, at most 4096].
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(2..))]
     ctx: Option<u32>,
@@ -85,6 +88,7 @@ pub fn run(args: ServeArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         runtime,
         models,
         quant: args.quant.format(),
+        activations: Some(args.activations),
         context: args.ctx.map(|c| c as usize),
         limits: Limits {
             parallel: usize::from(args.parallel),

@@ -1,4 +1,4 @@
-//! sanctum's own CPU kernels for q8_0 and q4_0 weight matrices.
+//! sanctum's own CPU kernels for q8_0, q4_0 and q4_1 weight matrices.
 //!
 //! candle multiplies a batched prompt one activation row at a time and has no hand-written x86
 //! code for q4_0 rows of SmolLM2's widths, which left prompt processing at less than half of
@@ -14,6 +14,10 @@
 //! signed product. Runs of 8 blocks are stored interleaved so that one vector register holds 8
 //! blocks' dot products at once (see `position`). Three paths exist: AVX-512-VNNI (256-bit), AVX2,
 //! and portable scalar code that every other target uses; [`Path::best`] picks one at run time.
+//!
+//! [`Activations::Int16`] quantizes each activation block twice, its values and what rounding left
+//! of them: the same integer kernels then multiply at about 16 bits, which keeps a small model's
+//! answers where 8-bit activations flip them, for about twice the integer work.
 
 pub mod ops;
 mod scalar;
@@ -44,6 +48,8 @@ pub enum Format {
     Q8_0,
     /// 4-bit values, one scale per block.
     Q4_0,
+    /// 4-bit values, a scale and a minimum per block (`d × q + m`).
+    Q4_1,
 }
 
 impl Format {
@@ -51,15 +57,80 @@ impl Format {
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => BLOCK,
-            Self::Q4_0 => BLOCK / 2,
+            Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
         }
     }
 
-    /// What the stored unsigned value exceeds the signed one by.
+    /// What the stored unsigned value exceeds the signed one by (q4_1's values are unsigned and
+    /// its minimum adds the rest).
     pub const fn offset(self) -> i32 {
         match self {
             Self::Q8_0 => 128,
             Self::Q4_0 => 8,
+            Self::Q4_1 => 0,
+        }
+    }
+
+    /// True when blocks carry a minimum besides their scale.
+    pub const fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1)
+    }
+
+    /// Nibbles, two values per byte.
+    const fn is_nibbles(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1)
+    }
+
+    /// Bytes of one block in ggml's layout: scale, minimum when there is one, values.
+    pub const fn ggml_block_bytes(self) -> usize {
+        2 + if self.has_min() { 2 } else { 0 } + self.block_bytes()
+    }
+}
+
+/// How finely activations are quantized before the integer multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Activations {
+    /// One int8 block per 32 values, exactly as ggml's q8_0: llama.cpp's arithmetic.
+    #[default]
+    Int8,
+    /// Each value as `hi + lo / 254` in units of the block's scale, two int8 blocks multiplied by
+    /// the same kernels and summed exactly: an error about 1/65 000 of the block's largest value,
+    /// where `Int8` leaves 1/254.
+    Int16,
+}
+
+/// What the second (`lo`) block of [`Activations::Int16`] is scaled by.
+const RESIDUE_SCALE: i32 = 254;
+
+impl Activations {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int8 => "int8",
+            Self::Int16 => "int16",
+        }
+    }
+}
+
+impl std::fmt::Display for Activations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Not an activation precision.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown activation precision {0:?}: use int8 or int16")]
+pub struct UnknownActivations(pub String);
+
+impl std::str::FromStr for Activations {
+    type Err = UnknownActivations;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "int8" | "i8" | "8" => Ok(Self::Int8),
+            "int16" | "i16" | "16" => Ok(Self::Int16),
+            _ => Err(UnknownActivations(s.to_owned())),
         }
     }
 }
@@ -97,15 +168,18 @@ pub enum ShapeError {
 /// A weight matrix `[rows, cols]` quantized to q8_0 or q4_0 exactly as ggml does, stored for the
 /// kernels: per row its blocks' values, unsigned (q8_0: `q + 128`, 32 bytes per block; q4_0: the
 /// nibbles `0..=15`, 16 bytes per block), runs of 8 blocks interleaved (see `position`), and the
-/// f16 scales in a separate `[rows, blocks]` array. Generation reads every weight once per token, so
-/// bytes are what it costs: f16 scales keep q4_0 at ggml's 18 bytes per block of 32 (f32 would add
-/// 11%).
+/// f16 scales in a separate `[rows, blocks]` array (q4_1's minimums in another). Generation reads
+/// every weight once per token, so bytes are what it costs: f16 scales keep q4_0 at ggml's 18 bytes
+/// per block of 32 (f32 would add 11%).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     format: Format,
+    activations: Activations,
     rows: usize,
     cols: usize,
     scales: Vec<f16>,
+    /// q4_1's minimums, `[rows, blocks]`; empty for the other formats.
+    mins: Vec<f16>,
     quants: Vec<u8>,
 }
 
@@ -127,9 +201,11 @@ impl PackedBuilder {
         Ok(Self {
             matrix: PackedMatrix {
                 format,
+                activations: Activations::Int8,
                 rows,
                 cols,
                 scales: vec![f16::ZERO; rows * nb],
+                mins: vec![f16::ZERO; if format.has_min() { rows * nb } else { 0 }],
                 quants: vec![0u8; rows * nb * format.block_bytes()],
             },
             filled: 0,
@@ -141,6 +217,12 @@ impl PackedBuilder {
         self.matrix.format
     }
 
+    /// The matrix will multiply activations quantized to `activations`.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.matrix.activations = activations;
+        self
+    }
+
     /// Quantizes the next whole rows (`data` is `k × cols` values), in parallel, exactly as ggml
     /// quantizes them.
     pub fn push_rows(&mut self, data: &[f32]) -> Result<(), ShapeError> {
@@ -148,45 +230,50 @@ impl PackedBuilder {
         self.pack_rows(cols, data, |x, b, values| {
             let x = &x[b * BLOCK..(b + 1) * BLOCK];
             match format {
-                Format::Q8_0 => quantize_q8_0_block(x, values),
-                Format::Q4_0 => quantize_q4_0_block(x, values),
+                Format::Q8_0 => (quantize_q8_0_block(x, values), f16::ZERO),
+                Format::Q4_0 => (quantize_q4_0_block(x, values), f16::ZERO),
+                Format::Q4_1 => quantize_q4_1_block(x, values),
             }
         })
     }
 
     /// Takes the next whole rows as ggml stores them in this format (q8_0: per block an f16 scale
-    /// and 32 `i8`; q4_0: an f16 scale and 16 bytes, low nibbles first), without requantizing.
+    /// and 32 `i8`; q4_0: an f16 scale and 16 bytes, low nibbles first; q4_1: the scale, an f16
+    /// minimum, and q4_0's 16 bytes), without requantizing.
     pub fn push_ggml_rows(&mut self, blocks: &[u8]) -> Result<(), ShapeError> {
         let format = self.matrix.format;
-        let block = 2 + format.block_bytes();
+        let block = format.ggml_block_bytes();
         let row_bytes = self.matrix.cols / BLOCK * block;
         self.pack_rows(row_bytes, blocks, |row, b, values| {
             let block = &row[b * block..(b + 1) * block];
-            let (d, qs) = block.split_at(2);
-            match format {
-                Format::Q8_0 => {
-                    for (v, &q) in values.iter_mut().zip(qs) {
-                        *v = (q as i8 as i32 + 128) as u8;
-                    }
+            let (d, rest) = block.split_at(2);
+            let (m, qs) = if format.has_min() {
+                let (m, qs) = rest.split_at(2);
+                (f16::from_le_bytes([m[0], m[1]]), qs)
+            } else {
+                (f16::ZERO, rest)
+            };
+            if format.is_nibbles() {
+                for (j, &q) in qs.iter().enumerate() {
+                    values[j] = q & 0x0f;
+                    values[j + BLOCK / 2] = q >> 4;
                 }
-                Format::Q4_0 => {
-                    for (j, &q) in qs.iter().enumerate() {
-                        values[j] = q & 0x0f;
-                        values[j + BLOCK / 2] = q >> 4;
-                    }
+            } else {
+                for (v, &q) in values.iter_mut().zip(qs) {
+                    *v = (q as i8 as i32 + 128) as u8;
                 }
             }
-            f16::from_le_bytes([d[0], d[1]])
+            (f16::from_le_bytes([d[0], d[1]]), m)
         })
     }
 
     /// Packs the rows of `input` (`per_row` items per row) in parallel; `block` writes block `b`
-    /// of a row's unsigned values and returns its scale.
+    /// of a row's unsigned values and returns its scale and minimum (zero without one).
     fn pack_rows<T: Sync>(
         &mut self,
         per_row: usize,
         input: &[T],
-        block: impl Fn(&[T], usize, &mut [u8; BLOCK]) -> f16 + Sync,
+        block: impl Fn(&[T], usize, &mut [u8; BLOCK]) -> (f16, f16) + Sync,
     ) -> Result<(), ShapeError> {
         let m = &mut self.matrix;
         let (rows, cols) = (m.rows, m.cols);
@@ -204,23 +291,34 @@ impl PackedBuilder {
         let at = self.filled;
         let scales = &mut m.scales[at * nb..(at + count) * nb];
         let quants = &mut m.quants[at * row_bytes..(at + count) * row_bytes];
-        input
-            .par_chunks_exact(per_row)
-            .zip(quants.par_chunks_exact_mut(row_bytes))
-            .zip(scales.par_chunks_exact_mut(nb))
-            .for_each(|((x, q), scales)| {
-                let mut values = [0u8; BLOCK];
-                for (b, scale) in scales.iter_mut().enumerate() {
-                    *scale = block(x, b, &mut values);
-                    // Runs of 4 values stay together in every layout `position` describes.
-                    for (t, run) in values.chunks_exact(4).enumerate() {
-                        let (at, shift) = position(format, nb, b, 4 * t);
-                        for (q, &v) in q[at..at + 4].iter_mut().zip(run) {
-                            *q |= v << shift;
-                        }
+        let pack_row = |x: &[T], q: &mut [u8], scales: &mut [f16], mut mins: Option<&mut [f16]>| {
+            let mut values = [0u8; BLOCK];
+            for (b, scale) in scales.iter_mut().enumerate() {
+                let (d, min) = block(x, b, &mut values);
+                *scale = d;
+                if let Some(mins) = mins.as_deref_mut() {
+                    mins[b] = min;
+                }
+                // Runs of 4 values stay together in every layout `position` describes.
+                for (t, run) in values.chunks_exact(4).enumerate() {
+                    let (at, shift) = position(format, nb, b, 4 * t);
+                    for (q, &v) in q[at..at + 4].iter_mut().zip(run) {
+                        *q |= v << shift;
                     }
                 }
-            });
+            }
+        };
+        let rows = input
+            .par_chunks_exact(per_row)
+            .zip(quants.par_chunks_exact_mut(row_bytes))
+            .zip(scales.par_chunks_exact_mut(nb));
+        if format.has_min() {
+            let mins = &mut m.mins[at * nb..(at + count) * nb];
+            rows.zip(mins.par_chunks_exact_mut(nb))
+                .for_each(|(((x, q), scales), mins)| pack_row(x, q, scales, Some(mins)));
+        } else {
+            rows.for_each(|((x, q), scales)| pack_row(x, q, scales, None));
+        }
         self.filled += count;
         Ok(())
     }
@@ -259,9 +357,20 @@ impl PackedMatrix {
         builder.finish()
     }
 
-    /// Bytes it takes in memory (values and scales).
+    /// The matrix, multiplying activations quantized to `activations`.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
+    }
+
+    /// How its products quantize activations.
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
+    /// Bytes it takes in memory (values, scales, minimums).
     pub fn bytes(&self) -> usize {
-        self.quants.len() + 2 * self.scales.len()
+        self.quants.len() + 2 * (self.scales.len() + self.mins.len())
     }
 
     /// The block format.
@@ -284,24 +393,30 @@ impl PackedMatrix {
     }
 
     /// The matrix in ggml's own block layout (what [`PackedBuilder::push_ggml_rows`] takes): per
-    /// block the f16 scale, then q8_0's 32 `i8` or q4_0's 16 bytes, low nibbles first.
+    /// block the f16 scale, q4_1's f16 minimum, then q8_0's 32 `i8` or the 16 bytes of nibbles,
+    /// low nibbles first.
     pub fn ggml_blocks(&self) -> Vec<u8> {
         let nb = self.blocks_per_row();
         let row_bytes = nb * self.format.block_bytes();
-        let mut out = Vec::with_capacity(self.rows * nb * (2 + self.format.block_bytes()));
-        for (row, scales) in self
+        let mut out = Vec::with_capacity(self.rows * nb * self.format.ggml_block_bytes());
+        for (r, (row, scales)) in self
             .quants
             .chunks_exact(row_bytes)
             .zip(self.scales.chunks_exact(nb))
+            .enumerate()
         {
             for (b, d) in scales.iter().enumerate() {
                 out.extend_from_slice(&d.to_le_bytes());
+                if self.format.has_min() {
+                    out.extend_from_slice(&self.mins[r * nb + b].to_le_bytes());
+                }
                 let value = |e| stored(self.format, row, nb, b, e);
-                match self.format {
-                    Format::Q8_0 => out.extend((0..BLOCK).map(|e| (value(e) - 128) as i8 as u8)),
-                    Format::Q4_0 => out.extend(
+                if self.format.is_nibbles() {
+                    out.extend(
                         (0..BLOCK / 2).map(|j| (value(j) | (value(j + BLOCK / 2) << 4)) as u8),
-                    ),
+                    );
+                } else {
+                    out.extend((0..BLOCK).map(|e| (value(e) - 128) as i8 as u8));
                 }
             }
         }
@@ -319,8 +434,16 @@ impl PackedMatrix {
         let quants = &self.quants[row * nb * self.format.block_bytes()..];
         let offset = self.format.offset();
         for (b, (o, &d)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
-            for (e, v) in o.iter_mut().enumerate() {
-                *v = (stored(self.format, quants, nb, b, e) - offset) as f32 * d.to_f32();
+            let q = |e| (stored(self.format, quants, nb, b, e) - offset) as f32;
+            if self.format.has_min() {
+                let m = self.mins[row * nb + b].to_f32();
+                for (e, v) in o.iter_mut().enumerate() {
+                    *v = q(e) * d.to_f32() + m;
+                }
+            } else {
+                for (e, v) in o.iter_mut().enumerate() {
+                    *v = q(e) * d.to_f32();
+                }
             }
         }
     }
@@ -362,7 +485,12 @@ impl PackedMatrix {
             return Ok(());
         }
         let Scratch { acts, out } = scratch;
-        acts.quantize(x, self.cols, path.bias_offset(self.format));
+        acts.quantize(
+            x,
+            self.cols,
+            path.bias_offset(self.format),
+            self.activations,
+        );
         let acts = &*acts;
         let chunk_rows = self.chunk_rows(m);
         if chunk_rows >= self.rows {
@@ -427,7 +555,7 @@ fn position(format: Format, nb: usize, b: usize, e: usize) -> (usize, u8) {
     if b >= nb / GROUP * GROUP {
         return match format {
             Format::Q8_0 => (b * bytes + e, 0),
-            Format::Q4_0 => (b * bytes + e % 16, if e < 16 { 0 } else { 4 }),
+            Format::Q4_0 | Format::Q4_1 => (b * bytes + e % 16, if e < 16 { 0 } else { 4 }),
         };
     }
     let (group, lane) = (b / GROUP, b % GROUP);
@@ -435,7 +563,7 @@ fn position(format: Format, nb: usize, b: usize, e: usize) -> (usize, u8) {
     let base = group * GROUP * bytes;
     match format {
         Format::Q8_0 => (base + t * 32 + lane * 4 + byte, 0),
-        Format::Q4_0 => (base + t / 2 * 32 + lane * 4 + byte, 4 * (t % 2) as u8),
+        Format::Q4_0 | Format::Q4_1 => (base + t / 2 * 32 + lane * 4 + byte, 4 * (t % 2) as u8),
     }
 }
 
@@ -444,7 +572,7 @@ fn stored(format: Format, row: &[u8], nb: usize, b: usize, e: usize) -> i32 {
     let (at, shift) = position(format, nb, b, e);
     match format {
         Format::Q8_0 => i32::from(row[at]),
-        Format::Q4_0 => i32::from((row[at] >> shift) & 0x0f),
+        Format::Q4_0 | Format::Q4_1 => i32::from((row[at] >> shift) & 0x0f),
     }
 }
 
@@ -480,52 +608,102 @@ fn quantize_q4_0_block(x: &[f32], q: &mut [u8; BLOCK]) -> f16 {
     f16::from_f32(d)
 }
 
-/// Activation rows quantized to int8 blocks of 32 exactly as ggml's q8_0 (the scale rounded to f16,
-/// kept here as f32): per block the scale, the values, and
-/// `-offset × Σ values` (the correction for unsigned weights, zero on paths that multiply signed).
-#[derive(Debug, Default, Clone)]
-pub struct Activations {
-    scales: Vec<f32>,
-    biases: Vec<i32>,
-    quants: Vec<i8>,
+/// ggml's `quantize_row_q4_1` for one block (scale `(max - min) / 15` and minimum rounded to f16,
+/// values `(x - min) / scale` truncated after adding 0.5, at most 15); returns scale and minimum.
+fn quantize_q4_1_block(x: &[f32], q: &mut [u8; BLOCK]) -> (f16, f16) {
+    let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &v in x {
+        min = v.min(min);
+        max = v.max(max);
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (((v - min) * id + 0.5) as u8).min(15);
+    }
+    (f16::from_f32(d), f16::from_f32(min))
 }
 
-impl Activations {
+/// Activation rows quantized to int8 blocks of 32: per block the scale, the values, and
+/// `-offset × Σ values` (the correction for unsigned weights, zero on paths that multiply signed).
+/// [`Activations::Int8`] quantizes exactly as ggml's q8_0 (the scale rounded to f16, kept here as
+/// f32); [`Activations::Int16`] adds `residues`, what rounding left times [`RESIDUE_SCALE`], and
+/// then keeps the exact scale divided by [`RESIDUE_SCALE`] and the correction of both blocks, so
+/// that a kernel's `RESIDUE_SCALE × dot(w, hi) + dot(w, lo)` takes the same scales as `Int8`'s dot.
+#[derive(Debug, Default, Clone)]
+pub struct ActBlocks {
+    scales: Vec<f32>,
+    /// What each block's values add up to (scale × Σ values), which a q4_1 minimum multiplies; as
+    /// ggml's q8_1 rounds it, to f16, for `Int8`.
+    sums: Vec<f32>,
+    biases: Vec<i32>,
+    quants: Vec<i8>,
+    residues: Vec<i8>,
+}
+
+impl ActBlocks {
     /// Quantizes `x` (rows of `cols`) in place of the previous contents.
-    fn quantize(&mut self, x: &[f32], cols: usize, offset: i32) {
+    fn quantize(&mut self, x: &[f32], cols: usize, offset: i32, activations: Activations) {
         let blocks = x.len() / BLOCK;
         let nb = cols / BLOCK;
         debug_assert!(cols.is_multiple_of(BLOCK));
         self.scales.resize(blocks, 0.0);
+        self.sums.resize(blocks, 0.0);
         self.biases.resize(blocks, 0);
         self.quants.resize(x.len(), 0);
-        let (quants, scales, biases) = (&mut self.quants, &mut self.scales, &mut self.biases);
-        // Rows in parallel for prompts: serial, this would cost a third of the smaller matmuls'
-        // time; a single row is not worth a task.
-        if x.len() / cols < ACT_ROWS_PER_TASK {
-            for (((x, q), ds), bs) in x
-                .chunks_exact(cols)
-                .zip(quants.chunks_exact_mut(cols))
-                .zip(scales.chunks_exact_mut(nb))
-                .zip(biases.chunks_exact_mut(nb))
-            {
-                quantize_row(x, q, ds, bs, offset);
+        // Sized for `Int8` too (and left unwritten), so both go through one loop.
+        self.residues.resize(x.len(), 0);
+        let rows = x
+            .par_chunks_exact(cols)
+            .zip(self.quants.par_chunks_exact_mut(cols))
+            .zip(self.residues.par_chunks_exact_mut(cols))
+            .zip(self.scales.par_chunks_exact_mut(nb))
+            .zip(self.sums.par_chunks_exact_mut(nb))
+            .zip(self.biases.par_chunks_exact_mut(nb));
+        let row = |(((((x, hi), lo), scales), sums), biases): ((((_, &mut [i8]), _), _), _)| {
+            let blocks = RowBlocks {
+                scales,
+                sums,
+                biases,
+            };
+            match activations {
+                Activations::Int8 => quantize_row(x, hi, blocks, offset),
+                Activations::Int16 => quantize_row_split(x, hi, lo, blocks, offset),
             }
-        } else {
-            x.par_chunks_exact(cols)
-                .zip(quants.par_chunks_exact_mut(cols))
-                .zip(scales.par_chunks_exact_mut(nb))
-                .zip(biases.par_chunks_exact_mut(nb))
-                .with_min_len(ACT_ROWS_PER_TASK)
-                .for_each(|(((x, q), ds), bs)| quantize_row(x, q, ds, bs, offset));
-        }
+        };
+        // Rows in parallel for prompts: serial, this would cost a third of the smaller matmuls'
+        // time. Below the minimum length rayon does not split, and the caller runs every row.
+        rows.with_min_len(ACT_ROWS_PER_TASK).for_each(row);
     }
 }
 
-/// One activation row into its values (`position`'s layout), scales and corrections.
-fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32], biases: &mut [i32], offset: i32) {
-    let nb = scales.len();
-    for (b, ((x, d), bias)) in x.chunks_exact(BLOCK).zip(scales).zip(biases).enumerate() {
+/// One activation row's per-block numbers.
+struct RowBlocks<'a> {
+    scales: &'a mut [f32],
+    sums: &'a mut [f32],
+    biases: &'a mut [i32],
+}
+
+impl RowBlocks<'_> {
+    /// Block by block: (index, values, scale, sum, correction).
+    fn each<'x>(
+        &mut self,
+        x: &'x [f32],
+    ) -> impl Iterator<Item = (usize, &'x [f32], &mut f32, &mut f32, &mut i32)> {
+        x.chunks_exact(BLOCK)
+            .zip(self.scales.iter_mut())
+            .zip(self.sums.iter_mut())
+            .zip(self.biases.iter_mut())
+            .enumerate()
+            .map(|(b, (((x, d), sum), bias))| (b, x, d, sum, bias))
+    }
+}
+
+/// One activation row into its values (`position`'s layout), scales, sums and corrections, as
+/// ggml's q8_0 (and q8_1's sums).
+fn quantize_row(x: &[f32], q: &mut [i8], mut blocks: RowBlocks<'_>, offset: i32) {
+    let nb = blocks.scales.len();
+    for (b, x, d, block_sum, bias) in blocks.each(x) {
         // ggml's q8_0 quantization, so every block's integer dot product is the one candle and
         // llama.cpp compute: small models' greedy output is sensitive to it.
         let scale = abs_max(x) / 127.0;
@@ -536,12 +714,50 @@ fn quantize_row(x: &[f32], q: &mut [i8], scales: &mut [f32], biases: &mut [i32],
             // |v · id| <= 127 after rounding: through i32 the conversion vectorizes.
             *r = (v * id).round() as i32 as i8;
         }
-        *bias = -offset * r.iter().map(|&v| i32::from(v)).sum::<i32>();
-        // The layout of `position`, four values at a time.
-        for (t, run) in r.chunks_exact(4).enumerate() {
-            let at = position(Format::Q8_0, nb, b, 4 * t).0;
-            q[at..at + 4].copy_from_slice(run);
+        let sum = r.iter().map(|&v| i32::from(v)).sum::<i32>();
+        *bias = -offset * sum;
+        *block_sum = f16::from_f32(scale * sum as f32).to_f32();
+        store_block(q, nb, b, &r);
+    }
+}
+
+/// One activation row as [`Activations::Int16`]: values `hi` and residues `lo` with
+/// `x ≈ scale × (hi + lo / RESIDUE_SCALE)`, the exact scale `amax / 127` kept divided by
+/// [`RESIDUE_SCALE`], and the correction of `RESIDUE_SCALE × hi + lo`.
+fn quantize_row_split(
+    x: &[f32],
+    hi: &mut [i8],
+    lo: &mut [i8],
+    mut blocks: RowBlocks<'_>,
+    offset: i32,
+) {
+    let nb = blocks.scales.len();
+    for (b, x, d, block_sum, bias) in blocks.each(x) {
+        let scale = abs_max(x) / 127.0;
+        *d = scale / RESIDUE_SCALE as f32;
+        let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        let (mut h, mut l) = ([0i8; BLOCK], [0i8; BLOCK]);
+        for ((h, l), &v) in h.iter_mut().zip(&mut l).zip(x) {
+            let scaled = v * id;
+            let rounded = scaled.round();
+            *h = rounded as i32 as i8;
+            // |scaled - rounded| <= 1/2, so the residue fits in ±127.
+            *l = ((scaled - rounded) * RESIDUE_SCALE as f32).round() as i32 as i8;
         }
+        let sum = |v: &[i8; BLOCK]| v.iter().map(|&v| i32::from(v)).sum::<i32>();
+        let total = RESIDUE_SCALE * sum(&h) + sum(&l);
+        *bias = -offset * total;
+        *block_sum = *d * total as f32;
+        store_block(hi, nb, b, &h);
+        store_block(lo, nb, b, &l);
+    }
+}
+
+/// Block `b`'s 32 values into a row of `nb` blocks in `position`'s layout, four at a time.
+fn store_block(row: &mut [i8], nb: usize, b: usize, values: &[i8; BLOCK]) {
+    for (t, run) in values.chunks_exact(4).enumerate() {
+        let at = position(Format::Q8_0, nb, b, 4 * t).0;
+        row[at..at + 4].copy_from_slice(run);
     }
 }
 
@@ -568,7 +784,7 @@ const ACT_ROWS_PER_TASK: usize = 16;
 /// Buffers [`PackedMatrix::matmul`] reuses between calls.
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
-    acts: Activations,
+    acts: ActBlocks,
     out: Vec<f32>,
 }
 
@@ -638,16 +854,22 @@ struct Tile<'a> {
     w_quants: &'a [u8],
     /// Weight scales of rows `j0..`, `nb` per row.
     w_scales: &'a [f16],
+    /// q4_1's minimums of rows `j0..` (as `w_scales`); None for the other formats.
+    w_mins: Option<&'a [f16]>,
     /// Activation values of rows `i0..`, `nb × 32` per row.
     x_quants: &'a [i8],
+    /// With [`Activations::Int16`], the residues of rows `i0..` (as `x_quants`), else None.
+    x_residues: Option<&'a [i8]>,
     /// Activation scales of rows `i0..`.
     x_scales: &'a [f32],
     /// Activation corrections of rows `i0..`.
     x_biases: &'a [i32],
+    /// Activation block sums of rows `i0..`.
+    x_sums: &'a [f32],
 }
 
 impl<'a> Tile<'a> {
-    fn new(w: &'a PackedMatrix, acts: &'a Activations, i0: usize, j0: usize) -> Self {
+    fn new(w: &'a PackedMatrix, acts: &'a ActBlocks, i0: usize, j0: usize) -> Self {
         let nb = w.blocks_per_row();
         let bytes = w.format.block_bytes();
         Self {
@@ -655,9 +877,15 @@ impl<'a> Tile<'a> {
             nb,
             w_quants: &w.quants[j0 * nb * bytes..],
             w_scales: &w.scales[j0 * nb..],
+            w_mins: w.format.has_min().then(|| &w.mins[j0 * nb..]),
             x_quants: &acts.quants[i0 * nb * BLOCK..],
+            x_residues: match w.activations {
+                Activations::Int8 => None,
+                Activations::Int16 => Some(&acts.residues[i0 * nb * BLOCK..]),
+            },
             x_scales: &acts.scales[i0 * nb..],
             x_biases: &acts.biases[i0 * nb..],
+            x_sums: &acts.sums[i0 * nb..],
         }
     }
 
@@ -669,8 +897,11 @@ impl<'a> Tile<'a> {
             self.w_quants.len() >= nr * nb * self.format.block_bytes()
                 && self.w_scales.len() >= nr * nb
                 && self.x_quants.len() >= mr * nb * BLOCK
+                && self.x_residues.is_none_or(|r| r.len() >= mr * nb * BLOCK)
                 && self.x_scales.len() >= mr * nb
                 && self.x_biases.len() >= mr * nb
+                && self.x_sums.len() >= mr * nb
+                && self.w_mins.is_none_or(|m| m.len() >= nr * nb)
         );
     }
 }
@@ -679,7 +910,7 @@ impl<'a> Tile<'a> {
 fn tile_rows(
     path: Path,
     w: &PackedMatrix,
-    acts: &Activations,
+    acts: &ActBlocks,
     r0: usize,
     r1: usize,
     out: &mut [f32],

@@ -12,10 +12,11 @@ fn ggml(format: Format) -> GgmlDType {
     match format {
         Format::Q8_0 => GgmlDType::Q8_0,
         Format::Q4_0 => GgmlDType::Q4_0,
+        Format::Q4_1 => GgmlDType::Q4_1,
     }
 }
 
-const FORMATS: [Format; 2] = [Format::Q8_0, Format::Q4_0];
+const FORMATS: [Format; 3] = [Format::Q8_0, Format::Q4_0, Format::Q4_1];
 
 /// `y = x · wᵀ` in f64.
 fn exact(w: &[f32], x: &[f32], cols: usize) -> Vec<f32> {
@@ -83,6 +84,35 @@ fn packed_weights_dequantize_to_candles_values() -> candle_core::Result<()> {
     Ok(())
 }
 
+/// ggml's block bytes in and out: candle's quantization of a matrix packs and unpacks to the same
+/// bytes, and packing from f32 gives candle's bytes.
+#[test]
+fn ggml_blocks_round_trip_through_the_packing() -> candle_core::Result<()> {
+    // More than one run of 8 blocks, and a partial one.
+    let (rows, cols) = (5, 352);
+    let w = awkward_weights(rows, cols);
+    let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
+    for format in FORMATS {
+        let theirs = QTensor::quantize(&t, ggml(format))?.data()?.to_vec();
+        let ours = PackedMatrix::quantize(format, &w, rows, cols)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        assert_eq!(ours.ggml_blocks(), theirs, "{format:?} from f32");
+        let mut builder = PackedBuilder::new(format, rows, cols)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let row_bytes = theirs.len() / rows;
+        builder
+            .push_ggml_rows(&theirs[..2 * row_bytes])
+            .and_then(|()| builder.push_ggml_rows(&theirs[2 * row_bytes..]))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let passed = builder
+            .finish()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        assert_eq!(passed.ggml_blocks(), theirs, "{format:?} passed through");
+        assert_eq!(passed.bytes(), theirs.len(), "{format:?} size");
+    }
+    Ok(())
+}
+
 #[test]
 fn shapes_that_do_not_fit_are_refused() {
     assert_eq!(
@@ -116,6 +146,7 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
             let candle = QMatMul::from_qtensor(QTensor::quantize(&wt, ggml(format))?)?;
             let packed = PackedMatrix::quantize(format, &w, rows, cols)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let precise = packed.clone().with_activations(Activations::Int16);
             let mut dequantized = vec![0f32; rows * cols];
             for (r, out) in dequantized.chunks_exact_mut(cols).enumerate() {
                 packed.dequantize_row(r, out);
@@ -126,11 +157,14 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
                 packed
                     .matmul_on(path, &x, &mut y, &mut scratch)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu)?;
-                let theirs: Vec<f32> = candle.forward(&xt)?.flatten_all()?.to_vec1()?;
                 let what = format!("{path:?} {format:?} m={m} {rows}x{cols}");
-                let vs_candle = relative_rms(&y, &theirs);
-                assert!(vs_candle < 1e-2, "{what}: {vs_candle} from candle");
+                // candle's q4_1 takes blocks in pairs.
+                if format != Format::Q4_1 || (cols / BLOCK).is_multiple_of(2) {
+                    let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu)?;
+                    let theirs: Vec<f32> = candle.forward(&xt)?.flatten_all()?.to_vec1()?;
+                    let vs_candle = relative_rms(&y, &theirs);
+                    assert!(vs_candle < 1e-2, "{what}: {vs_candle} from candle");
+                }
                 let vs_dequantized = relative_rms(&y, &exact(&dequantized, &x, cols));
                 assert!(
                     vs_dequantized < 1e-2,
@@ -139,12 +173,21 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
                 // Tiny shapes have few values to average over: q4_0's error varies more there.
                 let bound = match format {
                     Format::Q8_0 => 2e-2,
-                    Format::Q4_0 => 0.25,
+                    Format::Q4_0 | Format::Q4_1 => 0.25,
                 };
                 let vs_exact = relative_rms(&y, &exact(&w, &x, cols));
                 assert!(
                     vs_exact < bound,
                     "{what}: {vs_exact} from the exact product"
+                );
+                // 16-bit activations: only the weights' quantization is left.
+                precise
+                    .matmul_on(path, &x, &mut y, &mut scratch)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                let vs_dequantized = relative_rms(&y, &exact(&dequantized, &x, cols));
+                assert!(
+                    vs_dequantized < 1e-4,
+                    "{what} int16: {vs_dequantized} from the product with the dequantized weights"
                 );
             }
         }
@@ -184,9 +227,13 @@ fn paths_agree_closely() -> candle_core::Result<()> {
     let w = awkward_weights(rows, cols);
     let x = values(m * cols, 3, 2.0);
     let mut scratch = Scratch::default();
-    for format in FORMATS {
+    for (format, activations) in FORMATS
+        .into_iter()
+        .flat_map(|f| [(f, Activations::Int8), (f, Activations::Int16)])
+    {
         let packed = PackedMatrix::quantize(format, &w, rows, cols)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .with_activations(activations);
         let mut reference = vec![0f32; m * rows];
         packed
             .matmul_on(Path::Scalar, &x, &mut reference, &mut scratch)
@@ -197,7 +244,10 @@ fn paths_agree_closely() -> candle_core::Result<()> {
                 .matmul_on(path, &x, &mut y, &mut scratch)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let diff = relative_rms(&y, &reference);
-            assert!(diff < 1e-6, "{path:?} {format:?}: {diff} from scalar");
+            assert!(
+                diff < 1e-6,
+                "{path:?} {format:?} {activations}: {diff} from scalar"
+            );
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! x86-64 micro-kernels: AVX-512-VNNI on 256-bit registers and AVX2, chosen at run time.
 //!
-//! One body serves both formats and both instruction sets: a format says how weights are loaded as
+//! One body serves every format and both instruction sets: a format says how weights are loaded as
 //! unsigned bytes ([`Unpack`]), an instruction set how bytes are multiplied and summed into 32-bit
 //! lanes ([`Dot`]). Rows are stored in runs of 8 interleaved blocks (see `position` in the parent
 //! module): for each run the kernel accumulates, per (activation row, weight row) pair, 8 products
@@ -16,7 +16,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BLOCK, Format, GROUP, Path, Tile};
+use super::{BLOCK, Format, GROUP, Path, RESIDUE_SCALE, Tile};
 
 /// AVX2, FMA and F16C (the weights' scales), the baseline SIMD path.
 pub(super) fn has_avx2() -> bool {
@@ -35,30 +35,44 @@ pub(super) fn has_vnni() -> bool {
 
 /// The `M × N` outputs of `tile` on `path` (one of the x86 paths).
 pub(super) fn kernel<const M: usize, const N: usize>(path: Path, tile: &Tile<'_>) -> [[f32; N]; M] {
-    match (path, tile.format) {
+    match tile.format {
+        Format::Q8_0 => on::<Q8, M, N>(path, tile),
+        Format::Q4_0 => on::<Nibbles<false>, M, N>(path, tile),
+        Format::Q4_1 => on::<Nibbles<true>, M, N>(path, tile),
+    }
+}
+
+/// [`kernel`] for one format.
+fn on<U: Unpack, const M: usize, const N: usize>(path: Path, tile: &Tile<'_>) -> [[f32; N]; M] {
+    match (path, tile.x_residues.is_some()) {
         // SAFETY: `Path::is_available` was checked by the caller (`matmul_on` asserts it), so the
         // CPU has the features these functions are compiled for; `Tile::check` has verified that
-        // the tile's slices hold `M` activation rows and `N` weight rows.
-        (Path::Vnni, Format::Q8_0) => unsafe { vnni::<Q8, M, N>(tile) },
+        // the tile's slices hold `M` activation rows (and their residues when there are any) and
+        // `N` weight rows (and their minimums when the format has them).
+        (Path::Vnni, false) => unsafe { vnni::<U, M, N, false>(tile) },
         // SAFETY: as above.
-        (Path::Vnni, Format::Q4_0) => unsafe { vnni::<Q4, M, N>(tile) },
+        (Path::Vnni, true) => unsafe { vnni::<U, M, N, true>(tile) },
         // SAFETY: as above.
-        (_, Format::Q8_0) => unsafe { avx2::<Q8, M, N>(tile) },
+        (_, false) => unsafe { avx2::<U, M, N, false>(tile) },
         // SAFETY: as above.
-        (_, Format::Q4_0) => unsafe { avx2::<Q4, M, N>(tile) },
+        (_, true) => unsafe { avx2::<U, M, N, true>(tile) },
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn vnni<U: Unpack, const M: usize, const N: usize>(tile: &Tile<'_>) -> [[f32; N]; M] {
+unsafe fn vnni<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
+    tile: &Tile<'_>,
+) -> [[f32; N]; M] {
     // SAFETY: the caller guarantees the features and the tile's bounds (see `kernel`).
-    unsafe { body::<U, Vnni, M, N>(tile) }
+    unsafe { body::<U, Vnni, M, N, SPLIT>(tile) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2<U: Unpack, const M: usize, const N: usize>(tile: &Tile<'_>) -> [[f32; N]; M] {
+unsafe fn avx2<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
+    tile: &Tile<'_>,
+) -> [[f32; N]; M] {
     // SAFETY: the caller guarantees the features and the tile's bounds (see `kernel`).
-    unsafe { body::<U, Avx2, M, N>(tile) }
+    unsafe { body::<U, Avx2, M, N, SPLIT>(tile) }
 }
 
 /// How a format's blocks become unsigned bytes.
@@ -67,6 +81,8 @@ trait Unpack {
     const BYTES: usize;
     /// The stored value exceeds the signed one by this much.
     const OFFSET: i8;
+    /// Blocks have minimums (q4_1).
+    const MINS: bool;
     /// Loads one block stored in ggml's order at `p` (`BYTES` readable bytes).
     unsafe fn load(p: *const u8) -> __m256i;
     /// Loads vector `t` (`0..GROUP`) of the interleaved run at `p` (`GROUP × BYTES` readable
@@ -76,12 +92,14 @@ trait Unpack {
 
 /// q8_0: 32 bytes per block, already unsigned.
 struct Q8;
-/// q4_0: 16 bytes of nibbles per block.
-struct Q4;
+/// 16 bytes of nibbles per block: q4_0 (values offset by 8), or q4_1 (`MINS`: unsigned values
+/// and a minimum).
+struct Nibbles<const MINS: bool>;
 
 impl Unpack for Q8 {
     const BYTES: usize = Format::Q8_0.block_bytes();
     const OFFSET: i8 = Format::Q8_0.offset() as u8 as i8;
+    const MINS: bool = false;
 
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
@@ -96,9 +114,14 @@ impl Unpack for Q8 {
     }
 }
 
-impl Unpack for Q4 {
+impl<const MINS: bool> Unpack for Nibbles<MINS> {
     const BYTES: usize = Format::Q4_0.block_bytes();
-    const OFFSET: i8 = Format::Q4_0.offset() as i8;
+    const OFFSET: i8 = if MINS {
+        Format::Q4_1.offset() as i8
+    } else {
+        Format::Q4_0.offset() as i8
+    };
+    const MINS: bool = MINS;
 
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
@@ -163,13 +186,15 @@ impl Dot for Avx2 {
     }
 }
 
-/// The micro-kernel (see the module documentation).
+/// The micro-kernel (see the module documentation). With `SPLIT` the activations come with
+/// residues ([`super::Activations::Int16`]): each run's dot products are taken with the values,
+/// scaled by `RESIDUE_SCALE`, and continued with the residues, all in the same integer lanes.
 ///
 /// # Safety
-/// The CPU must have the features `D` uses, and `tile` must hold `M` activation rows and `N`
-/// weight rows (`Tile::check`).
+/// The CPU must have the features `D` uses, and `tile` must hold `M` activation rows (with
+/// residues when `SPLIT`) and `N` weight rows (`Tile::check`).
 #[inline(always)]
-unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize>(
+unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: bool>(
     tile: &Tile<'_>,
 ) -> [[f32; N]; M] {
     let nb = tile.nb;
@@ -180,48 +205,66 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize>(
         tile.x_scales.as_ptr(),
         tile.x_biases.as_ptr(),
     );
+    // Only read when `U::MINS`, which says the minimums are there.
+    let (wm, x_sums) = (
+        tile.w_mins.unwrap_or(tile.w_scales).as_ptr(),
+        tile.x_sums.as_ptr(),
+    );
+    // Only read when `SPLIT`, which says the residues are there.
+    let xr = tile.x_residues.unwrap_or(tile.x_quants).as_ptr();
     // SAFETY: every offset below stays within `N` weight rows of `nb` blocks and `M` activation
     // rows of `nb` blocks, which the caller guarantees the slices hold.
     unsafe {
+        let residue_scale = _mm256_set1_epi32(RESIDUE_SCALE);
         let mut acc = [[_mm256_setzero_ps(); N]; M];
         let full = nb / GROUP * GROUP;
         for g in (0..full).step_by(GROUP) {
-            // The run's integer dot products of every (activation, weight) row pair, from the
+            // The run's integer dot products of every (activation, weight) row pair, with the
             // activations' corrections.
             let mut p = [[_mm256_setzero_si256(); N]; M];
-            for (i, p) in p.iter_mut().enumerate() {
-                *p = [_mm256_loadu_si256(xb.add(i * nb + g).cast()); N];
-            }
             let w_at = |j: usize| wq.add(j * row_bytes + g * U::BYTES);
-            let x_at = |i: usize, t: usize| xq.add((i * nb + g) * BLOCK + 32 * t).cast();
-            if M == 1 {
-                // One token: weight rows one after the other, each read as one contiguous
-                // stream (interleaving the rows measured 25% slower on the output head).
-                for (j, p) in p[0].iter_mut().enumerate() {
+            // One token with residues: each weight vector, loaded once, meets both activation
+            // vectors. With more rows the second accumulators would not fit in registers, so
+            // the run is swept again (its weights now in L1).
+            let mut lo = [_mm256_setzero_si256(); N];
+            if SPLIT && M == 1 {
+                for (j, (p, lo)) in p[0].iter_mut().zip(&mut lo).enumerate() {
                     for t in 0..GROUP {
-                        let x = _mm256_loadu_si256(x_at(0, t));
-                        *p = D::dot(*p, U::load_vector(w_at(j), t), x, U::OFFSET);
+                        let w = U::load_vector(w_at(j), t);
+                        let at = g * BLOCK + 32 * t;
+                        *p = D::dot(*p, w, _mm256_loadu_si256(xq.add(at).cast()), U::OFFSET);
+                        *lo = D::dot(*lo, w, _mm256_loadu_si256(xr.add(at).cast()), U::OFFSET);
                     }
                 }
             } else {
-                // Vector `t` of each weight row is loaded once for all `M` activation rows and
-                // each activation vector once for all `N` weight rows: with `M × N` accumulators
-                // (32 registers with AVX-512) there is about one load per two products.
-                for t in 0..GROUP {
-                    let w: [__m256i; N] = std::array::from_fn(|j| U::load_vector(w_at(j), t));
-                    for (i, p) in p.iter_mut().enumerate() {
-                        let x = _mm256_loadu_si256(x_at(i, t));
-                        for (p, &w) in p.iter_mut().zip(&w) {
-                            *p = D::dot(*p, w, x, U::OFFSET);
-                        }
-                    }
+                run_dots::<U, D, M, N>(&mut p, w_at, xq, nb, g);
+            }
+            for (i, p) in p.iter_mut().enumerate() {
+                let bias = _mm256_loadu_si256(xb.add(i * nb + g).cast());
+                for (p, lo) in p.iter_mut().zip(&lo) {
+                    *p = if SPLIT {
+                        let hi = _mm256_mullo_epi32(*p, residue_scale);
+                        _mm256_add_epi32(_mm256_add_epi32(hi, *lo), bias)
+                    } else {
+                        _mm256_add_epi32(*p, bias)
+                    };
                 }
+            }
+            if SPLIT && M > 1 {
+                run_dots::<U, D, M, N>(&mut p, w_at, xr, nb, g);
             }
             for j in 0..N {
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(j * nb + g).cast()));
                 for (i, (acc, p)) in acc.iter_mut().zip(&p).enumerate() {
                     let scale = _mm256_mul_ps(_mm256_loadu_ps(xs.add(i * nb + g)), dw);
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), scale, acc[j]);
+                }
+                if U::MINS {
+                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(wm.add(j * nb + g).cast()));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let sums = _mm256_loadu_ps(x_sums.add(i * nb + g));
+                        acc[j] = _mm256_fmadd_ps(mw, sums, acc[j]);
+                    }
                 }
             }
         }
@@ -238,8 +281,21 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize>(
                 let dx = _mm256_set1_ps(*xs.add(at));
                 let bias = _mm256_setr_epi32(*xb.add(at), 0, 0, 0, 0, 0, 0, 0);
                 for j in 0..N {
-                    let p = _mm256_cvtepi32_ps(D::dot(bias, w[j], x, U::OFFSET));
+                    let p = if SPLIT {
+                        let lo = _mm256_loadu_si256(xr.add(at * BLOCK).cast());
+                        let hi = D::dot(_mm256_setzero_si256(), w[j], x, U::OFFSET);
+                        let hi = _mm256_add_epi32(_mm256_mullo_epi32(hi, residue_scale), bias);
+                        D::dot(hi, w[j], lo, U::OFFSET)
+                    } else {
+                        D::dot(bias, w[j], x, U::OFFSET)
+                    };
+                    let p = _mm256_cvtepi32_ps(p);
                     acc[j] = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw[j]), acc[j]);
+                    if U::MINS {
+                        let m = f16_to_f32((*wm.add(j * nb + b)).to_bits()) * *x_sums.add(at);
+                        acc[j] =
+                            _mm256_add_ps(acc[j], _mm256_setr_ps(m, 0., 0., 0., 0., 0., 0., 0.));
+                    }
                 }
             }
         }
@@ -250,6 +306,48 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize>(
             }
         }
         out
+    }
+}
+
+/// Adds to `p` the dot products of one run of [`GROUP`] blocks: weight row `j`'s run starts at
+/// `w_at(j)`, the activations' (values or residues, `nb` blocks per row) at block `g` of `x`.
+///
+/// # Safety
+/// As [`body`]: the CPU has `D`'s features and the run is within the operands.
+#[inline(always)]
+unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
+    p: &mut [[__m256i; N]; M],
+    w_at: impl Fn(usize) -> *const u8,
+    x: *const i8,
+    nb: usize,
+    g: usize,
+) {
+    // SAFETY: the caller guarantees the bounds and features.
+    unsafe {
+        let x_at = |i: usize, t: usize| x.add((i * nb + g) * BLOCK + 32 * t).cast();
+        if M == 1 {
+            // One token: weight rows one after the other, each read as one contiguous stream
+            // (interleaving the rows measured 25% slower on the output head).
+            for (j, p) in p[0].iter_mut().enumerate() {
+                for t in 0..GROUP {
+                    let x = _mm256_loadu_si256(x_at(0, t));
+                    *p = D::dot(*p, U::load_vector(w_at(j), t), x, U::OFFSET);
+                }
+            }
+        } else {
+            // Vector `t` of each weight row is loaded once for all `M` activation rows and each
+            // activation vector once for all `N` weight rows: with `M × N` accumulators (32
+            // registers with AVX-512) there is about one load per two products.
+            for t in 0..GROUP {
+                let w: [__m256i; N] = std::array::from_fn(|j| U::load_vector(w_at(j), t));
+                for (i, p) in p.iter_mut().enumerate() {
+                    let x = _mm256_loadu_si256(x_at(i, t));
+                    for (p, &w) in p.iter_mut().zip(&w) {
+                        *p = D::dot(*p, w, x, U::OFFSET);
+                    }
+                }
+            }
+        }
     }
 }
 

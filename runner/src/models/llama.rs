@@ -7,12 +7,12 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use serde::Deserialize;
 
 use crate::kernels::ops::{self, AttentionShape};
-use crate::kernels::{self, PackedMatrix, Scratch};
+use crate::kernels::{self, Activations, PackedMatrix, Scratch};
 use crate::quant::{self, Choice, Matrix, Quant, Role};
 use crate::weights::{Plan, TensorHeader, Weights};
 
@@ -336,15 +336,28 @@ const LAYER_MATRICES: [&str; 7] = [
 ];
 
 /// How a checkpoint's tensors are built for [`Llama::load`]: weight matrices in `quant` (the
-/// output head, and the embedding table when it is the head too, at 6 bits or more), norms and
-/// biases as f32, anything else skipped. `tied` says the embedding table is the output head.
-pub fn plan(tensors: &[TensorHeader], quant: Quant, tied: bool) -> Vec<Plan> {
+/// output head, and the embedding table when it is the head too, at 6 bits or more unless the
+/// file already stores them in `quant`: a second rounding would only add error), norms and
+/// biases as f32, anything else skipped; matrices on sanctum's kernels multiply `activations`.
+/// `tied` says the embedding table is the output head.
+pub fn plan(
+    tensors: &[TensorHeader],
+    quant: Quant,
+    activations: Activations,
+    tied: bool,
+) -> Vec<Plan> {
     tensors
         .iter()
         .map(|t| {
             let name = t.name.as_str();
+            let stored_as_asked = t.blocks == Some(quant.ggml());
             let matrix = |role| match t.shape.as_slice() {
-                [_, cols] => Plan::Matrix(quant::choose(name, quant, role, *cols)),
+                [_, cols] if stored_as_asked => Plan::Matrix(
+                    quant::choose(name, quant, Role::Layer, *cols).with_activations(activations),
+                ),
+                [_, cols] => Plan::Matrix(
+                    quant::choose(name, quant, role, *cols).with_activations(activations),
+                ),
                 _ => Plan::Dense,
             };
             if name == "model.embed_tokens.weight" {
@@ -376,6 +389,32 @@ pub fn plan(tensors: &[TensorHeader], quant: Quant, tied: bool) -> Vec<Plan> {
             }
         })
         .collect()
+}
+
+/// The format `auto` runs a checkpoint in: the block format most of its layer matrices are stored
+/// in when sanctum's own kernels run it (the weights as published, with nothing to quantize at
+/// load), else [`quant::AUTO_FOR_FLOATS`].
+pub fn auto_quant(tensors: &[TensorHeader]) -> Quant {
+    let mut stored: Vec<(Option<GgmlDType>, usize)> = Vec::new();
+    for t in tensors {
+        let is_layer_matrix = t
+            .name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .is_some_and(|(_, rest)| LAYER_MATRICES.contains(&rest));
+        if !is_layer_matrix {
+            continue;
+        }
+        match stored.iter_mut().find(|(b, _)| *b == t.blocks) {
+            Some((_, n)) => *n += t.elements(),
+            None => stored.push((t.blocks, t.elements())),
+        }
+    }
+    let most = stored.iter().max_by_key(|(_, n)| *n).and_then(|(b, _)| *b);
+    quant::ALL
+        .into_iter()
+        .find(|q| Some(q.ggml()) == most && q.packed_format().is_some())
+        .unwrap_or(quant::AUTO_FOR_FLOATS)
 }
 
 /// Whether the output head is the embedding table: the config says so, or no weight file has an
@@ -416,29 +455,16 @@ impl HeadTying {
 
     /// [`plan`] for one weight file's tensors, learning from a single file's header whether it
     /// has a head of its own.
-    pub fn plan(&mut self, tensors: &[TensorHeader], quant: Quant) -> Vec<Plan> {
+    pub fn plan(
+        &mut self,
+        tensors: &[TensorHeader],
+        quant: Quant,
+        activations: Activations,
+    ) -> Vec<Plan> {
         if self.single_file && !tensors.iter().any(|t| t.name == "lm_head.weight") {
             self.tied = true;
         }
-        plan(tensors, quant, self.tied)
-    }
-}
-
-impl Config {
-    /// The weights a checkpoint of this config has (embedding, head when not `tied`, layers,
-    /// norms, biases), without reading it: what [`crate::quant::auto`] goes by.
-    pub fn parameters(&self, variant: Variant, tied: bool) -> u64 {
-        let (hidden, inter) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let (q, kv) = (
-            (self.num_attention_heads * self.head_dim()) as u64,
-            (self.kv_heads() * self.head_dim()) as u64,
-        );
-        let vocab = self.vocab_size as u64;
-        let qkv_bias = self.attention_bias.unwrap_or(variant == Variant::Qwen2);
-        let biases = if qkv_bias { q + 2 * kv } else { 0 };
-        let layer = 2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden + biases;
-        let head = if tied { 0 } else { vocab * hidden };
-        vocab * hidden + head + self.num_hidden_layers as u64 * layer + hidden
+        plan(tensors, quant, activations, self.tied)
     }
 }
 
@@ -581,6 +607,29 @@ impl Llama {
         self.forward_batch(&mut one, work)
     }
 
+    /// Feeds `tokens` after the ones in `cache`, as [`Self::forward`], and returns the logits after
+    /// every one of them, `[tokens.len(), vocab]`: what perplexity and divergence measurements
+    /// read ([`crate::quality`]).
+    pub fn forward_all(
+        &self,
+        cache: &mut Cache,
+        work: &mut Workspace,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>> {
+        self.check_room(cache, tokens.len())?;
+        let Some(cpu) = &self.cpu else {
+            let logits = self.forward_candle(cache, tokens, Logits::Every)?;
+            return logits.flatten_all()?.to_vec1::<f32>();
+        };
+        let shape = self.cpu_shape();
+        let mut one = [(cache, tokens)];
+        kernels::on_pool(|| {
+            Ok(cpu
+                .run(shape, &mut one, Logits::Every, &mut work.bufs)?
+                .to_vec())
+        })
+    }
+
     /// Several sequences in one pass: each `(cache, tokens)` feeds `tokens` after the positions in
     /// `cache` (one token for a decode step, or a piece of a prompt), and returns the logits after
     /// each sequence's last token, `[batch.len(), vocab]`. On the CPU path every matrix is read
@@ -597,7 +646,8 @@ impl Llama {
         let Some(cpu) = &self.cpu else {
             let mut logits = Vec::with_capacity(batch.len() * self.vocab);
             for (cache, tokens) in batch.iter_mut() {
-                logits.extend(self.forward_candle(cache, tokens)?.to_vec1::<f32>()?);
+                let last = self.forward_candle(cache, tokens, Logits::Last)?;
+                logits.extend(last.flatten_all()?.to_vec1::<f32>()?);
             }
             return Ok(logits);
         };
@@ -605,7 +655,11 @@ impl Llama {
         // would cost a hand-off and a wake-up, a third of generation's time. candle's ops run
         // slower from inside it (q4k tg128: 101 vs 117 tokens/s), so they stay outside.
         let shape = self.cpu_shape();
-        kernels::on_pool(|| Ok(cpu.run(shape, batch, &mut work.bufs)?.to_vec()))
+        kernels::on_pool(|| {
+            Ok(cpu
+                .run(shape, batch, Logits::Last, &mut work.bufs)?
+                .to_vec())
+        })
     }
 
     fn check_room(&self, cache: &Cache, seq: usize) -> Result<()> {
@@ -631,7 +685,9 @@ impl Llama {
         }
     }
 
-    fn forward_candle(&self, cache: &mut Cache, tokens: &[u32]) -> Result<Tensor> {
+    /// candle's forward pass: the logits after the last token (`[vocab]`) or after every one
+    /// (`[seq, vocab]`).
+    fn forward_candle(&self, cache: &mut Cache, tokens: &[u32], logits: Logits) -> Result<Tensor> {
         self.check_room(cache, tokens.len())?;
         let (seq, pos) = (tokens.len(), cache.cached);
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
@@ -662,11 +718,23 @@ impl Llama {
             x = (x + mlp)?;
         }
         cache.cached = pos + seq;
-        let last = x.i((.., seq - 1, ..))?.contiguous()?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, shape.eps)?;
-        let logits = self.lm_head.forward(&last)?;
+        let rows = match logits {
+            Logits::Last => x.i((.., seq - 1, ..))?.contiguous()?,
+            Logits::Every => x,
+        };
+        let rows = candle_nn::ops::rms_norm(&rows, &self.norm, shape.eps)?;
+        let logits = self.lm_head.forward(&rows)?;
         logits.squeeze(0)?.to_dtype(DType::F32)
     }
+}
+
+/// Which positions a forward pass computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logits {
+    /// Each sequence's last token (generation).
+    Last,
+    /// Every token (of one sequence).
+    Every,
 }
 
 /// The key/value cache of one sequence: what it has seen, kept between calls so that each new
@@ -801,7 +869,7 @@ struct Buffers {
 }
 
 /// The forward pass on plain f32 buffers and sanctum's kernels, used on the CPU when every matrix
-/// is q8_0 or q4_0 and there are no biases. At one token per call candle's per-op overhead (a
+/// is on sanctum's kernels (q8_0, q4_0, q4_1) and there are no biases. At one token per call candle's per-op overhead (a
 /// tensor and a dispatch per op, two dozen ops per layer) cost as much as the matmuls.
 #[derive(Debug, Clone)]
 struct CpuModel {
@@ -873,6 +941,7 @@ impl CpuModel {
         &self,
         shape: HeadShape,
         batch: &mut [(&mut Cache, &[u32])],
+        logits: Logits,
         b: &'b mut Buffers,
     ) -> Result<&'b [f32]> {
         b.tokens.clear();
@@ -880,7 +949,7 @@ impl CpuModel {
             b.tokens.extend_from_slice(tokens);
         }
         let tokens = std::mem::take(&mut b.tokens);
-        let result = self.layers_and_head(shape, batch, b, &tokens);
+        let result = self.layers_and_head(shape, batch, logits, b, &tokens);
         b.tokens = tokens;
         result?;
         for (cache, tokens) in batch.iter_mut() {
@@ -893,6 +962,7 @@ impl CpuModel {
         &self,
         shape: HeadShape,
         batch: &mut [(&mut Cache, &[u32])],
+        logits: Logits,
         b: &mut Buffers,
         tokens: &[u32],
     ) -> Result<()> {
@@ -971,19 +1041,27 @@ impl CpuModel {
             matmul(&layer.down, &b.gate, &mut b.proj, &mut b.scratch)?;
             add(&mut b.x, &b.proj);
         }
-        // The last row of each sequence, normalized, through the output head.
-        let mut end = 0;
-        for (i, (_, tokens)) in batch.iter().enumerate() {
-            end += tokens.len();
-            let last = &b.x[(end - 1) * hidden..end * hidden];
-            ops::rms_norm(
-                last,
-                &self.norm,
-                shape.eps,
-                &mut b.h[i * hidden..(i + 1) * hidden],
-            );
-        }
-        let rows = batch.len();
+        // The last row of each sequence (or every row), normalized, through the output head.
+        let rows = match logits {
+            Logits::Every => {
+                ops::rms_norm(&b.x, &self.norm, shape.eps, &mut b.h);
+                seq
+            }
+            Logits::Last => {
+                let mut end = 0;
+                for (i, (_, tokens)) in batch.iter().enumerate() {
+                    end += tokens.len();
+                    let last = &b.x[(end - 1) * hidden..end * hidden];
+                    ops::rms_norm(
+                        last,
+                        &self.norm,
+                        shape.eps,
+                        &mut b.h[i * hidden..(i + 1) * hidden],
+                    );
+                }
+                batch.len()
+            }
+        };
         matmul(
             &self.lm_head,
             &b.h[..rows * hidden],
@@ -1167,8 +1245,10 @@ mod tests {
     /// The tiny model built through the streaming intake, as a verified load builds it.
     fn load_tiny(cfg: &Config, bytes: &[u8], quant: Quant) -> Result<Llama> {
         let tied = cfg.tie_word_embeddings;
-        let mut weights = Weights::from_bytes(bytes, &Device::Cpu, &mut |t| plan(t, quant, tied))
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut weights = Weights::from_bytes(bytes, &Device::Cpu, &mut |t| {
+            plan(t, quant, Activations::Int8, tied)
+        })
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (model, _) = Llama::load(cfg, Variant::Llama, &mut weights, tied, &Device::Cpu, 64)?;
         Ok(model)
     }
@@ -1206,6 +1286,40 @@ mod tests {
                     err / norm
                 );
                 assert_eq!(fast_cache.len(), reference_cache.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every position's logits from one pass are the ones `forward` gives after that position,
+    /// on both paths.
+    #[test]
+    fn forward_all_gives_each_positions_logits() -> Result<()> {
+        let (cfg, bytes) = tiny_model();
+        for (quant, cpu) in [
+            (Quant::Q8_0, true),
+            (Quant::Q8_0, false),
+            (Quant::F32, false),
+        ] {
+            let mut model = load_tiny(&cfg, &bytes, quant)?;
+            if !cpu {
+                model.cpu = None;
+            }
+            let mut work = Workspace::default();
+            let tokens = [1, 5, 9, 3, 77, 4];
+            let mut cache = model.new_cache();
+            let all = model.forward_all(&mut cache, &mut work, &tokens)?;
+            assert_eq!(all.len(), tokens.len() * model.vocab());
+            assert_eq!(cache.len(), tokens.len());
+            for end in 1..=tokens.len() {
+                let want = model.forward(&mut model.new_cache(), &mut work, &tokens[..end])?;
+                let got = &all[(end - 1) * model.vocab()..end * model.vocab()];
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-4, "{quant} cpu={cpu} position {end}: {err}");
             }
         }
         Ok(())
