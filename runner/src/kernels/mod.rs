@@ -525,14 +525,16 @@ impl PackedMatrix {
     }
 
     /// Weight rows per parallel task: all of them for problems too small to be worth waking the
-    /// pool, else a few tasks per thread (whole tiles) so a busy core does not hold up the rest.
+    /// pool, else 8 tasks per thread (whole tiles), so that a thread the OS preempts for a busy
+    /// neighbour holds up one small task, not a quarter of the matrix (generation beside a busy
+    /// loop kept 35–45 % of its speed with 2 tasks per thread, 35–57 % with 8; idle speed the same).
     fn chunk_rows(&self, m: usize) -> usize {
         const SERIAL_BELOW: usize = 1 << 17;
         let threads = rayon::current_num_threads();
         if threads <= 1 || m * self.rows * self.cols < SERIAL_BELOW {
             return self.rows;
         }
-        let tasks = if m == 1 { 2 * threads } else { 4 * threads };
+        let tasks = 8 * threads;
         self.rows.div_ceil(tasks).next_multiple_of(NR)
     }
 }
@@ -919,7 +921,10 @@ fn tile_rows(
     let ld = r1 - r0;
     let mut j = r0;
     while j < r1 {
-        let nr = if r1 - j >= NR { NR } else { 1 };
+        // One token reads each weight row as one stream, row after row: four rows side by side
+        // (four streams plus the scales') generated 40 % slower, since decoding is bound by memory
+        // (q8_0 tg128 116 against 190–205 tokens/s, docs/performance.md).
+        let nr = if m > 1 && r1 - j >= NR { NR } else { 1 };
         let mut i = 0;
         while i < m {
             // The rows left over after whole tiles go in one narrower tile, not one by one: a
