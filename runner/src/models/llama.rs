@@ -806,13 +806,48 @@ struct HeadShape {
 struct CpuLayer {
     input_norm: Vec<f32>,
     post_attention_norm: Vec<f32>,
-    q: Arc<PackedMatrix>,
-    k: Arc<PackedMatrix>,
-    v: Arc<PackedMatrix>,
-    o: Arc<PackedMatrix>,
-    gate: Arc<PackedMatrix>,
-    up: Arc<PackedMatrix>,
-    down: Arc<PackedMatrix>,
+    q: CpuLinear,
+    k: CpuLinear,
+    v: CpuLinear,
+    o: CpuLinear,
+    gate: CpuLinear,
+    up: CpuLinear,
+    down: CpuLinear,
+}
+
+/// A packed weight and its bias (Qwen2's q, k and v have one), on the CPU path.
+#[derive(Debug, Clone)]
+struct CpuLinear {
+    weight: Arc<PackedMatrix>,
+    bias: Option<Vec<f32>>,
+}
+
+impl CpuLinear {
+    /// The CPU path's form of `l`, or None when its weight is not on sanctum's kernels.
+    fn new(l: &Linear) -> Result<Option<Self>> {
+        let Matrix::Packed(weight) = &l.weight else {
+            return Ok(None);
+        };
+        let bias = match &l.bias {
+            Some(b) => Some(b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        Ok(Some(Self {
+            weight: weight.clone(),
+            bias,
+        }))
+    }
+
+    /// `y = x · wᵀ + bias` into `y`, sized to fit.
+    fn forward(&self, x: &[f32], y: &mut Vec<f32>, scratch: &mut Scratch) -> Result<()> {
+        matmul(&self.weight, x, y, scratch)?;
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(bias.len()) {
+                add(row, bias);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl LayerCache {
@@ -869,7 +904,7 @@ struct Buffers {
 }
 
 /// The forward pass on plain f32 buffers and sanctum's kernels, used on the CPU when every matrix
-/// is on sanctum's kernels (q8_0, q4_0, q4_1) and there are no biases. At one token per call candle's per-op overhead (a
+/// is on sanctum's kernels (q8_0, q4_0, q4_1); biases (Qwen2's) are added after their matmuls. At one token per call candle's per-op overhead (a
 /// tensor and a dispatch per op, two dozen ops per layer) cost as much as the matmuls.
 #[derive(Debug, Clone)]
 struct CpuModel {
@@ -892,23 +927,19 @@ impl CpuModel {
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<Option<Self>> {
-        let packed = |l: &Linear| match (&l.weight, &l.bias) {
-            (Matrix::Packed(p), None) => Some(p.clone()),
-            _ => None,
-        };
         let (Matrix::Packed(embed), Matrix::Packed(lm_head)) = (embed, lm_head) else {
             return Ok(None);
         };
         let mut cpu_layers = Vec::with_capacity(layers.len());
         for l in layers {
             let (Some(q), Some(k), Some(v), Some(o), Some(gate), Some(up), Some(down)) = (
-                packed(&l.q),
-                packed(&l.k),
-                packed(&l.v),
-                packed(&l.o),
-                packed(&l.gate),
-                packed(&l.up),
-                packed(&l.down),
+                CpuLinear::new(&l.q)?,
+                CpuLinear::new(&l.k)?,
+                CpuLinear::new(&l.v)?,
+                CpuLinear::new(&l.o)?,
+                CpuLinear::new(&l.gate)?,
+                CpuLinear::new(&l.up)?,
+                CpuLinear::new(&l.down)?,
             ) else {
                 return Ok(None);
             };
@@ -988,9 +1019,9 @@ impl CpuModel {
 
         for (li, layer) in self.layers.iter().enumerate() {
             ops::rms_norm(&b.x, &layer.input_norm, shape.eps, &mut b.h);
-            matmul(&layer.q, &b.h, &mut b.q, &mut b.scratch)?;
-            matmul(&layer.k, &b.h, &mut b.k, &mut b.scratch)?;
-            matmul(&layer.v, &b.h, &mut b.v, &mut b.scratch)?;
+            layer.q.forward(&b.h, &mut b.q, &mut b.scratch)?;
+            layer.k.forward(&b.h, &mut b.k, &mut b.scratch)?;
+            layer.v.forward(&b.h, &mut b.v, &mut b.scratch)?;
             b.att.resize(b.q.len(), 0.0);
             let attention_shape = |pos, capacity, seq| AttentionShape {
                 heads: shape.heads,
@@ -1032,13 +1063,13 @@ impl CpuModel {
                 );
                 row += n;
             }
-            matmul(&layer.o, &b.att, &mut b.proj, &mut b.scratch)?;
+            layer.o.forward(&b.att, &mut b.proj, &mut b.scratch)?;
             add(&mut b.x, &b.proj);
             ops::rms_norm(&b.x, &layer.post_attention_norm, shape.eps, &mut b.h);
-            matmul(&layer.gate, &b.h, &mut b.gate, &mut b.scratch)?;
-            matmul(&layer.up, &b.h, &mut b.up, &mut b.scratch)?;
+            layer.gate.forward(&b.h, &mut b.gate, &mut b.scratch)?;
+            layer.up.forward(&b.h, &mut b.up, &mut b.scratch)?;
             ops::silu_mul(&mut b.gate, &b.up);
-            matmul(&layer.down, &b.gate, &mut b.proj, &mut b.scratch)?;
+            layer.down.forward(&b.gate, &mut b.proj, &mut b.scratch)?;
             add(&mut b.x, &b.proj);
         }
         // The last row of each sequence (or every row), normalized, through the output head.
@@ -1182,6 +1213,11 @@ mod tests {
 
     /// A random two-layer model (GQA, tied embeddings) as Safetensors bytes, and its config.
     fn tiny_model() -> (Config, Vec<u8>) {
+        tiny_model_of(Variant::Llama)
+    }
+
+    /// The tiny model as `variant` has it: Qwen2's q, k and v have biases.
+    fn tiny_model_of(variant: Variant) -> (Config, Vec<u8>) {
         let cfg: Config = serde_json::from_str(
             r#"{"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
                 "num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
@@ -1223,6 +1259,12 @@ mod tests {
                 let n = shape.iter().product();
                 tensors.push((format!("{p}.{name}"), shape, values(n, 0.3)));
             }
+            if variant == Variant::Qwen2 {
+                for (name, len) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv)] {
+                    let bias = values(len, 0.5);
+                    tensors.push((format!("{p}.self_attn.{name}.bias"), vec![len], bias));
+                }
+            }
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
             .iter()
@@ -1244,23 +1286,33 @@ mod tests {
 
     /// The tiny model built through the streaming intake, as a verified load builds it.
     fn load_tiny(cfg: &Config, bytes: &[u8], quant: Quant) -> Result<Llama> {
+        load_tiny_as(cfg, Variant::Llama, bytes, quant)
+    }
+
+    fn load_tiny_as(cfg: &Config, variant: Variant, bytes: &[u8], quant: Quant) -> Result<Llama> {
         let tied = cfg.tie_word_embeddings;
         let mut weights = Weights::from_bytes(bytes, &Device::Cpu, &mut |t| {
             plan(t, quant, Activations::Int8, tied)
         })
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let (model, _) = Llama::load(cfg, Variant::Llama, &mut weights, tied, &Device::Cpu, 64)?;
+        let (model, _) = Llama::load(cfg, variant, &mut weights, tied, &Device::Cpu, 64)?;
         Ok(model)
     }
 
     /// The CPU path against candle's ops on the same packed weights: a prompt, single tokens, and a
-    /// truncated cache refilled.
+    /// truncated cache refilled; with Qwen2's biases too.
     #[test]
     fn cpu_path_matches_candle_ops() -> Result<()> {
-        let (cfg, bytes) = tiny_model();
-        for quant in [Quant::Q8_0, Quant::Q4_0] {
-            let fast = load_tiny(&cfg, &bytes, quant)?;
-            let mut reference = load_tiny(&cfg, &bytes, quant)?;
+        let cases = [
+            (Variant::Llama, Quant::Q8_0),
+            (Variant::Llama, Quant::Q4_0),
+            (Variant::Llama, Quant::Q4_1),
+            (Variant::Qwen2, Quant::Q8_0),
+        ];
+        for (variant, quant) in cases {
+            let (cfg, bytes) = tiny_model_of(variant);
+            let fast = load_tiny_as(&cfg, variant, &bytes, quant)?;
+            let mut reference = load_tiny_as(&cfg, variant, &bytes, quant)?;
             assert!(fast.cpu.is_some(), "{quant}: the CPU path is not used");
             reference.cpu = None;
             let (mut fast_cache, mut reference_cache) = (fast.new_cache(), reference.new_cache());
