@@ -1,5 +1,5 @@
 //! Quantized matmul throughput at SmolLM2-135M's shapes: sanctum's kernels (q8_0, q4_0, with 8- and
-//! 16-bit activations) against
+//! 16-bit activations; q5_0 and q4_K with 16-bit) against
 //! candle's `QMatMul` (q8_0, q4_0, q4k, f16) in the same run, for one activation row (generation)
 //! and 512 rows (a prompt). Elements are multiply-adds (`m × rows × cols`).
 //!
@@ -48,7 +48,12 @@ fn matmuls(c: &mut Criterion, group_name: &str, m: usize, shapes: &[(usize, usiz
             ("sanctum q4_0", Format::Q4_0, Activations::Int8),
             ("sanctum q8_0+int16", Format::Q8_0, Activations::Int16),
             ("sanctum q4_0+int16", Format::Q4_0, Activations::Int16),
+            ("sanctum q5_0+int16", Format::Q5_0, Activations::Int16),
+            ("sanctum q4k+int16", Format::Q4K, Activations::Int16),
         ] {
+            if !cols.is_multiple_of(format.row_multiple()) {
+                continue;
+            }
             let packed = PackedMatrix::quantize(format, &w, rows, cols)
                 .expect("quantizes")
                 .with_activations(activations);

@@ -1,4 +1,4 @@
-//! sanctum's own CPU kernels for q8_0, q4_0 and q4_1 weight matrices.
+//! sanctum's own CPU kernels for q8_0, q4_0, q4_1, q5_0 and q4_K weight matrices.
 //!
 //! candle multiplies a batched prompt one activation row at a time and has no hand-written x86
 //! code for q4_0 rows of SmolLM2's widths, which left prompt processing at less than half of
@@ -26,6 +26,7 @@ mod x86;
 
 use std::sync::OnceLock;
 
+use candle_core::Device;
 use half::f16;
 use rayon::prelude::*;
 
@@ -38,7 +39,7 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-/// Values per block, for both formats.
+/// Values per block, for every format.
 pub const BLOCK: usize = 32;
 
 /// The block formats these kernels multiply.
@@ -50,40 +51,98 @@ pub enum Format {
     Q4_0,
     /// 4-bit values, a scale and a minimum per block (`d × q + m`).
     Q4_1,
+    /// 5-bit values, one scale per block: nibbles plus a plane of fifth bits.
+    Q5_0,
+    /// ggml's q4_K: 4-bit values in super-blocks of 8 blocks, each block's scale and minimum a
+    /// 6-bit multiple of the super-block's two f16 scales.
+    Q4K,
 }
 
 impl Format {
-    /// Bytes of quantized values per block in [`PackedMatrix`].
+    /// Every format.
+    pub const ALL: [Format; 5] = [
+        Format::Q8_0,
+        Format::Q4_0,
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q4K,
+    ];
+
+    /// Bytes of quantized values per block in [`PackedMatrix`] (q5_0's fifth bits apart).
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => BLOCK,
-            Self::Q4_0 | Self::Q4_1 => BLOCK / 2,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q4K => BLOCK / 2,
         }
     }
 
-    /// What the stored unsigned value exceeds the signed one by (q4_1's values are unsigned and
-    /// its minimum adds the rest).
+    /// What the stored unsigned value exceeds the signed one by (q4_1's and q4_K's values are
+    /// unsigned and their minimums add the rest).
     pub const fn offset(self) -> i32 {
         match self {
             Self::Q8_0 => 128,
             Self::Q4_0 => 8,
-            Self::Q4_1 => 0,
+            Self::Q5_0 => 16,
+            Self::Q4_1 | Self::Q4K => 0,
         }
     }
 
     /// True when blocks carry a minimum besides their scale.
     pub const fn has_min(self) -> bool {
-        matches!(self, Self::Q4_1)
+        matches!(self, Self::Q4_1 | Self::Q4K)
     }
 
     /// Nibbles, two values per byte.
     const fn is_nibbles(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1)
+        !matches!(self, Self::Q8_0)
     }
 
-    /// Bytes of one block in ggml's layout: scale, minimum when there is one, values.
+    /// The bits of a value kept in `quants` (q5_0's fifth bit goes to its own plane).
+    const fn value_mask(self) -> u8 {
+        if self.is_nibbles() { 0x0f } else { 0xff }
+    }
+
+    /// True when each value has a fifth bit, kept in a plane of its own.
+    const fn has_high_bits(self) -> bool {
+        matches!(self, Self::Q5_0)
+    }
+
+    /// Blocks that share one f16 scale (and minimum): 8 for q4_K's super-blocks, whose blocks
+    /// each scale it by a 6-bit integer; 1 for the others.
+    pub const fn blocks_per_scale(self) -> usize {
+        match self {
+            Self::Q4K => GROUP,
+            _ => 1,
+        }
+    }
+
+    /// What a row's length must be a multiple of.
+    pub const fn row_multiple(self) -> usize {
+        BLOCK * self.blocks_per_scale()
+    }
+
+    /// Values in one block of ggml's layout (256 for q4_K's super-blocks).
+    const fn ggml_block_values(self) -> usize {
+        BLOCK * self.blocks_per_scale()
+    }
+
+    /// Bytes of one block in ggml's layout: q8_0, q4_0, q4_1 and q5_0 store the f16 scale, the
+    /// minimum when there is one, q5_0's 32 fifth bits, then the values; q4_K the two f16 super
+    /// scales, 12 bytes of packed 6-bit block scales and minimums, and 128 bytes of nibbles.
     pub const fn ggml_block_bytes(self) -> usize {
-        2 + if self.has_min() { 2 } else { 0 } + self.block_bytes()
+        match self {
+            Self::Q4K => 4 + 12 + GROUP * BLOCK / 2,
+            _ => {
+                2 + if self.has_min() { 2 } else { 0 }
+                    + if self.has_high_bits() { 4 } else { 0 }
+                    + self.block_bytes()
+            }
+        }
+    }
+
+    /// Bytes of a row of `cols` values in ggml's layout.
+    pub const fn ggml_row_bytes(self, cols: usize) -> usize {
+        cols / self.ggml_block_values() * self.ggml_block_bytes()
     }
 }
 
@@ -138,9 +197,12 @@ impl std::str::FromStr for Activations {
 /// A matrix or input that does not fit the kernels.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShapeError {
-    /// Rows must be whole blocks.
-    #[error("row length {0} is not a positive multiple of {BLOCK}")]
-    RowLength(usize),
+    /// Rows must be whole blocks (q4_K: whole super-blocks).
+    #[error("row length {0} is not a positive multiple of {1}")]
+    RowLength(usize, usize),
+    /// candle could not quantize the rows (the formats whose quantizer is candle's).
+    #[error("quantizing rows: {0}")]
+    Quantize(String),
     /// The data does not have `rows × cols` values.
     #[error("{got} values for a {rows}x{cols} matrix")]
     Values {
@@ -165,22 +227,41 @@ pub enum ShapeError {
     },
 }
 
-/// A weight matrix `[rows, cols]` quantized to q8_0 or q4_0 exactly as ggml does, stored for the
-/// kernels: per row its blocks' values, unsigned (q8_0: `q + 128`, 32 bytes per block; q4_0: the
-/// nibbles `0..=15`, 16 bytes per block), runs of 8 blocks interleaved (see `position`), and the
-/// f16 scales in a separate `[rows, blocks]` array (q4_1's minimums in another). Generation reads
-/// every weight once per token, so bytes are what it costs: f16 scales keep q4_0 at ggml's 18 bytes
-/// per block of 32 (f32 would add 11%).
+/// A weight matrix `[rows, cols]` quantized exactly as ggml does, stored for the kernels: per row
+/// its blocks' values, unsigned (q8_0: `q + 128`, 32 bytes per block; the other formats: nibbles
+/// `0..=15`, 16 bytes per block, and q5_0's fifth bits in a plane of 4 bytes per block), runs of 8
+/// blocks interleaved (see `position`), and the f16 scales in a separate array (the minimums of
+/// q4_1 and q4_K in another). Generation reads every weight once per token, so bytes are what it
+/// costs: f16 scales keep q4_0 at ggml's 18 bytes per block of 32 (f32 would add 11%), and q4_K
+/// keeps its super-blocks (one f16 scale and minimum per 8 blocks, a byte each per block: 148
+/// bytes per 256 values against ggml's 144, whose 6-bit fields would cost shifts per run).
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     format: Format,
     activations: Activations,
     rows: usize,
     cols: usize,
+    /// `[rows, blocks / blocks_per_scale]`.
     scales: Vec<f16>,
-    /// q4_1's minimums, `[rows, blocks]`; empty for the other formats.
+    /// q4_1's minimums (as `scales`), or q4_K's super-block minimums negated; else empty.
     mins: Vec<f16>,
+    /// q4_K's 6-bit multipliers of `scales` and `mins`, `[rows, blocks]` each; else empty.
+    block_scales: Vec<u8>,
+    block_mins: Vec<u8>,
     quants: Vec<u8>,
+    /// q5_0's fifth bits, 4 bytes per block (see `high_position`); else empty.
+    high: Vec<u8>,
+}
+
+/// One block's numbers as a packing step produces them: its unsigned values, and its scale and
+/// minimum (for q4_K those of its super-block, plus its own 6-bit multipliers).
+#[derive(Debug, Default)]
+struct Block {
+    values: [u8; BLOCK],
+    scale: f16,
+    min: f16,
+    block_scale: u8,
+    block_min: u8,
 }
 
 /// A [`PackedMatrix`] filled a few rows at a time, as a weight streams in from its file: only
@@ -192,21 +273,29 @@ pub struct PackedBuilder {
 }
 
 impl PackedBuilder {
-    /// An empty `[rows, cols]` matrix; `cols` must be a multiple of [`BLOCK`].
+    /// An empty `[rows, cols]` matrix; `cols` must be a multiple of the format's
+    /// [`Format::row_multiple`].
     pub fn new(format: Format, rows: usize, cols: usize) -> Result<Self, ShapeError> {
-        if cols == 0 || !cols.is_multiple_of(BLOCK) {
-            return Err(ShapeError::RowLength(cols));
+        let multiple = format.row_multiple();
+        if cols == 0 || !cols.is_multiple_of(multiple) {
+            return Err(ShapeError::RowLength(cols, multiple));
         }
         let nb = cols / BLOCK;
+        let scales = rows * nb / format.blocks_per_scale();
+        let per_block = |used: bool, bytes: usize| if used { rows * nb * bytes } else { 0 };
+        let super_blocks = format.blocks_per_scale() > 1;
         Ok(Self {
             matrix: PackedMatrix {
                 format,
                 activations: Activations::Int8,
                 rows,
                 cols,
-                scales: vec![f16::ZERO; rows * nb],
-                mins: vec![f16::ZERO; if format.has_min() { rows * nb } else { 0 }],
+                scales: vec![f16::ZERO; scales],
+                mins: vec![f16::ZERO; if format.has_min() { scales } else { 0 }],
+                block_scales: vec![0; per_block(super_blocks, 1)],
+                block_mins: vec![0; per_block(super_blocks, 1)],
                 quants: vec![0u8; rows * nb * format.block_bytes()],
+                high: vec![0; per_block(format.has_high_bits(), BLOCK / 8)],
             },
             filled: 0,
         })
@@ -227,53 +316,56 @@ impl PackedBuilder {
     /// quantizes them.
     pub fn push_rows(&mut self, data: &[f32]) -> Result<(), ShapeError> {
         let (format, cols) = (self.matrix.format, self.matrix.cols);
-        self.pack_rows(cols, data, |x, b, values| {
-            let x = &x[b * BLOCK..(b + 1) * BLOCK];
-            match format {
-                Format::Q8_0 => (quantize_q8_0_block(x, values), f16::ZERO),
-                Format::Q4_0 => (quantize_q4_0_block(x, values), f16::ZERO),
-                Format::Q4_1 => quantize_q4_1_block(x, values),
+        if !data.len().is_multiple_of(cols) {
+            return Err(ShapeError::Values {
+                got: data.len(),
+                rows: self.matrix.rows - self.filled,
+                cols,
+            });
+        }
+        match format {
+            // candle's quantizers are ggml's; q4_K's searches its scales iteratively, which is
+            // not worth a second copy to keep bit-exact.
+            Format::Q5_0 | Format::Q4K => {
+                let per_task = (data.len() / cols)
+                    .div_ceil(rayon::current_num_threads())
+                    .max(1);
+                let parts = data
+                    .par_chunks(per_task * cols)
+                    .map(|rows| ggml_quantize(format, rows, cols))
+                    .collect::<Result<Vec<_>, _>>()?;
+                parts.iter().try_for_each(|part| self.push_ggml_rows(part))
             }
-        })
+            Format::Q8_0 | Format::Q4_0 | Format::Q4_1 => {
+                self.pack_rows(cols, data, |x, b, block| {
+                    let x = &x[b * BLOCK..(b + 1) * BLOCK];
+                    match format {
+                        Format::Q8_0 => block.scale = quantize_q8_0_block(x, &mut block.values),
+                        Format::Q4_0 => block.scale = quantize_q4_0_block(x, &mut block.values),
+                        _ => (block.scale, block.min) = quantize_q4_1_block(x, &mut block.values),
+                    }
+                })
+            }
+        }
     }
 
-    /// Takes the next whole rows as ggml stores them in this format (q8_0: per block an f16 scale
-    /// and 32 `i8`; q4_0: an f16 scale and 16 bytes, low nibbles first; q4_1: the scale, an f16
-    /// minimum, and q4_0's 16 bytes), without requantizing.
+    /// Takes the next whole rows as ggml stores them in this format (see
+    /// [`Format::ggml_block_bytes`]), without requantizing.
     pub fn push_ggml_rows(&mut self, blocks: &[u8]) -> Result<(), ShapeError> {
         let format = self.matrix.format;
-        let block = format.ggml_block_bytes();
-        let row_bytes = self.matrix.cols / BLOCK * block;
-        self.pack_rows(row_bytes, blocks, |row, b, values| {
-            let block = &row[b * block..(b + 1) * block];
-            let (d, rest) = block.split_at(2);
-            let (m, qs) = if format.has_min() {
-                let (m, qs) = rest.split_at(2);
-                (f16::from_le_bytes([m[0], m[1]]), qs)
-            } else {
-                (f16::ZERO, rest)
-            };
-            if format.is_nibbles() {
-                for (j, &q) in qs.iter().enumerate() {
-                    values[j] = q & 0x0f;
-                    values[j + BLOCK / 2] = q >> 4;
-                }
-            } else {
-                for (v, &q) in values.iter_mut().zip(qs) {
-                    *v = (q as i8 as i32 + 128) as u8;
-                }
-            }
-            (f16::from_le_bytes([d[0], d[1]]), m)
+        let row_bytes = format.ggml_row_bytes(self.matrix.cols);
+        self.pack_rows(row_bytes, blocks, |row, b, block| {
+            unpack_ggml_block(format, row, b, block);
         })
     }
 
-    /// Packs the rows of `input` (`per_row` items per row) in parallel; `block` writes block `b`
-    /// of a row's unsigned values and returns its scale and minimum (zero without one).
+    /// Packs the rows of `input` (`per_row` items per row) in parallel; `block` fills in block `b`
+    /// of a row.
     fn pack_rows<T: Sync>(
         &mut self,
         per_row: usize,
         input: &[T],
-        block: impl Fn(&[T], usize, &mut [u8; BLOCK]) -> (f16, f16) + Sync,
+        block: impl Fn(&[T], usize, &mut Block) + Sync,
     ) -> Result<(), ShapeError> {
         let m = &mut self.matrix;
         let (rows, cols) = (m.rows, m.cols);
@@ -287,38 +379,43 @@ impl PackedBuilder {
             });
         }
         let (format, nb) = (m.format, cols / BLOCK);
-        let row_bytes = nb * format.block_bytes();
+        let per_scale = format.blocks_per_scale();
         let at = self.filled;
-        let scales = &mut m.scales[at * nb..(at + count) * nb];
-        let quants = &mut m.quants[at * row_bytes..(at + count) * row_bytes];
-        let pack_row = |x: &[T], q: &mut [u8], scales: &mut [f16], mut mins: Option<&mut [f16]>| {
-            let mut values = [0u8; BLOCK];
-            for (b, scale) in scales.iter_mut().enumerate() {
-                let (d, min) = block(x, b, &mut values);
-                *scale = d;
-                if let Some(mins) = mins.as_deref_mut() {
-                    mins[b] = min;
-                }
-                // Runs of 4 values stay together in every layout `position` describes.
-                for (t, run) in values.chunks_exact(4).enumerate() {
-                    let (at, shift) = position(format, nb, b, 4 * t);
-                    for (q, &v) in q[at..at + 4].iter_mut().zip(run) {
-                        *q |= v << shift;
+        let outputs = RowsMut::split(m, at, count);
+        outputs
+            .into_par_iter()
+            .zip(input.par_chunks_exact(per_row))
+            .for_each(|(out, x)| {
+                let mut numbers = Block::default();
+                for b in 0..nb {
+                    block(x, b, &mut numbers);
+                    let s = b / per_scale;
+                    out.scales[s] = numbers.scale;
+                    if let Some(min) = out.mins.get_mut(s) {
+                        *min = numbers.min;
+                    }
+                    if let Some(v) = out.block_scales.get_mut(b) {
+                        *v = numbers.block_scale;
+                    }
+                    if let Some(v) = out.block_mins.get_mut(b) {
+                        *v = numbers.block_min;
+                    }
+                    let values = &numbers.values;
+                    // Runs of 4 values stay together in every layout `position` describes.
+                    for (t, run) in values.chunks_exact(4).enumerate() {
+                        let (at, shift) = position(format, nb, b, 4 * t);
+                        for (q, &v) in out.quants[at..at + 4].iter_mut().zip(run) {
+                            *q |= (v & format.value_mask()) << shift;
+                        }
+                    }
+                    if format.has_high_bits() {
+                        for (e, &v) in values.iter().enumerate() {
+                            let (at, bit) = high_position(nb, b, e);
+                            out.high[at] |= (v >> 4 & 1) << bit;
+                        }
                     }
                 }
-            }
-        };
-        let rows = input
-            .par_chunks_exact(per_row)
-            .zip(quants.par_chunks_exact_mut(row_bytes))
-            .zip(scales.par_chunks_exact_mut(nb));
-        if format.has_min() {
-            let mins = &mut m.mins[at * nb..(at + count) * nb];
-            rows.zip(mins.par_chunks_exact_mut(nb))
-                .for_each(|(((x, q), scales), mins)| pack_row(x, q, scales, Some(mins)));
-        } else {
-            rows.for_each(|((x, q), scales)| pack_row(x, q, scales, None));
-        }
+            });
         self.filled += count;
         Ok(())
     }
@@ -338,7 +435,8 @@ impl PackedBuilder {
 }
 
 impl PackedMatrix {
-    /// Quantizes a row-major `[rows, cols]` f32 matrix; `cols` must be a multiple of [`BLOCK`].
+    /// Quantizes a row-major `[rows, cols]` f32 matrix; `cols` must be a multiple of the format's
+    /// [`Format::row_multiple`].
     pub fn quantize(
         format: Format,
         data: &[f32],
@@ -370,7 +468,11 @@ impl PackedMatrix {
 
     /// Bytes it takes in memory (values, scales, minimums).
     pub fn bytes(&self) -> usize {
-        self.quants.len() + 2 * (self.scales.len() + self.mins.len())
+        self.quants.len()
+            + self.high.len()
+            + self.block_scales.len()
+            + self.block_mins.len()
+            + 2 * (self.scales.len() + self.mins.len())
     }
 
     /// The block format.
@@ -392,31 +494,74 @@ impl PackedMatrix {
         self.cols / BLOCK
     }
 
-    /// The matrix in ggml's own block layout (what [`PackedBuilder::push_ggml_rows`] takes): per
-    /// block the f16 scale, q4_1's f16 minimum, then q8_0's 32 `i8` or the 16 bytes of nibbles,
-    /// low nibbles first.
-    pub fn ggml_blocks(&self) -> Vec<u8> {
+    /// Weight rows `j0..` as the kernels read them.
+    fn rows_from(&self, j0: usize) -> WeightRows<'_> {
         let nb = self.blocks_per_row();
-        let row_bytes = nb * self.format.block_bytes();
-        let mut out = Vec::with_capacity(self.rows * nb * self.format.ggml_block_bytes());
-        for (r, (row, scales)) in self
-            .quants
-            .chunks_exact(row_bytes)
-            .zip(self.scales.chunks_exact(nb))
-            .enumerate()
-        {
-            for (b, d) in scales.iter().enumerate() {
-                out.extend_from_slice(&d.to_le_bytes());
-                if self.format.has_min() {
-                    out.extend_from_slice(&self.mins[r * nb + b].to_le_bytes());
+        let scales = nb / self.format.blocks_per_scale();
+        let high = if self.format.has_high_bits() {
+            BLOCK / 8
+        } else {
+            0
+        };
+        fn from_row(v: &[u8], at: usize) -> &[u8] {
+            if v.is_empty() { v } else { &v[at..] }
+        }
+        WeightRows {
+            format: self.format,
+            nb,
+            quants: &self.quants[j0 * nb * self.format.block_bytes()..],
+            high: &self.high[j0 * nb * high..],
+            scales: &self.scales[j0 * scales..],
+            mins: if self.format.has_min() {
+                &self.mins[j0 * scales..]
+            } else {
+                &[]
+            },
+            block_scales: from_row(&self.block_scales, j0 * nb),
+            block_mins: from_row(&self.block_mins, j0 * nb),
+        }
+    }
+
+    /// The matrix in ggml's own block layout (what [`PackedBuilder::push_ggml_rows`] takes, see
+    /// [`Format::ggml_block_bytes`]).
+    pub fn ggml_blocks(&self) -> Vec<u8> {
+        let (format, nb) = (self.format, self.blocks_per_row());
+        let mut out = Vec::with_capacity(self.rows * format.ggml_row_bytes(self.cols));
+        for r in 0..self.rows {
+            let row = self.rows_from(r);
+            let value = |b: usize, e: usize| row.value(0, b, e) as u8;
+            if format == Format::Q4K {
+                for s in 0..nb / GROUP {
+                    out.extend_from_slice(&row.scales[s].to_le_bytes());
+                    out.extend_from_slice(&(-row.mins[s]).to_le_bytes());
+                    let blocks = s * GROUP..(s + 1) * GROUP;
+                    out.extend_from_slice(&pack_q4k_scales(
+                        &row.block_scales[blocks.clone()],
+                        &row.block_mins[blocks],
+                    ));
+                    for pair in 0..GROUP / 2 {
+                        let (even, odd) = (s * GROUP + 2 * pair, s * GROUP + 2 * pair + 1);
+                        out.extend((0..BLOCK).map(|e| value(even, e) | (value(odd, e) << 4)));
+                    }
                 }
-                let value = |e| stored(self.format, row, nb, b, e);
-                if self.format.is_nibbles() {
+                continue;
+            }
+            for b in 0..nb {
+                out.extend_from_slice(&row.scales[b].to_le_bytes());
+                if format.has_min() {
+                    out.extend_from_slice(&row.mins[b].to_le_bytes());
+                }
+                if format.has_high_bits() {
+                    let bits = (0..BLOCK).fold(0u32, |h, e| h | u32::from(value(b, e) >> 4) << e);
+                    out.extend_from_slice(&bits.to_le_bytes());
+                }
+                if format.is_nibbles() {
                     out.extend(
-                        (0..BLOCK / 2).map(|j| (value(j) | (value(j + BLOCK / 2) << 4)) as u8),
+                        (0..BLOCK / 2)
+                            .map(|j| (value(b, j) & 0x0f) | (value(b, j + BLOCK / 2) << 4)),
                     );
                 } else {
-                    out.extend((0..BLOCK).map(|e| (value(e) - 128) as i8 as u8));
+                    out.extend((0..BLOCK).map(|e| value(b, e).wrapping_sub(128)));
                 }
             }
         }
@@ -429,20 +574,18 @@ impl PackedMatrix {
     /// If `row` is out of range or `out` is not `cols` long.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.rows && out.len() == self.cols);
-        let nb = self.blocks_per_row();
-        let scales = &self.scales[row * nb..(row + 1) * nb];
-        let quants = &self.quants[row * nb * self.format.block_bytes()..];
+        let weights = self.rows_from(row);
         let offset = self.format.offset();
-        for (b, (o, &d)) in out.chunks_exact_mut(BLOCK).zip(scales).enumerate() {
-            let q = |e| (stored(self.format, quants, nb, b, e) - offset) as f32;
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let (d, m) = weights.scale_min(0, b);
+            let q = |e| (weights.value(0, b, e) - offset) as f32;
             if self.format.has_min() {
-                let m = self.mins[row * nb + b].to_f32();
                 for (e, v) in o.iter_mut().enumerate() {
-                    *v = q(e) * d.to_f32() + m;
+                    *v = q(e) * d + m;
                 }
             } else {
                 for (e, v) in o.iter_mut().enumerate() {
-                    *v = q(e) * d.to_f32();
+                    *v = q(e) * d;
                 }
             }
         }
@@ -543,21 +686,21 @@ impl PackedMatrix {
 pub(crate) const GROUP: usize = 8;
 
 /// Where value `e` of block `b` of a row of `nb` blocks is stored: byte offset in the row and the
-/// bit shift of its nibble (q4_0) or 0.
+/// bit shift of its nibble (every format but q8_0) or 0.
 ///
 /// Each run of [`GROUP`] blocks is interleaved 4 bytes at a time: the row's `t`-th 32-byte vector
 /// holds values `4t..4t + 4` of each of the 8 blocks, one block per 32-bit lane. Then `vpdpbusd`
 /// over the 8 vectors leaves each block's whole dot product in its own lane, and the scales of 8
-/// blocks apply with one multiply, where the natural order needs a horizontal sum per block. q4_0
-/// packs vectors `2u` and `2u + 1` into the low and high nibbles of one 32-byte vector. Blocks after
-/// the last full run keep ggml's order (q4_0: low nibbles the first 16 values). Activations use the
-/// q8_0 layout.
+/// blocks apply with one multiply, where the natural order needs a horizontal sum per block.
+/// Nibbles pack vectors `2u` and `2u + 1` into the low and high nibbles of one 32-byte vector.
+/// Blocks after the last full run keep ggml's order (nibbles: low nibbles the first 16 values).
+/// Activations use the q8_0 layout.
 fn position(format: Format, nb: usize, b: usize, e: usize) -> (usize, u8) {
     let bytes = format.block_bytes();
     if b >= nb / GROUP * GROUP {
         return match format {
             Format::Q8_0 => (b * bytes + e, 0),
-            Format::Q4_0 | Format::Q4_1 => (b * bytes + e % 16, if e < 16 { 0 } else { 4 }),
+            _ => (b * bytes + e % 16, if e < 16 { 0 } else { 4 }),
         };
     }
     let (group, lane) = (b / GROUP, b % GROUP);
@@ -565,17 +708,233 @@ fn position(format: Format, nb: usize, b: usize, e: usize) -> (usize, u8) {
     let base = group * GROUP * bytes;
     match format {
         Format::Q8_0 => (base + t * 32 + lane * 4 + byte, 0),
-        Format::Q4_0 | Format::Q4_1 => (base + t / 2 * 32 + lane * 4 + byte, 4 * (t % 2) as u8),
+        _ => (base + t / 2 * 32 + lane * 4 + byte, 4 * (t % 2) as u8),
     }
 }
 
-/// Value `e` of block `b` in a packed row, unsigned.
-fn stored(format: Format, row: &[u8], nb: usize, b: usize, e: usize) -> i32 {
-    let (at, shift) = position(format, nb, b, e);
-    match format {
-        Format::Q8_0 => i32::from(row[at]),
-        Format::Q4_0 | Format::Q4_1 => i32::from((row[at] >> shift) & 0x0f),
+/// Where q5_0 keeps the fifth bit of value `e` of block `b`: byte offset in the row's plane
+/// (4 bytes per block) and bit. In a run of [`GROUP`] blocks, the 32-bit word `t` holds the fifth
+/// bits of the run's vector `t` (see [`position`]), bit `k` for its byte `k`, so one word expands
+/// to the vector's high bits; blocks after the last run keep ggml's `qh` (bit `e` for value `e`).
+fn high_position(nb: usize, b: usize, e: usize) -> (usize, u8) {
+    if b >= nb / GROUP * GROUP {
+        return (b * 4 + e / 8, (e % 8) as u8);
     }
+    let (group, lane) = (b / GROUP, b % GROUP);
+    let (t, k) = (e / 4, lane * 4 + e % 4);
+    (group * GROUP * 4 + t * 4 + k / 8, (k % 8) as u8)
+}
+
+/// Weight rows from some row `j0` on, as stored in a [`PackedMatrix`].
+#[derive(Clone, Copy)]
+struct WeightRows<'a> {
+    format: Format,
+    /// Blocks per row.
+    nb: usize,
+    /// Values, `nb × block_bytes` per row.
+    quants: &'a [u8],
+    /// q5_0's fifth bits, `4 × nb` per row; else empty.
+    high: &'a [u8],
+    /// `nb / blocks_per_scale` per row.
+    scales: &'a [f16],
+    /// Minimums (as `scales`) for the formats that have them; else empty.
+    mins: &'a [f16],
+    /// q4_K's multipliers, `nb` per row; else empty.
+    block_scales: &'a [u8],
+    block_mins: &'a [u8],
+}
+
+impl WeightRows<'_> {
+    /// Value `e` of block `b` of row `j`, unsigned.
+    fn value(&self, j: usize, b: usize, e: usize) -> i32 {
+        let (nb, format) = (self.nb, self.format);
+        let row = &self.quants[j * nb * format.block_bytes()..];
+        let (at, shift) = position(format, nb, b, e);
+        let low = i32::from((row[at] >> shift) & format.value_mask());
+        if !format.has_high_bits() {
+            return low;
+        }
+        let (at, bit) = high_position(nb, b, e);
+        low | i32::from(self.high[j * nb * 4 + at] >> bit & 1) << 4
+    }
+
+    /// Block `b` of row `j`'s scale and minimum (0 without one) as f32: for q4_K the products of
+    /// its super-block's with its multipliers, exact in f32 as ggml computes them.
+    fn scale_min(&self, j: usize, b: usize) -> (f32, f32) {
+        let per_scale = self.format.blocks_per_scale();
+        let s = (j * self.nb + b) / per_scale;
+        let d = self.scales[s].to_f32();
+        let m = self.mins.get(s).map_or(0.0, |m| m.to_f32());
+        if per_scale == 1 {
+            return (d, m);
+        }
+        let at = j * self.nb + b;
+        (
+            d * f32::from(self.block_scales[at]),
+            m * f32::from(self.block_mins[at]),
+        )
+    }
+
+    /// Checks that `nr` rows are in bounds, which the SIMD kernels rely on.
+    fn holds(&self, nr: usize) -> bool {
+        let (nb, format) = (self.nb, self.format);
+        let scales = nr * nb / format.blocks_per_scale();
+        let per_block = |v: &[u8], used: bool, bytes: usize| !used || v.len() >= nr * nb * bytes;
+        self.quants.len() >= nr * nb * format.block_bytes()
+            && self.scales.len() >= scales
+            && (!format.has_min() || self.mins.len() >= scales)
+            && per_block(self.high, format.has_high_bits(), BLOCK / 8)
+            && per_block(self.block_scales, format.blocks_per_scale() > 1, 1)
+            && per_block(self.block_mins, format.blocks_per_scale() > 1, 1)
+    }
+}
+
+/// One packing step's output slices for one row.
+struct RowMut<'a> {
+    quants: &'a mut [u8],
+    high: &'a mut [u8],
+    scales: &'a mut [f16],
+    mins: &'a mut [f16],
+    block_scales: &'a mut [u8],
+    block_mins: &'a mut [u8],
+}
+
+/// Rows `at..at + count` of `m`, each as a [`RowMut`].
+struct RowsMut;
+
+impl RowsMut {
+    fn split(m: &mut PackedMatrix, at: usize, count: usize) -> Vec<RowMut<'_>> {
+        let nb = m.cols / BLOCK;
+        let scales = nb / m.format.blocks_per_scale();
+        let quants = nb * m.format.block_bytes();
+        /// `count` row slices of `per` items from row `at` on, or `count` empty ones.
+        fn rows<T>(v: &mut [T], per: usize, at: usize, count: usize) -> Vec<&mut [T]> {
+            if v.is_empty() {
+                return std::iter::repeat_with(<&mut [T]>::default)
+                    .take(count)
+                    .collect();
+            }
+            v[at * per..(at + count) * per].chunks_mut(per).collect()
+        }
+        let quants = rows(&mut m.quants, quants, at, count);
+        let high = rows(&mut m.high, nb * BLOCK / 8, at, count);
+        let scale_rows = rows(&mut m.scales, scales, at, count);
+        let mins = rows(&mut m.mins, scales, at, count);
+        let block_scales = rows(&mut m.block_scales, nb, at, count);
+        let block_mins = rows(&mut m.block_mins, nb, at, count);
+        quants
+            .into_iter()
+            .zip(high)
+            .zip(scale_rows)
+            .zip(mins)
+            .zip(block_scales)
+            .zip(block_mins)
+            .map(
+                |(((((quants, high), scales), mins), block_scales), block_mins)| RowMut {
+                    quants,
+                    high,
+                    scales,
+                    mins,
+                    block_scales,
+                    block_mins,
+                },
+            )
+            .collect()
+    }
+}
+
+/// Block `b` of a row in ggml's layout (see [`Format::ggml_block_bytes`]) into `out`.
+fn unpack_ggml_block(format: Format, row: &[u8], b: usize, out: &mut Block) {
+    let f16_at = |bytes: &[u8], at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]);
+    let size = format.ggml_block_bytes();
+    if format == Format::Q4K {
+        let (sb, j) = (&row[b / GROUP * size..][..size], b % GROUP);
+        out.scale = f16_at(sb, 0);
+        // Negated, so that a value is `scale × q + min` as for q4_1.
+        out.min = -f16_at(sb, 2);
+        (out.block_scale, out.block_min) = q4k_scale_min(&sb[4..16], j);
+        // 64 values per 32 bytes: the even block in the low nibbles, the odd one in the high.
+        let qs = &sb[16 + j / 2 * BLOCK..][..BLOCK];
+        let shift = 4 * (j % 2);
+        for (v, &q) in out.values.iter_mut().zip(qs) {
+            *v = (q >> shift) & 0x0f;
+        }
+        return;
+    }
+    let block = &row[b * size..][..size];
+    out.scale = f16_at(block, 0);
+    let mut at = 2;
+    if format.has_min() {
+        out.min = f16_at(block, at);
+        at += 2;
+    }
+    let mut high = 0u32;
+    if format.has_high_bits() {
+        high = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+        at += 4;
+    }
+    let qs = &block[at..];
+    if format.is_nibbles() {
+        for (j, &q) in qs.iter().enumerate() {
+            out.values[j] = q & 0x0f;
+            out.values[j + BLOCK / 2] = q >> 4;
+        }
+        for (e, v) in out.values.iter_mut().enumerate() {
+            *v |= ((high >> e & 1) as u8) << 4;
+        }
+    } else {
+        for (v, &q) in out.values.iter_mut().zip(qs) {
+            *v = (q as i8 as i32 + 128) as u8;
+        }
+    }
+}
+
+/// Block `j`'s 6-bit scale multiplier and minimum multiplier from q4_K's 12 packed bytes: the
+/// first four blocks' in the low 6 bits of bytes 0–3 and 4–7, the last four's low 4 bits in bytes
+/// 8–11 and their top 2 bits in the top bits of bytes 0–7.
+fn q4k_scale_min(packed: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (packed[j] & 63, packed[j + 4] & 63)
+    } else {
+        (
+            (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4),
+            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The inverse of [`q4k_scale_min`] for a super-block's 8 blocks.
+fn pack_q4k_scales(scales: &[u8], mins: &[u8]) -> [u8; 12] {
+    let mut packed = [0u8; 12];
+    for j in 0..GROUP {
+        let (d, m) = (scales[j], mins[j]);
+        if j < 4 {
+            packed[j] |= d;
+            packed[j + 4] |= m;
+        } else {
+            packed[j + 4] = (d & 0x0f) | ((m & 0x0f) << 4);
+            packed[j - 4] |= (d >> 4) << 6;
+            packed[j] |= (m >> 4) << 6;
+        }
+    }
+    packed
+}
+
+/// Whole rows of `cols` values quantized by candle into ggml's block bytes.
+fn ggml_quantize(format: Format, rows: &[f32], cols: usize) -> Result<Vec<u8>, ShapeError> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dtype = match format {
+        Format::Q8_0 => GgmlDType::Q8_0,
+        Format::Q4_0 => GgmlDType::Q4_0,
+        Format::Q4_1 => GgmlDType::Q4_1,
+        Format::Q5_0 => GgmlDType::Q5_0,
+        Format::Q4K => GgmlDType::Q4K,
+    };
+    let quantize = || -> candle_core::Result<Vec<u8>> {
+        let t = candle_core::Tensor::from_slice(rows, (rows.len() / cols, cols), &Device::Cpu)?;
+        Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+    };
+    quantize().map_err(|e| ShapeError::Quantize(e.to_string()))
 }
 
 /// ggml's `quantize_row_q8_0` for one block (scale `amax / 127` rounded to f16, values rounded
@@ -852,12 +1211,8 @@ struct Tile<'a> {
     format: Format,
     /// Blocks per row.
     nb: usize,
-    /// Weight values of rows `j0..`, `nb × block_bytes` per row.
-    w_quants: &'a [u8],
-    /// Weight scales of rows `j0..`, `nb` per row.
-    w_scales: &'a [f16],
-    /// q4_1's minimums of rows `j0..` (as `w_scales`); None for the other formats.
-    w_mins: Option<&'a [f16]>,
+    /// Weight rows `j0..`.
+    w: WeightRows<'a>,
     /// Activation values of rows `i0..`, `nb × 32` per row.
     x_quants: &'a [i8],
     /// With [`Activations::Int16`], the residues of rows `i0..` (as `x_quants`), else None.
@@ -873,13 +1228,10 @@ struct Tile<'a> {
 impl<'a> Tile<'a> {
     fn new(w: &'a PackedMatrix, acts: &'a ActBlocks, i0: usize, j0: usize) -> Self {
         let nb = w.blocks_per_row();
-        let bytes = w.format.block_bytes();
         Self {
             format: w.format,
             nb,
-            w_quants: &w.quants[j0 * nb * bytes..],
-            w_scales: &w.scales[j0 * nb..],
-            w_mins: w.format.has_min().then(|| &w.mins[j0 * nb..]),
+            w: w.rows_from(j0),
             x_quants: &acts.quants[i0 * nb * BLOCK..],
             x_residues: match w.activations {
                 Activations::Int8 => None,
@@ -896,14 +1248,12 @@ impl<'a> Tile<'a> {
     fn check(&self, mr: usize, nr: usize) {
         let nb = self.nb;
         assert!(
-            self.w_quants.len() >= nr * nb * self.format.block_bytes()
-                && self.w_scales.len() >= nr * nb
+            self.w.holds(nr)
                 && self.x_quants.len() >= mr * nb * BLOCK
                 && self.x_residues.is_none_or(|r| r.len() >= mr * nb * BLOCK)
                 && self.x_scales.len() >= mr * nb
                 && self.x_biases.len() >= mr * nb
                 && self.x_sums.len() >= mr * nb
-                && self.w_mins.is_none_or(|m| m.len() >= nr * nb)
         );
     }
 }

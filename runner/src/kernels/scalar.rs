@@ -1,28 +1,27 @@
 //! The portable micro-kernel: plain Rust, used on every target without a SIMD path and as the
 //! reference the SIMD paths are tested against.
 
-use super::{BLOCK, Format, RESIDUE_SCALE, Tile, position, stored};
+use super::{BLOCK, Format, RESIDUE_SCALE, Tile, position};
 
 /// `M × N` outputs of `tile`, block by block: an exact integer dot product per block (with
 /// residues, `RESIDUE_SCALE × dot(w, hi) + dot(w, lo)`), scaled by both blocks' scales, plus
-/// q4_1's minimum times the activation block's sum.
+/// the weight block's minimum times the activation block's sum.
 /// Activations are quantized with no bias on this path, so the weights are made signed here.
 pub(super) fn kernel<const M: usize, const N: usize>(tile: &Tile<'_>) -> [[f32; N]; M] {
-    let (nb, format) = (tile.nb, tile.format);
-    let offset = format.offset();
+    let nb = tile.nb;
+    let offset = tile.format.offset();
     let mut out = [[0f32; N]; M];
     for (i, row) in out.iter_mut().enumerate() {
         let x = &tile.x_quants[i * nb * BLOCK..][..nb * BLOCK];
         let residues = tile.x_residues.map(|r| &r[i * nb * BLOCK..][..nb * BLOCK]);
         for (j, y) in row.iter_mut().enumerate() {
-            let w = &tile.w_quants[j * nb * format.block_bytes()..][..nb * format.block_bytes()];
             let mut acc = 0f32;
             for b in 0..nb {
                 let dot = |x: &[i8]| -> i32 {
                     (0..BLOCK)
                         .map(|e| {
                             let xv = x[position(Format::Q8_0, nb, b, e).0];
-                            (stored(format, w, nb, b, e) - offset) * i32::from(xv)
+                            (tile.w.value(j, b, e) - offset) * i32::from(xv)
                         })
                         .sum()
                 };
@@ -30,9 +29,10 @@ pub(super) fn kernel<const M: usize, const N: usize>(tile: &Tile<'_>) -> [[f32; 
                     None => dot(x),
                     Some(lo) => RESIDUE_SCALE * dot(x) + dot(lo),
                 };
-                acc += tile.w_scales[j * nb + b].to_f32() * tile.x_scales[i * nb + b] * dot as f32;
-                if let Some(mins) = tile.w_mins {
-                    acc += mins[j * nb + b].to_f32() * tile.x_sums[i * nb + b];
+                let (d, m) = tile.w.scale_min(j, b);
+                acc += d * tile.x_scales[i * nb + b] * dot as f32;
+                if tile.format.has_min() {
+                    acc += m * tile.x_sums[i * nb + b];
                 }
             }
             *y = acc;

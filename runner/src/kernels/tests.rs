@@ -13,10 +13,20 @@ fn ggml(format: Format) -> GgmlDType {
         Format::Q8_0 => GgmlDType::Q8_0,
         Format::Q4_0 => GgmlDType::Q4_0,
         Format::Q4_1 => GgmlDType::Q4_1,
+        Format::Q5_0 => GgmlDType::Q5_0,
+        Format::Q4K => GgmlDType::Q4K,
     }
 }
 
-const FORMATS: [Format; 3] = [Format::Q8_0, Format::Q4_0, Format::Q4_1];
+/// `cols` made to fit the format's rows (q4_K's super-blocks of 256).
+fn fitting(format: Format, cols: usize) -> usize {
+    cols.next_multiple_of(format.row_multiple())
+}
+
+/// candle's q4_1 and q5_0 kernels take blocks in pairs.
+fn candle_multiplies(format: Format, cols: usize) -> bool {
+    !matches!(format, Format::Q4_1 | Format::Q5_0) || (cols / BLOCK).is_multiple_of(2)
+}
 
 /// `y = x · wᵀ` in f64.
 fn exact(w: &[f32], x: &[f32], cols: usize) -> Vec<f32> {
@@ -57,10 +67,10 @@ fn awkward_weights(rows: usize, cols: usize) -> Vec<f32> {
 
 #[test]
 fn packed_weights_dequantize_to_candles_values() -> candle_core::Result<()> {
-    let (rows, cols) = (24, 320);
-    let w = awkward_weights(rows, cols);
-    let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
-    for format in FORMATS {
+    for format in Format::ALL {
+        let (rows, cols) = (24, fitting(format, 320));
+        let w = awkward_weights(rows, cols);
+        let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
         let want: Vec<f32> = QTensor::quantize(&t, ggml(format))?
             .dequantize(&Device::Cpu)?
             .flatten_all()?
@@ -88,11 +98,11 @@ fn packed_weights_dequantize_to_candles_values() -> candle_core::Result<()> {
 /// bytes, and packing from f32 gives candle's bytes.
 #[test]
 fn ggml_blocks_round_trip_through_the_packing() -> candle_core::Result<()> {
-    // More than one run of 8 blocks, and a partial one.
-    let (rows, cols) = (5, 352);
-    let w = awkward_weights(rows, cols);
-    let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
-    for format in FORMATS {
+    for format in Format::ALL {
+        // More than one run of 8 blocks, and a partial one (q4_K: three super-blocks).
+        let (rows, cols) = (5, if format == Format::Q4K { 768 } else { 352 });
+        let w = awkward_weights(rows, cols);
+        let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
         let theirs = QTensor::quantize(&t, ggml(format))?.data()?.to_vec();
         let ours = PackedMatrix::quantize(format, &w, rows, cols)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -108,7 +118,13 @@ fn ggml_blocks_round_trip_through_the_packing() -> candle_core::Result<()> {
             .finish()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         assert_eq!(passed.ggml_blocks(), theirs, "{format:?} passed through");
-        assert_eq!(passed.bytes(), theirs.len(), "{format:?} size");
+        // q4_K keeps its 6-bit multipliers as bytes: 148 bytes per 256 values against 144.
+        let unpacked = if format == Format::Q4K {
+            4 * theirs.len() / 144
+        } else {
+            0
+        };
+        assert_eq!(passed.bytes(), theirs.len() + unpacked, "{format:?} size");
     }
     Ok(())
 }
@@ -117,7 +133,11 @@ fn ggml_blocks_round_trip_through_the_packing() -> candle_core::Result<()> {
 fn shapes_that_do_not_fit_are_refused() {
     assert_eq!(
         PackedMatrix::quantize(Format::Q8_0, &[0.0; 48], 1, 48).err(),
-        Some(ShapeError::RowLength(48))
+        Some(ShapeError::RowLength(48, 32))
+    );
+    assert_eq!(
+        PackedMatrix::quantize(Format::Q4K, &[0.0; 576], 1, 576).err(),
+        Some(ShapeError::RowLength(576, 256))
     );
     assert!(matches!(
         PackedMatrix::quantize(Format::Q4_0, &[0.0; 64], 2, 64),
@@ -142,7 +162,10 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
     for &(rows, cols) in shapes {
         let w = values(rows * cols, (rows * 31 + cols) as u64, 0.2);
         let wt = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
-        for format in FORMATS {
+        for format in Format::ALL {
+            if !cols.is_multiple_of(format.row_multiple()) {
+                continue;
+            }
             let candle = QMatMul::from_qtensor(QTensor::quantize(&wt, ggml(format))?)?;
             let packed = PackedMatrix::quantize(format, &w, rows, cols)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -158,8 +181,7 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
                     .matmul_on(path, &x, &mut y, &mut scratch)
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 let what = format!("{path:?} {format:?} m={m} {rows}x{cols}");
-                // candle's q4_1 takes blocks in pairs.
-                if format != Format::Q4_1 || (cols / BLOCK).is_multiple_of(2) {
+                if candle_multiplies(format, cols) {
                     let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu)?;
                     let theirs: Vec<f32> = candle.forward(&xt)?.flatten_all()?.to_vec1()?;
                     let vs_candle = relative_rms(&y, &theirs);
@@ -171,10 +193,7 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
                     "{what}: {vs_dequantized} from the product with the dequantized weights"
                 );
                 // Tiny shapes have few values to average over: q4_0's error varies more there.
-                let bound = match format {
-                    Format::Q8_0 => 2e-2,
-                    Format::Q4_0 | Format::Q4_1 => 0.25,
-                };
+                let bound = if format == Format::Q8_0 { 2e-2 } else { 0.25 };
                 let vs_exact = relative_rms(&y, &exact(&w, &x, cols));
                 assert!(
                     vs_exact < bound,
@@ -196,13 +215,14 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
 }
 
 /// SmolLM2-135M's shapes plus ones that leave partial tiles and a single serial chunk.
-const SHAPES: [(usize, usize); 6] = [
+const SHAPES: [(usize, usize); 7] = [
     (576, 576),
     (192, 576),
     (1536, 576),
     (576, 1536),
     (100, 64),
     (7, 32),
+    (7, 256),
 ];
 const MS: [usize; 4] = [1, 3, 7, 64];
 
@@ -223,14 +243,16 @@ fn scalar_path_matches_candle() -> candle_core::Result<()> {
 
 #[test]
 fn paths_agree_closely() -> candle_core::Result<()> {
-    let (rows, cols, m) = (37, 288, 5);
-    let w = awkward_weights(rows, cols);
-    let x = values(m * cols, 3, 2.0);
+    let (rows, m) = (37, 5);
     let mut scratch = Scratch::default();
-    for (format, activations) in FORMATS
+    for (format, activations) in Format::ALL
         .into_iter()
         .flat_map(|f| [(f, Activations::Int8), (f, Activations::Int16)])
     {
+        // A run and a block after it; q4_K: three super-blocks.
+        let cols = if format == Format::Q4K { 768 } else { 288 };
+        let w = awkward_weights(rows, cols);
+        let x = values(m * cols, 3, 2.0);
         let packed = PackedMatrix::quantize(format, &w, rows, cols)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?
             .with_activations(activations);

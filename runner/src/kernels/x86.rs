@@ -16,6 +16,8 @@
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 use super::{BLOCK, Format, GROUP, Path, RESIDUE_SCALE, Tile};
 
 /// AVX2, FMA and F16C (the weights' scales), the baseline SIMD path.
@@ -39,6 +41,8 @@ pub(super) fn kernel<const M: usize, const N: usize>(path: Path, tile: &Tile<'_>
         Format::Q8_0 => on::<Q8, M, N>(path, tile),
         Format::Q4_0 => on::<Nibbles<false>, M, N>(path, tile),
         Format::Q4_1 => on::<Nibbles<true>, M, N>(path, tile),
+        Format::Q5_0 => on::<Q5, M, N>(path, tile),
+        Format::Q4K => on::<Q4K, M, N>(path, tile),
     }
 }
 
@@ -75,19 +79,32 @@ unsafe fn avx2<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
     unsafe { body::<U, Avx2, M, N, SPLIT>(tile) }
 }
 
+/// Where one weight row's run (or tail block) starts: its values, and q5_0's fifth bits.
+#[derive(Clone, Copy)]
+struct At {
+    quants: *const u8,
+    /// Only read by formats with `Unpack::HIGH`.
+    high: *const u8,
+}
+
 /// How a format's blocks become unsigned bytes.
 trait Unpack {
     /// Stored bytes per block.
     const BYTES: usize;
     /// The stored value exceeds the signed one by this much.
     const OFFSET: i8;
-    /// Blocks have minimums (q4_1).
+    /// Blocks have minimums (q4_1, q4_K).
     const MINS: bool;
-    /// Loads one block stored in ggml's order at `p` (`BYTES` readable bytes).
-    unsafe fn load(p: *const u8) -> __m256i;
-    /// Loads vector `t` (`0..GROUP`) of the interleaved run at `p` (`GROUP × BYTES` readable
-    /// bytes).
-    unsafe fn load_vector(p: *const u8, t: usize) -> __m256i;
+    /// Values have a fifth bit in a plane of their own (q5_0).
+    const HIGH: bool = false;
+    /// Blocks per f16 scale: 8 for q4_K, whose blocks scale their super-block's by a byte.
+    const PER_SCALE: usize = 1;
+    /// Loads one block stored in ggml's order at `at` (`BYTES` readable bytes, and 4 of fifth
+    /// bits with `HIGH`).
+    unsafe fn load(at: At) -> __m256i;
+    /// Loads vector `t` (`0..GROUP`) of the interleaved run at `at` (`GROUP × BYTES` readable
+    /// bytes, and `GROUP × 4` of fifth bits with `HIGH`).
+    unsafe fn load_vector(at: At, t: usize) -> __m256i;
 }
 
 /// q8_0: 32 bytes per block, already unsigned.
@@ -95,6 +112,10 @@ struct Q8;
 /// 16 bytes of nibbles per block: q4_0 (values offset by 8), or q4_1 (`MINS`: unsigned values
 /// and a minimum).
 struct Nibbles<const MINS: bool>;
+/// q5_0: q4_0's nibbles and a plane of fifth bits, values offset by 16.
+struct Q5;
+/// q4_K: q4_1's arithmetic, with scales and minimums shared by a super-block of 8 blocks.
+struct Q4K;
 
 impl Unpack for Q8 {
     const BYTES: usize = Format::Q8_0.block_bytes();
@@ -102,15 +123,15 @@ impl Unpack for Q8 {
     const MINS: bool = false;
 
     #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees 32 readable bytes at `p`; the load is unaligned.
-        unsafe { _mm256_loadu_si256(p.cast()) }
+    unsafe fn load(at: At) -> __m256i {
+        // SAFETY: the caller guarantees 32 readable bytes; the load is unaligned.
+        unsafe { _mm256_loadu_si256(at.quants.cast()) }
     }
 
     #[inline(always)]
-    unsafe fn load_vector(p: *const u8, t: usize) -> __m256i {
-        // SAFETY: the caller guarantees 256 readable bytes at `p` and `t < GROUP`.
-        unsafe { _mm256_loadu_si256(p.add(32 * t).cast()) }
+    unsafe fn load_vector(at: At, t: usize) -> __m256i {
+        // SAFETY: the caller guarantees 256 readable bytes and `t < GROUP`.
+        unsafe { _mm256_loadu_si256(at.quants.add(32 * t).cast()) }
     }
 }
 
@@ -124,24 +145,24 @@ impl<const MINS: bool> Unpack for Nibbles<MINS> {
     const MINS: bool = MINS;
 
     #[inline(always)]
-    unsafe fn load(p: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees 16 readable bytes at `p`. Both 128-bit halves get the 16
-        // bytes; the upper half is shifted by 4 bits so masking leaves values 0..16 below, 16..32
+    unsafe fn load(at: At) -> __m256i {
+        // SAFETY: the caller guarantees 16 readable bytes. Both 128-bit halves get the 16 bytes;
+        // the upper half is shifted by 4 bits so masking leaves values 0..16 below, 16..32
         // above, in order.
         unsafe {
-            let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+            let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(at.quants.cast()));
             let shifted = _mm256_srlv_epi64(both, _mm256_set_epi64x(4, 4, 0, 0));
             _mm256_and_si256(shifted, _mm256_set1_epi8(0x0f))
         }
     }
 
     #[inline(always)]
-    unsafe fn load_vector(p: *const u8, t: usize) -> __m256i {
-        // SAFETY: the caller guarantees 128 readable bytes at `p` (4 vectors, each holding two of
-        // the run's vectors in its low and high nibbles) and `t < GROUP`, and AVX2. With `t`
-        // known after unrolling, the shift is by a constant (or none).
+    unsafe fn load_vector(at: At, t: usize) -> __m256i {
+        // SAFETY: the caller guarantees 128 readable bytes (4 vectors, each holding two of the
+        // run's vectors in its low and high nibbles) and `t < GROUP`, and AVX2. With `t` known
+        // after unrolling, the shift is by a constant (or none).
         unsafe {
-            let v = _mm256_loadu_si256(p.add(32 * (t / 2)).cast());
+            let v = _mm256_loadu_si256(at.quants.add(32 * (t / 2)).cast());
             let v = if t % 2 == 1 {
                 _mm256_srli_epi16(v, 4)
             } else {
@@ -149,6 +170,98 @@ impl<const MINS: bool> Unpack for Nibbles<MINS> {
             };
             _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
         }
+    }
+}
+
+impl Unpack for Q5 {
+    const BYTES: usize = Format::Q5_0.block_bytes();
+    const OFFSET: i8 = Format::Q5_0.offset() as i8;
+    const MINS: bool = false;
+    const HIGH: bool = true;
+
+    #[inline(always)]
+    unsafe fn load(at: At) -> __m256i {
+        // SAFETY: the caller guarantees the block's 16 bytes and its 4 bytes of fifth bits.
+        unsafe {
+            let bits = at.high.cast::<u32>().read_unaligned();
+            _mm256_or_si256(Nibbles::<false>::load(at), fifth_bits(bits))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_vector(at: At, t: usize) -> __m256i {
+        // SAFETY: the caller guarantees the run's 128 bytes and 32 bytes of fifth bits, whose
+        // word `t` belongs to vector `t` (`high_position`).
+        unsafe {
+            let bits = at.high.add(4 * t).cast::<u32>().read_unaligned();
+            _mm256_or_si256(Nibbles::<false>::load_vector(at, t), fifth_bits(bits))
+        }
+    }
+}
+
+impl Unpack for Q4K {
+    const BYTES: usize = Format::Q4K.block_bytes();
+    const OFFSET: i8 = Format::Q4K.offset() as i8;
+    const MINS: bool = true;
+    const PER_SCALE: usize = Format::Q4K.blocks_per_scale();
+
+    #[inline(always)]
+    unsafe fn load(at: At) -> __m256i {
+        // SAFETY: as `Nibbles`.
+        unsafe { Nibbles::<true>::load(at) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_vector(at: At, t: usize) -> __m256i {
+        // SAFETY: as `Nibbles`.
+        unsafe { Nibbles::<true>::load_vector(at, t) }
+    }
+}
+
+/// `0x10` in each byte `k` of the vector whose bit `k` is set in `bits`, else 0.
+#[inline(always)]
+unsafe fn fifth_bits(bits: u32) -> __m256i {
+    // SAFETY: only called from functions compiled with AVX2.
+    unsafe {
+        // Byte `k` gets byte `k / 8` of the word (the shuffle works within 128-bit halves, each
+        // of which holds the whole word), then keeps its bit `k % 8`.
+        let word = _mm256_set1_epi32(bits as i32);
+        let spread = _mm256_shuffle_epi8(
+            word,
+            _mm256_setr_epi64x(
+                0,
+                0x0101_0101_0101_0101,
+                0x0202_0202_0202_0202,
+                0x0303_0303_0303_0303,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+}
+
+/// The f32 scales of weight row `j`'s blocks `g..g + 8` from `scales` (or minimums) and, for
+/// q4_K, the blocks' multipliers.
+#[inline(always)]
+unsafe fn run_scales<U: Unpack>(
+    scales: *const f16,
+    multipliers: *const u8,
+    nb: usize,
+    j: usize,
+    g: usize,
+) -> __m256 {
+    // SAFETY: the caller guarantees the row's scales (and multipliers) are there, and F16C/AVX2.
+    unsafe {
+        if U::PER_SCALE == 1 {
+            return _mm256_cvtph_ps(_mm_loadu_si128(scales.add(j * nb + g).cast()));
+        }
+        // One super-block per run: its f16 times 8 bytes, exact in f32 (11 by 6 bits).
+        let d = _mm256_set1_ps(f16_to_f32(
+            (*scales.add((j * nb + g) / U::PER_SCALE)).to_bits(),
+        ));
+        let k = _mm_loadl_epi64(multipliers.add(j * nb + g).cast());
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k)))
     }
 }
 
@@ -199,17 +312,17 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
 ) -> [[f32; N]; M] {
     let nb = tile.nb;
     let row_bytes = nb * U::BYTES;
-    let (wq, ws) = (tile.w_quants.as_ptr(), tile.w_scales.as_ptr());
+    let w = &tile.w;
+    let (wq, ws, wh) = (w.quants.as_ptr(), w.scales.as_ptr(), w.high.as_ptr());
+    // Only read with `U::PER_SCALE > 1`, which says they are there.
+    let (ks, km) = (w.block_scales.as_ptr(), w.block_mins.as_ptr());
     let (xq, xs, xb) = (
         tile.x_quants.as_ptr(),
         tile.x_scales.as_ptr(),
         tile.x_biases.as_ptr(),
     );
     // Only read when `U::MINS`, which says the minimums are there.
-    let (wm, x_sums) = (
-        tile.w_mins.unwrap_or(tile.w_scales).as_ptr(),
-        tile.x_sums.as_ptr(),
-    );
+    let (wm, x_sums) = (w.mins.as_ptr(), tile.x_sums.as_ptr());
     // Only read when `SPLIT`, which says the residues are there.
     let xr = tile.x_residues.unwrap_or(tile.x_quants).as_ptr();
     // SAFETY: every offset below stays within `N` weight rows of `nb` blocks and `M` activation
@@ -222,7 +335,14 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
             // The run's integer dot products of every (activation, weight) row pair, with the
             // activations' corrections.
             let mut p = [[_mm256_setzero_si256(); N]; M];
-            let w_at = |j: usize| wq.add(j * row_bytes + g * U::BYTES);
+            let w_at = |j: usize| At {
+                quants: wq.add(j * row_bytes + g * U::BYTES),
+                high: if U::HIGH {
+                    wh.add((j * nb + g) * 4)
+                } else {
+                    wh
+                },
+            };
             // One token with residues: each weight vector, loaded once, meets both activation
             // vectors. With more rows the second accumulators would not fit in registers, so
             // the run is swept again (its weights now in L1).
@@ -262,13 +382,13 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
                 run_dots::<U, D, M, N>(&mut p, w_at, xr, nb, g);
             }
             for j in 0..N {
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(ws.add(j * nb + g).cast()));
+                let dw = run_scales::<U>(ws, ks, nb, j, g);
                 for (i, (acc, p)) in acc.iter_mut().zip(&p).enumerate() {
                     let scale = _mm256_mul_ps(_mm256_loadu_ps(xs.add(i * nb + g)), dw);
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), scale, acc[j]);
                 }
                 if U::MINS {
-                    let mw = _mm256_cvtph_ps(_mm_loadu_si128(wm.add(j * nb + g).cast()));
+                    let mw = run_scales::<U>(wm, km, nb, j, g);
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let sums = _mm256_loadu_ps(x_sums.add(i * nb + g));
                         acc[j] = _mm256_fmadd_ps(mw, sums, acc[j]);
@@ -279,9 +399,19 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
         for b in full..nb {
             let mut w = [_mm256_setzero_si256(); N];
             let mut dw = [_mm256_setzero_ps(); N];
+            let mut mw = [0f32; N];
             for j in 0..N {
-                w[j] = U::load(wq.add(j * row_bytes + b * U::BYTES));
-                dw[j] = _mm256_set1_ps(f16_to_f32((*ws.add(j * nb + b)).to_bits()));
+                w[j] = U::load(At {
+                    quants: wq.add(j * row_bytes + b * U::BYTES),
+                    high: if U::HIGH {
+                        wh.add((j * nb + b) * 4)
+                    } else {
+                        wh
+                    },
+                });
+                let (d, m) = tile.w.scale_min(j, b);
+                dw[j] = _mm256_set1_ps(d);
+                mw[j] = m;
             }
             for (i, acc) in acc.iter_mut().enumerate() {
                 let at = i * nb + b;
@@ -300,7 +430,7 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
                     let p = _mm256_cvtepi32_ps(p);
                     acc[j] = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw[j]), acc[j]);
                     if U::MINS {
-                        let m = f16_to_f32((*wm.add(j * nb + b)).to_bits()) * *x_sums.add(at);
+                        let m = mw[j] * *x_sums.add(at);
                         acc[j] =
                             _mm256_add_ps(acc[j], _mm256_setr_ps(m, 0., 0., 0., 0., 0., 0., 0.));
                     }
@@ -325,7 +455,7 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
 #[inline(always)]
 unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
     p: &mut [[__m256i; N]; M],
-    w_at: impl Fn(usize) -> *const u8,
+    w_at: impl Fn(usize) -> At,
     x: *const i8,
     nb: usize,
     g: usize,

@@ -904,8 +904,9 @@ struct Buffers {
 }
 
 /// The forward pass on plain f32 buffers and sanctum's kernels, used on the CPU when every matrix
-/// is on sanctum's kernels (q8_0, q4_0, q4_1); biases (Qwen2's) are added after their matmuls. At one token per call candle's per-op overhead (a
-/// tensor and a dispatch per op, two dozen ops per layer) cost as much as the matmuls.
+/// is on sanctum's kernels (q8_0, q4_0, q4_1, q5_0, q4_K); biases (Qwen2's) are added after their
+/// matmuls. At one token per call candle's per-op overhead (a tensor and a dispatch per op, two
+/// dozen ops per layer) cost as much as the matmuls.
 #[derive(Debug, Clone)]
 struct CpuModel {
     embed: Arc<PackedMatrix>,
