@@ -381,7 +381,7 @@ impl PackedBuilder {
         let (format, nb) = (m.format, cols / BLOCK);
         let per_scale = format.blocks_per_scale();
         let at = self.filled;
-        let outputs = RowsMut::split(m, at, count);
+        let outputs = m.rows_mut(at, count);
         outputs
             .into_par_iter()
             .zip(input.par_chunks_exact(per_row))
@@ -799,14 +799,12 @@ struct RowMut<'a> {
     block_mins: &'a mut [u8],
 }
 
-/// Rows `at..at + count` of `m`, each as a [`RowMut`].
-struct RowsMut;
-
-impl RowsMut {
-    fn split(m: &mut PackedMatrix, at: usize, count: usize) -> Vec<RowMut<'_>> {
-        let nb = m.cols / BLOCK;
-        let scales = nb / m.format.blocks_per_scale();
-        let quants = nb * m.format.block_bytes();
+impl PackedMatrix {
+    /// Rows `at..at + count`, each as a [`RowMut`].
+    fn rows_mut(&mut self, at: usize, count: usize) -> Vec<RowMut<'_>> {
+        let nb = self.cols / BLOCK;
+        let scales = nb / self.format.blocks_per_scale();
+        let quants = nb * self.format.block_bytes();
         /// `count` row slices of `per` items from row `at` on, or `count` empty ones.
         fn rows<T>(v: &mut [T], per: usize, at: usize, count: usize) -> Vec<&mut [T]> {
             if v.is_empty() {
@@ -816,12 +814,12 @@ impl RowsMut {
             }
             v[at * per..(at + count) * per].chunks_mut(per).collect()
         }
-        let quants = rows(&mut m.quants, quants, at, count);
-        let high = rows(&mut m.high, nb * BLOCK / 8, at, count);
-        let scale_rows = rows(&mut m.scales, scales, at, count);
-        let mins = rows(&mut m.mins, scales, at, count);
-        let block_scales = rows(&mut m.block_scales, nb, at, count);
-        let block_mins = rows(&mut m.block_mins, nb, at, count);
+        let quants = rows(&mut self.quants, quants, at, count);
+        let high = rows(&mut self.high, nb * BLOCK / 8, at, count);
+        let scale_rows = rows(&mut self.scales, scales, at, count);
+        let mins = rows(&mut self.mins, scales, at, count);
+        let block_scales = rows(&mut self.block_scales, nb, at, count);
+        let block_mins = rows(&mut self.block_mins, nb, at, count);
         quants
             .into_iter()
             .zip(high)
