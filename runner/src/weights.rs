@@ -934,9 +934,11 @@ mod tests {
             let expected = (ROWS * COLS / 32 * per_block + 3 * 4) as u64;
             assert_eq!(weights.bytes(), expected, "{quant}");
         }
+        // q4_K on sanctum's kernels: ggml's 144 bytes per 256 values, plus 4 for its 6-bit block
+        // scales and minimums kept as bytes.
         let weights = built(&bytes, Quant::Q4K, 1 << 20);
         let q4k = GgmlDType::Q4K;
-        let expected = ROWS * COLS / q4k.block_size() * q4k.type_size() + 3 * 4;
+        let expected = ROWS * COLS / q4k.block_size() * (q4k.type_size() + 4) + 3 * 4;
         assert_eq!(weights.bytes(), expected as u64);
     }
 
