@@ -121,11 +121,6 @@ impl Format {
         BLOCK * self.blocks_per_scale()
     }
 
-    /// Values in one block of ggml's layout (256 for q4_K's super-blocks).
-    const fn ggml_block_values(self) -> usize {
-        BLOCK * self.blocks_per_scale()
-    }
-
     /// Bytes of one block in ggml's layout: q8_0, q4_0, q4_1 and q5_0 store the f16 scale, the
     /// minimum when there is one, q5_0's 32 fifth bits, then the values; q4_K the two f16 super
     /// scales, 12 bytes of packed 6-bit block scales and minimums, and 128 bytes of nibbles.
@@ -142,8 +137,50 @@ impl Format {
 
     /// Bytes of a row of `cols` values in ggml's layout.
     pub const fn ggml_row_bytes(self, cols: usize) -> usize {
-        cols / self.ggml_block_values() * self.ggml_block_bytes()
+        // A ggml block holds `row_multiple` values (q4_K's super-blocks: 256).
+        cols / self.row_multiple() * self.ggml_block_bytes()
     }
+
+    /// candle's (ggml's) type for this format.
+    pub fn ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// Items per row in each of a [`PackedMatrix`]'s arrays for rows of `nb` blocks.
+    const fn row_sizes(self, nb: usize) -> RowSizes {
+        let scales = nb / self.blocks_per_scale();
+        let block_numbers = if self.blocks_per_scale() > 1 { nb } else { 0 };
+        RowSizes {
+            quants: nb * self.block_bytes(),
+            high: if self.has_high_bits() {
+                nb * BLOCK / 8
+            } else {
+                0
+            },
+            scales,
+            mins: if self.has_min() { scales } else { 0 },
+            block_scales: block_numbers,
+            block_mins: block_numbers,
+        }
+    }
+}
+
+/// Items per row in each array of a [`PackedMatrix`]; 0 for the arrays a format does not use.
+#[derive(Debug, Clone, Copy)]
+struct RowSizes {
+    quants: usize,
+    high: usize,
+    scales: usize,
+    mins: usize,
+    block_scales: usize,
+    block_mins: usize,
 }
 
 /// How finely activations are quantized before the integer multiply.
@@ -280,22 +317,19 @@ impl PackedBuilder {
         if cols == 0 || !cols.is_multiple_of(multiple) {
             return Err(ShapeError::RowLength(cols, multiple));
         }
-        let nb = cols / BLOCK;
-        let scales = rows * nb / format.blocks_per_scale();
-        let per_block = |used: bool, bytes: usize| if used { rows * nb * bytes } else { 0 };
-        let super_blocks = format.blocks_per_scale() > 1;
+        let sizes = format.row_sizes(cols / BLOCK);
         Ok(Self {
             matrix: PackedMatrix {
                 format,
                 activations: Activations::Int8,
                 rows,
                 cols,
-                scales: vec![f16::ZERO; scales],
-                mins: vec![f16::ZERO; if format.has_min() { scales } else { 0 }],
-                block_scales: vec![0; per_block(super_blocks, 1)],
-                block_mins: vec![0; per_block(super_blocks, 1)],
-                quants: vec![0u8; rows * nb * format.block_bytes()],
-                high: vec![0; per_block(format.has_high_bits(), BLOCK / 8)],
+                scales: vec![f16::ZERO; rows * sizes.scales],
+                mins: vec![f16::ZERO; rows * sizes.mins],
+                block_scales: vec![0; rows * sizes.block_scales],
+                block_mins: vec![0; rows * sizes.block_mins],
+                quants: vec![0u8; rows * sizes.quants],
+                high: vec![0; rows * sizes.high],
             },
             filled: 0,
         })
@@ -316,17 +350,18 @@ impl PackedBuilder {
     /// quantizes them.
     pub fn push_rows(&mut self, data: &[f32]) -> Result<(), ShapeError> {
         let (format, cols) = (self.matrix.format, self.matrix.cols);
-        if !data.len().is_multiple_of(cols) {
-            return Err(ShapeError::Values {
-                got: data.len(),
-                rows: self.matrix.rows - self.filled,
-                cols,
-            });
-        }
         match format {
             // candle's quantizers are ggml's; q4_K's searches its scales iteratively, which is
             // not worth a second copy to keep bit-exact.
             Format::Q5_0 | Format::Q4K => {
+                // (`pack_rows` checks the other formats' input.)
+                if !data.len().is_multiple_of(cols) {
+                    return Err(ShapeError::Values {
+                        got: data.len(),
+                        rows: self.matrix.rows - self.filled,
+                        cols,
+                    });
+                }
                 let per_task = (data.len() / cols)
                     .div_ceil(rayon::current_num_threads())
                     .max(1);
@@ -497,28 +532,17 @@ impl PackedMatrix {
     /// Weight rows `j0..` as the kernels read them.
     fn rows_from(&self, j0: usize) -> WeightRows<'_> {
         let nb = self.blocks_per_row();
-        let scales = nb / self.format.blocks_per_scale();
-        let high = if self.format.has_high_bits() {
-            BLOCK / 8
-        } else {
-            0
-        };
-        fn from_row(v: &[u8], at: usize) -> &[u8] {
-            if v.is_empty() { v } else { &v[at..] }
-        }
+        let sizes = self.format.row_sizes(nb);
         WeightRows {
             format: self.format,
             nb,
-            quants: &self.quants[j0 * nb * self.format.block_bytes()..],
-            high: &self.high[j0 * nb * high..],
-            scales: &self.scales[j0 * scales..],
-            mins: if self.format.has_min() {
-                &self.mins[j0 * scales..]
-            } else {
-                &[]
-            },
-            block_scales: from_row(&self.block_scales, j0 * nb),
-            block_mins: from_row(&self.block_mins, j0 * nb),
+            sizes,
+            quants: &self.quants[j0 * sizes.quants..],
+            high: &self.high[j0 * sizes.high..],
+            scales: &self.scales[j0 * sizes.scales..],
+            mins: &self.mins[j0 * sizes.mins..],
+            block_scales: &self.block_scales[j0 * sizes.block_scales..],
+            block_mins: &self.block_mins[j0 * sizes.block_mins..],
         }
     }
 
@@ -731,6 +755,8 @@ struct WeightRows<'a> {
     format: Format,
     /// Blocks per row.
     nb: usize,
+    /// Items per row in each array below.
+    sizes: RowSizes,
     /// Values, `nb × block_bytes` per row.
     quants: &'a [u8],
     /// q5_0's fifth bits, `4 × nb` per row; else empty.
@@ -748,44 +774,41 @@ impl WeightRows<'_> {
     /// Value `e` of block `b` of row `j`, unsigned.
     fn value(&self, j: usize, b: usize, e: usize) -> i32 {
         let (nb, format) = (self.nb, self.format);
-        let row = &self.quants[j * nb * format.block_bytes()..];
+        let row = &self.quants[j * self.sizes.quants..];
         let (at, shift) = position(format, nb, b, e);
         let low = i32::from((row[at] >> shift) & format.value_mask());
         if !format.has_high_bits() {
             return low;
         }
         let (at, bit) = high_position(nb, b, e);
-        low | i32::from(self.high[j * nb * 4 + at] >> bit & 1) << 4
+        low | i32::from(self.high[j * self.sizes.high + at] >> bit & 1) << 4
     }
 
     /// Block `b` of row `j`'s scale and minimum (0 without one) as f32: for q4_K the products of
     /// its super-block's with its multipliers, exact in f32 as ggml computes them.
     fn scale_min(&self, j: usize, b: usize) -> (f32, f32) {
         let per_scale = self.format.blocks_per_scale();
-        let s = (j * self.nb + b) / per_scale;
+        let s = j * self.sizes.scales + b / per_scale;
         let d = self.scales[s].to_f32();
         let m = self.mins.get(s).map_or(0.0, |m| m.to_f32());
         if per_scale == 1 {
             return (d, m);
         }
-        let at = j * self.nb + b;
         (
-            d * f32::from(self.block_scales[at]),
-            m * f32::from(self.block_mins[at]),
+            d * f32::from(self.block_scales[j * self.sizes.block_scales + b]),
+            m * f32::from(self.block_mins[j * self.sizes.block_mins + b]),
         )
     }
 
     /// Checks that `nr` rows are in bounds, which the SIMD kernels rely on.
     fn holds(&self, nr: usize) -> bool {
-        let (nb, format) = (self.nb, self.format);
-        let scales = nr * nb / format.blocks_per_scale();
-        let per_block = |v: &[u8], used: bool, bytes: usize| !used || v.len() >= nr * nb * bytes;
-        self.quants.len() >= nr * nb * format.block_bytes()
-            && self.scales.len() >= scales
-            && (!format.has_min() || self.mins.len() >= scales)
-            && per_block(self.high, format.has_high_bits(), BLOCK / 8)
-            && per_block(self.block_scales, format.blocks_per_scale() > 1, 1)
-            && per_block(self.block_mins, format.blocks_per_scale() > 1, 1)
+        let s = self.sizes;
+        self.quants.len() >= nr * s.quants
+            && self.high.len() >= nr * s.high
+            && self.scales.len() >= nr * s.scales
+            && self.mins.len() >= nr * s.mins
+            && self.block_scales.len() >= nr * s.block_scales
+            && self.block_mins.len() >= nr * s.block_mins
     }
 }
 
@@ -802,24 +825,22 @@ struct RowMut<'a> {
 impl PackedMatrix {
     /// Rows `at..at + count`, each as a [`RowMut`].
     fn rows_mut(&mut self, at: usize, count: usize) -> Vec<RowMut<'_>> {
-        let nb = self.cols / BLOCK;
-        let scales = nb / self.format.blocks_per_scale();
-        let quants = nb * self.format.block_bytes();
-        /// `count` row slices of `per` items from row `at` on, or `count` empty ones.
+        let sizes = self.format.row_sizes(self.blocks_per_row());
+        /// `count` row slices of `per` items from row `at` on (empty ones for an unused array).
         fn rows<T>(v: &mut [T], per: usize, at: usize, count: usize) -> Vec<&mut [T]> {
-            if v.is_empty() {
+            if per == 0 {
                 return std::iter::repeat_with(<&mut [T]>::default)
                     .take(count)
                     .collect();
             }
             v[at * per..(at + count) * per].chunks_mut(per).collect()
         }
-        let quants = rows(&mut self.quants, quants, at, count);
-        let high = rows(&mut self.high, nb * BLOCK / 8, at, count);
-        let scale_rows = rows(&mut self.scales, scales, at, count);
-        let mins = rows(&mut self.mins, scales, at, count);
-        let block_scales = rows(&mut self.block_scales, nb, at, count);
-        let block_mins = rows(&mut self.block_mins, nb, at, count);
+        let quants = rows(&mut self.quants, sizes.quants, at, count);
+        let high = rows(&mut self.high, sizes.high, at, count);
+        let scale_rows = rows(&mut self.scales, sizes.scales, at, count);
+        let mins = rows(&mut self.mins, sizes.mins, at, count);
+        let block_scales = rows(&mut self.block_scales, sizes.block_scales, at, count);
+        let block_mins = rows(&mut self.block_mins, sizes.block_mins, at, count);
         quants
             .into_iter()
             .zip(high)
@@ -920,17 +941,10 @@ fn pack_q4k_scales(scales: &[u8], mins: &[u8]) -> [u8; 12] {
 
 /// Whole rows of `cols` values quantized by candle into ggml's block bytes.
 fn ggml_quantize(format: Format, rows: &[f32], cols: usize) -> Result<Vec<u8>, ShapeError> {
-    use candle_core::quantized::{GgmlDType, QTensor};
-    let dtype = match format {
-        Format::Q8_0 => GgmlDType::Q8_0,
-        Format::Q4_0 => GgmlDType::Q4_0,
-        Format::Q4_1 => GgmlDType::Q4_1,
-        Format::Q5_0 => GgmlDType::Q5_0,
-        Format::Q4K => GgmlDType::Q4K,
-    };
     let quantize = || -> candle_core::Result<Vec<u8>> {
         let t = candle_core::Tensor::from_slice(rows, (rows.len() / cols, cols), &Device::Cpu)?;
-        Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+        let q = candle_core::quantized::QTensor::quantize(&t, format.ggml())?;
+        Ok(q.data()?.into_owned())
     };
     quantize().map_err(|e| ShapeError::Quantize(e.to_string()))
 }

@@ -2,21 +2,11 @@
 //! quantized matmul and to the exact f32 product, on every path this CPU has; the attention ops
 //! against their definition.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use super::*;
 use crate::testing::values;
-
-fn ggml(format: Format) -> GgmlDType {
-    match format {
-        Format::Q8_0 => GgmlDType::Q8_0,
-        Format::Q4_0 => GgmlDType::Q4_0,
-        Format::Q4_1 => GgmlDType::Q4_1,
-        Format::Q5_0 => GgmlDType::Q5_0,
-        Format::Q4K => GgmlDType::Q4K,
-    }
-}
 
 /// `cols` made to fit the format's rows (q4_K's super-blocks of 256).
 fn fitting(format: Format, cols: usize) -> usize {
@@ -71,7 +61,7 @@ fn packed_weights_dequantize_to_candles_values() -> candle_core::Result<()> {
         let (rows, cols) = (24, fitting(format, 320));
         let w = awkward_weights(rows, cols);
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
-        let want: Vec<f32> = QTensor::quantize(&t, ggml(format))?
+        let want: Vec<f32> = QTensor::quantize(&t, format.ggml())?
             .dequantize(&Device::Cpu)?
             .flatten_all()?
             .to_vec1()?;
@@ -103,7 +93,7 @@ fn ggml_blocks_round_trip_through_the_packing() -> candle_core::Result<()> {
         let (rows, cols) = (5, if format == Format::Q4K { 768 } else { 352 });
         let w = awkward_weights(rows, cols);
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
-        let theirs = QTensor::quantize(&t, ggml(format))?.data()?.to_vec();
+        let theirs = QTensor::quantize(&t, format.ggml())?.data()?.to_vec();
         let ours = PackedMatrix::quantize(format, &w, rows, cols)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         assert_eq!(ours.ggml_blocks(), theirs, "{format:?} from f32");
@@ -166,7 +156,7 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
             if !cols.is_multiple_of(format.row_multiple()) {
                 continue;
             }
-            let candle = QMatMul::from_qtensor(QTensor::quantize(&wt, ggml(format))?)?;
+            let candle = QMatMul::from_qtensor(QTensor::quantize(&wt, format.ggml())?)?;
             let packed = PackedMatrix::quantize(format, &w, rows, cols)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             let precise = packed.clone().with_activations(Activations::Int16);

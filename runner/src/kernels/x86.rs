@@ -329,20 +329,22 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
     // rows of `nb` blocks, which the caller guarantees the slices hold.
     unsafe {
         let residue_scale = _mm256_set1_epi32(RESIDUE_SCALE);
+        // Where weight row `j`'s block `b` (a run's first block, or a block after the runs) is.
+        let at = |j: usize, b: usize| At {
+            quants: wq.add(j * row_bytes + b * U::BYTES),
+            high: if U::HIGH {
+                wh.add((j * nb + b) * 4)
+            } else {
+                wh
+            },
+        };
         let mut acc = [[_mm256_setzero_ps(); N]; M];
         let full = nb / GROUP * GROUP;
         for g in (0..full).step_by(GROUP) {
             // The run's integer dot products of every (activation, weight) row pair, with the
             // activations' corrections.
             let mut p = [[_mm256_setzero_si256(); N]; M];
-            let w_at = |j: usize| At {
-                quants: wq.add(j * row_bytes + g * U::BYTES),
-                high: if U::HIGH {
-                    wh.add((j * nb + g) * 4)
-                } else {
-                    wh
-                },
-            };
+            let w_at = |j: usize| at(j, g);
             // One token with residues: each weight vector, loaded once, meets both activation
             // vectors. With more rows the second accumulators would not fit in registers, so
             // the run is swept again (its weights now in L1).
@@ -401,14 +403,7 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
             let mut dw = [_mm256_setzero_ps(); N];
             let mut mw = [0f32; N];
             for j in 0..N {
-                w[j] = U::load(At {
-                    quants: wq.add(j * row_bytes + b * U::BYTES),
-                    high: if U::HIGH {
-                        wh.add((j * nb + b) * 4)
-                    } else {
-                        wh
-                    },
-                });
+                w[j] = U::load(at(j, b));
                 let (d, m) = tile.w.scale_min(j, b);
                 dw[j] = _mm256_set1_ps(d);
                 mw[j] = m;
