@@ -136,6 +136,7 @@ impl Quant {
             Self::Q4_1 => Some(Format::Q4_1),
             Self::Q5_0 => Some(Format::Q5_0),
             Self::Q4K => Some(Format::Q4K),
+            Self::Q6K => Some(Format::Q6K),
             _ => None,
         }
     }
@@ -225,7 +226,7 @@ pub struct Choice {
     pub used: Quant,
     /// Why they differ (None when they do not).
     pub reason: Option<String>,
-    /// How activations are quantized for it on sanctum's kernels (q8_0, q4_0, q4_1, q5_0, q4k on the CPU); candle's
+    /// How activations are quantized for it on sanctum's kernels (q8_0, q4_0, q4_1, q5_0, q4k, q6k on the CPU); candle's
     /// kernels quantize their own, to 8 bits.
     pub activations: Activations,
 }
@@ -267,13 +268,13 @@ pub fn choose(tensor: &str, requested: Quant, role: Role, row_len: usize) -> Cho
     }
 }
 
-/// A weight matrix ready for matmuls: on candle's kernels, or, for q8_0, q4_0, q4_1, q5_0 and q4k on the CPU, on
+/// A weight matrix ready for matmuls: on candle's kernels, or, for q8_0, q4_0, q4_1, q5_0, q4k and q6k on the CPU, on
 /// sanctum's own ([`crate::kernels`]), which tile batched prompts and multiply 4-6x faster there.
 #[derive(Debug, Clone)]
 pub enum Matrix {
     /// Dense f32, or a ggml block tensor multiplied by candle.
     Candle(QMatMul),
-    /// q8_0, q4_0, q4_1, q5_0 or q4k packed for [`crate::kernels`].
+    /// q8_0, q4_0, q4_1, q5_0, q4k or q6k packed for [`crate::kernels`].
     Packed(Arc<PackedMatrix>),
 }
 

@@ -1,4 +1,4 @@
-//! sanctum's own CPU kernels for q8_0, q4_0, q4_1, q5_0 and q4_K weight matrices.
+//! sanctum's own CPU kernels for q8_0, q4_0, q4_1, q5_0, q4_K and q6_K weight matrices.
 //!
 //! candle multiplies a batched prompt one activation row at a time and has no hand-written x86
 //! code for q4_0 rows of SmolLM2's widths, which left prompt processing at less than half of
@@ -56,23 +56,28 @@ pub enum Format {
     /// ggml's q4_K: 4-bit values in super-blocks of 8 blocks, each block's scale and minimum a
     /// 6-bit multiple of the super-block's two f16 scales.
     Q4K,
+    /// ggml's q6_K: 6-bit values (nibbles plus a plane of two high bits) in super-blocks of 8
+    /// blocks, each half block's scale a signed 8-bit multiple of the super-block's f16 scale.
+    Q6K,
 }
 
 impl Format {
     /// Every format.
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Q8_0,
         Format::Q4_0,
         Format::Q4_1,
         Format::Q5_0,
         Format::Q4K,
+        Format::Q6K,
     ];
 
-    /// Bytes of quantized values per block in [`PackedMatrix`] (q5_0's fifth bits apart).
+    /// Bytes of quantized values per block in [`PackedMatrix`] (the high bits of q5_0 and q6_K
+    /// apart).
     pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q8_0 => BLOCK,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q4K => BLOCK / 2,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q4K | Self::Q6K => BLOCK / 2,
         }
     }
 
@@ -83,6 +88,7 @@ impl Format {
             Self::Q8_0 => 128,
             Self::Q4_0 => 8,
             Self::Q5_0 => 16,
+            Self::Q6K => 32,
             Self::Q4_1 | Self::Q4K => 0,
         }
     }
@@ -102,17 +108,40 @@ impl Format {
         if self.is_nibbles() { 0x0f } else { 0xff }
     }
 
-    /// True when each value has a fifth bit, kept in a plane of its own.
-    const fn has_high_bits(self) -> bool {
-        matches!(self, Self::Q5_0)
+    /// Bits of each value above its nibble, kept in a plane of their own: q5_0's fifth bit,
+    /// q6_K's fifth and sixth; none for the others.
+    const fn high_bits(self) -> usize {
+        match self {
+            Self::Q5_0 => 1,
+            Self::Q6K => 2,
+            _ => 0,
+        }
     }
 
-    /// Blocks that share one f16 scale (and minimum): 8 for q4_K's super-blocks, whose blocks
-    /// each scale it by a 6-bit integer; 1 for the others.
+    /// Blocks that share one f16 scale (and minimum): 8 for the k-quants' super-blocks, whose
+    /// blocks (q6_K: half blocks) each scale it by a small integer; 1 for the others.
     pub const fn blocks_per_scale(self) -> usize {
         match self {
-            Self::Q4K => GROUP,
+            Self::Q4K | Self::Q6K => GROUP,
             _ => 1,
+        }
+    }
+
+    /// Scale multipliers per block: q4_K's one, q6_K's two (one per 16 values); none for the
+    /// formats whose blocks have a scale of their own.
+    const fn multipliers(self) -> usize {
+        match self {
+            Self::Q4K => 1,
+            Self::Q6K => 2,
+            _ => 0,
+        }
+    }
+
+    /// Values that share one scale: 16 for q6_K, a block for the others.
+    pub const fn values_per_scale(self) -> usize {
+        match self {
+            Self::Q6K => BLOCK / 2,
+            _ => BLOCK,
         }
     }
 
@@ -123,13 +152,15 @@ impl Format {
 
     /// Bytes of one block in ggml's layout: q8_0, q4_0, q4_1 and q5_0 store the f16 scale, the
     /// minimum when there is one, q5_0's 32 fifth bits, then the values; q4_K the two f16 super
-    /// scales, 12 bytes of packed 6-bit block scales and minimums, and 128 bytes of nibbles.
+    /// scales, 12 bytes of packed 6-bit block scales and minimums, and 128 bytes of nibbles;
+    /// q6_K 128 bytes of nibbles, 64 of high bit pairs, 16 signed scales and the f16 scale.
     pub const fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q4K => 4 + 12 + GROUP * BLOCK / 2,
+            Self::Q6K => GROUP * BLOCK / 2 + GROUP * BLOCK / 4 + 2 * GROUP + 2,
             _ => {
                 2 + if self.has_min() { 2 } else { 0 }
-                    + if self.has_high_bits() { 4 } else { 0 }
+                    + self.high_bits() * BLOCK / 8
                     + self.block_bytes()
             }
         }
@@ -150,24 +181,21 @@ impl Format {
             Self::Q4_1 => GgmlDType::Q4_1,
             Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q4K => GgmlDType::Q4K,
+            Self::Q6K => GgmlDType::Q6K,
         }
     }
 
     /// Items per row in each of a [`PackedMatrix`]'s arrays for rows of `nb` blocks.
     const fn row_sizes(self, nb: usize) -> RowSizes {
         let scales = nb / self.blocks_per_scale();
-        let block_numbers = if self.blocks_per_scale() > 1 { nb } else { 0 };
+        let multipliers = nb * self.multipliers();
         RowSizes {
             quants: nb * self.block_bytes(),
-            high: if self.has_high_bits() {
-                nb * BLOCK / 8
-            } else {
-                0
-            },
+            high: nb * BLOCK * self.high_bits() / 8,
             scales,
             mins: if self.has_min() { scales } else { 0 },
-            block_scales: block_numbers,
-            block_mins: block_numbers,
+            block_scales: multipliers,
+            block_mins: if self.has_min() { multipliers } else { 0 },
         }
     }
 }
@@ -266,12 +294,13 @@ pub enum ShapeError {
 
 /// A weight matrix `[rows, cols]` quantized exactly as ggml does, stored for the kernels: per row
 /// its blocks' values, unsigned (q8_0: `q + 128`, 32 bytes per block; the other formats: nibbles
-/// `0..=15`, 16 bytes per block, and q5_0's fifth bits in a plane of 4 bytes per block), runs of 8
-/// blocks interleaved (see `position`), and the f16 scales in a separate array (the minimums of
-/// q4_1 and q4_K in another). Generation reads every weight once per token, so bytes are what it
-/// costs: f16 scales keep q4_0 at ggml's 18 bytes per block of 32 (f32 would add 11%), and q4_K
-/// keeps its super-blocks (one f16 scale and minimum per 8 blocks, a byte each per block: 148
-/// bytes per 256 values against ggml's 144, whose 6-bit fields would cost shifts per run).
+/// `0..=15`, 16 bytes per block, and the bits above them in a plane of their own: q5_0's 4 bytes
+/// per block, q6_K's 8), runs of 8 blocks interleaved (see `position`), and the f16 scales in a
+/// separate array (the minimums of q4_1 and q4_K in another). Generation reads every weight once
+/// per token, so bytes are what it costs: f16 scales keep q4_0 at ggml's 18 bytes per block of 32
+/// (f32 would add 11%), q4_K keeps its super-blocks (one f16 scale and minimum per 8 blocks, a
+/// byte each per block: 148 bytes per 256 values against ggml's 144, whose 6-bit fields would
+/// cost shifts per run), and q6_K takes ggml's 210 bytes per 256.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     format: Format,
@@ -282,22 +311,26 @@ pub struct PackedMatrix {
     scales: Vec<f16>,
     /// q4_1's minimums (as `scales`), or q4_K's super-block minimums negated; else empty.
     mins: Vec<f16>,
-    /// q4_K's 6-bit multipliers of `scales` and `mins`, `[rows, blocks]` each; else empty.
+    /// The multipliers of `scales`: q4_K's 6-bit ones, one per block, q6_K's signed bytes, one
+    /// per half block (see `multiplier_index`); else empty.
     block_scales: Vec<u8>,
+    /// q4_K's 6-bit multipliers of `mins`, one per block; else empty.
     block_mins: Vec<u8>,
     quants: Vec<u8>,
-    /// q5_0's fifth bits, 4 bytes per block (see `high_position`); else empty.
+    /// The bits above the nibbles: q5_0's fifth, 4 bytes per block, q6_K's fifth and sixth, 8
+    /// bytes per block (see `high_position`); else empty.
     high: Vec<u8>,
 }
 
 /// One block's numbers as a packing step produces them: its unsigned values, and its scale and
-/// minimum (for q4_K those of its super-block, plus its own 6-bit multipliers).
+/// minimum (for the k-quants those of its super-block, plus its own multipliers: q4_K's scale
+/// and minimum ones, q6_K's two signed scale ones as bytes).
 #[derive(Debug, Default)]
 struct Block {
     values: [u8; BLOCK],
     scale: f16,
     min: f16,
-    block_scale: u8,
+    multipliers: [u8; 2],
     block_min: u8,
 }
 
@@ -351,9 +384,9 @@ impl PackedBuilder {
     pub fn push_rows(&mut self, data: &[f32]) -> Result<(), ShapeError> {
         let (format, cols) = (self.matrix.format, self.matrix.cols);
         match format {
-            // candle's quantizers are ggml's; q4_K's searches its scales iteratively, which is
-            // not worth a second copy to keep bit-exact.
-            Format::Q5_0 | Format::Q4K => {
+            // candle's quantizers are ggml's; the k-quants' search their scales iteratively,
+            // which is not worth a second copy to keep bit-exact.
+            Format::Q5_0 | Format::Q4K | Format::Q6K => {
                 // (`pack_rows` checks the other formats' input.)
                 if !data.len().is_multiple_of(cols) {
                     return Err(ShapeError::Values {
@@ -429,8 +462,8 @@ impl PackedBuilder {
                     if let Some(min) = out.mins.get_mut(s) {
                         *min = numbers.min;
                     }
-                    if let Some(v) = out.block_scales.get_mut(b) {
-                        *v = numbers.block_scale;
+                    for k in 0..format.multipliers() {
+                        out.block_scales[multiplier_index(format, b, k)] = numbers.multipliers[k];
                     }
                     if let Some(v) = out.block_mins.get_mut(b) {
                         *v = numbers.block_min;
@@ -443,10 +476,11 @@ impl PackedBuilder {
                             *q |= (v & format.value_mask()) << shift;
                         }
                     }
-                    if format.has_high_bits() {
+                    if format.high_bits() > 0 {
+                        let mask = (1 << format.high_bits()) - 1;
                         for (e, &v) in values.iter().enumerate() {
-                            let (at, bit) = high_position(nb, b, e);
-                            out.high[at] |= (v >> 4 & 1) << bit;
+                            let (at, shift) = high_position(format, nb, b, e);
+                            out.high[at] |= (v >> 4 & mask) << shift;
                         }
                     }
                 }
@@ -570,12 +604,33 @@ impl PackedMatrix {
                 }
                 continue;
             }
+            if format == Format::Q6K {
+                for s in 0..nb / GROUP {
+                    let (mut low, mut high) = ([0u8; Q6K_LOW], [0u8; Q6K_HIGH]);
+                    for v in 0..GROUP * BLOCK {
+                        let q = value(s * GROUP + v / BLOCK, v % BLOCK);
+                        let (l, shift, h, pair) = q6k_value_bytes(v);
+                        low[l] |= (q & 0x0f) << shift;
+                        high[h] |= (q >> 4) << pair;
+                    }
+                    out.extend_from_slice(&low);
+                    out.extend_from_slice(&high);
+                    let at = s * GROUP * 2;
+                    for b in 0..GROUP {
+                        for k in 0..2 {
+                            out.push(row.block_scales[at + multiplier_index(format, b, k)]);
+                        }
+                    }
+                    out.extend_from_slice(&row.scales[s].to_le_bytes());
+                }
+                continue;
+            }
             for b in 0..nb {
                 out.extend_from_slice(&row.scales[b].to_le_bytes());
                 if format.has_min() {
                     out.extend_from_slice(&row.mins[b].to_le_bytes());
                 }
-                if format.has_high_bits() {
+                if format.high_bits() > 0 {
                     let bits = (0..BLOCK).fold(0u32, |h, e| h | u32::from(value(b, e) >> 4) << e);
                     out.extend_from_slice(&bits.to_le_bytes());
                 }
@@ -599,17 +654,19 @@ impl PackedMatrix {
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.rows && out.len() == self.cols);
         let weights = self.rows_from(row);
-        let offset = self.format.offset();
+        let (offset, per_scale) = (self.format.offset(), self.format.values_per_scale());
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let (d, m) = weights.scale_min(0, b);
-            let q = |e| (weights.value(0, b, e) - offset) as f32;
-            if self.format.has_min() {
-                for (e, v) in o.iter_mut().enumerate() {
-                    *v = q(e) * d + m;
-                }
-            } else {
-                for (e, v) in o.iter_mut().enumerate() {
-                    *v = q(e) * d;
+            for (part, o) in o.chunks_exact_mut(per_scale).enumerate() {
+                let (d, m) = weights.scale_min(0, b, part);
+                let q = |e| (weights.value(0, b, part * per_scale + e) - offset) as f32;
+                if self.format.has_min() {
+                    for (e, v) in o.iter_mut().enumerate() {
+                        *v = q(e) * d + m;
+                    }
+                } else {
+                    for (e, v) in o.iter_mut().enumerate() {
+                        *v = q(e) * d;
+                    }
                 }
             }
         }
@@ -736,17 +793,54 @@ fn position(format: Format, nb: usize, b: usize, e: usize) -> (usize, u8) {
     }
 }
 
-/// Where q5_0 keeps the fifth bit of value `e` of block `b`: byte offset in the row's plane
-/// (4 bytes per block) and bit. In a run of [`GROUP`] blocks, the 32-bit word `t` holds the fifth
+/// Where the bits above the nibble of value `e` of block `b` are kept: byte offset in the row's
+/// plane and shift.
+///
+/// q5_0 (4 bytes per block): in a run of [`GROUP`] blocks, the 32-bit word `t` holds the fifth
 /// bits of the run's vector `t` (see [`position`]), bit `k` for its byte `k`, so one word expands
 /// to the vector's high bits; blocks after the last run keep ggml's `qh` (bit `e` for value `e`).
-fn high_position(nb: usize, b: usize, e: usize) -> (usize, u8) {
+///
+/// q6_K (8 bytes per block, and rows of whole runs): in a run, byte `k` of the 32-byte vector
+/// `t / 4` holds the high bit pair of byte `k` of the run's vector `t` at bits `2 × (t % 4)`, so
+/// a shift and a mask give a vector's pairs in place.
+fn high_position(format: Format, nb: usize, b: usize, e: usize) -> (usize, u8) {
+    let (group, lane) = (b / GROUP, b % GROUP);
+    let (t, k) = (e / 4, lane * 4 + e % 4);
+    if format == Format::Q6K {
+        debug_assert!(nb.is_multiple_of(GROUP));
+        return (group * GROUP * 8 + t / 4 * 32 + k, 2 * (t % 4) as u8);
+    }
     if b >= nb / GROUP * GROUP {
         return (b * 4 + e / 8, (e % 8) as u8);
     }
-    let (group, lane) = (b / GROUP, b % GROUP);
-    let (t, k) = (e / 4, lane * 4 + e % 4);
     (group * GROUP * 4 + t * 4 + k / 8, (k % 8) as u8)
+}
+
+/// Where the multiplier `k` of block `b` is in a row: q4_K's one per block in order; q6_K's per
+/// run of [`GROUP`] blocks, the 8 blocks' first halves' then their second halves', so that each
+/// loads as one vector.
+fn multiplier_index(format: Format, b: usize, k: usize) -> usize {
+    let per_block = format.multipliers();
+    b / GROUP * GROUP * per_block + k * GROUP + b % GROUP
+}
+
+/// Bytes of a q6_K super-block's low nibbles and of its high bit pairs.
+const Q6K_LOW: usize = GROUP * BLOCK / 2;
+const Q6K_HIGH: usize = GROUP * BLOCK / 4;
+
+/// Where ggml's q6_K keeps value `v` (`0..256`) of a super-block: the byte of its low nibble and
+/// the nibble's shift, the byte of its high bit pair and the pair's shift. Each half of 128
+/// values takes 64 nibble bytes (values `l` and `l + 32` in the low nibbles of bytes `l` and
+/// `l + 32`, `l + 64` and `l + 96` in their high nibbles) and 32 bytes of pairs (the four values'
+/// pairs in byte `l`).
+fn q6k_value_bytes(v: usize) -> (usize, u8, usize, u8) {
+    let (half, quarter, l) = (v / 128, v % 128 / 32, v % 32);
+    (
+        half * 64 + l + 32 * (quarter % 2),
+        4 * (quarter / 2) as u8,
+        half * 32 + l,
+        2 * quarter as u8,
+    )
 }
 
 /// Weight rows from some row `j0` on, as stored in a [`PackedMatrix`].
@@ -777,25 +871,33 @@ impl WeightRows<'_> {
         let row = &self.quants[j * self.sizes.quants..];
         let (at, shift) = position(format, nb, b, e);
         let low = i32::from((row[at] >> shift) & format.value_mask());
-        if !format.has_high_bits() {
+        if format.high_bits() == 0 {
             return low;
         }
-        let (at, bit) = high_position(nb, b, e);
-        low | i32::from(self.high[j * self.sizes.high + at] >> bit & 1) << 4
+        let (at, shift) = high_position(format, nb, b, e);
+        let mask = (1 << format.high_bits()) - 1;
+        low | i32::from(self.high[j * self.sizes.high + at] >> shift & mask) << 4
     }
 
-    /// Block `b` of row `j`'s scale and minimum (0 without one) as f32: for q4_K the products of
-    /// its super-block's with its multipliers, exact in f32 as ggml computes them.
-    fn scale_min(&self, j: usize, b: usize) -> (f32, f32) {
-        let per_scale = self.format.blocks_per_scale();
+    /// The scale and minimum (0 without one) as f32 of part `part` of block `b` of row `j` (the
+    /// part of [`Format::values_per_scale`] values; for every format but q6_K the whole block):
+    /// for the k-quants the products of the super-block's with the multipliers, exact in f32 as
+    /// ggml computes them.
+    fn scale_min(&self, j: usize, b: usize, part: usize) -> (f32, f32) {
+        let format = self.format;
+        let per_scale = format.blocks_per_scale();
         let s = j * self.sizes.scales + b / per_scale;
         let d = self.scales[s].to_f32();
         let m = self.mins.get(s).map_or(0.0, |m| m.to_f32());
         if per_scale == 1 {
             return (d, m);
         }
+        let k = self.block_scales[j * self.sizes.block_scales + multiplier_index(format, b, part)];
+        if format == Format::Q6K {
+            return (d * f32::from(k as i8), 0.0);
+        }
         (
-            d * f32::from(self.block_scales[j * self.sizes.block_scales + b]),
+            d * f32::from(k),
             m * f32::from(self.block_mins[j * self.sizes.block_mins + b]),
         )
     }
@@ -866,12 +968,23 @@ impl PackedMatrix {
 fn unpack_ggml_block(format: Format, row: &[u8], b: usize, out: &mut Block) {
     let f16_at = |bytes: &[u8], at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]);
     let size = format.ggml_block_bytes();
+    if format == Format::Q6K {
+        let (sb, j) = (&row[b / GROUP * size..][..size], b % GROUP);
+        for (e, v) in out.values.iter_mut().enumerate() {
+            let (l, shift, h, pair) = q6k_value_bytes(j * BLOCK + e);
+            *v = (sb[l] >> shift) & 0x0f | ((sb[Q6K_LOW + h] >> pair) & 3) << 4;
+        }
+        let scales = &sb[Q6K_LOW + Q6K_HIGH..];
+        out.multipliers = [scales[2 * j], scales[2 * j + 1]];
+        out.scale = f16_at(scales, 2 * GROUP);
+        return;
+    }
     if format == Format::Q4K {
         let (sb, j) = (&row[b / GROUP * size..][..size], b % GROUP);
         out.scale = f16_at(sb, 0);
         // Negated, so that a value is `scale × q + min` as for q4_1.
         out.min = -f16_at(sb, 2);
-        (out.block_scale, out.block_min) = q4k_scale_min(&sb[4..16], j);
+        (out.multipliers[0], out.block_min) = q4k_scale_min(&sb[4..16], j);
         // 64 values per 32 bytes: the even block in the low nibbles, the odd one in the high.
         let qs = &sb[16 + j / 2 * BLOCK..][..BLOCK];
         let shift = 4 * (j % 2);
@@ -888,7 +1001,7 @@ fn unpack_ggml_block(format: Format, row: &[u8], b: usize, out: &mut Block) {
         at += 2;
     }
     let mut high = 0u32;
-    if format.has_high_bits() {
+    if format.high_bits() > 0 {
         high = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
         at += 4;
     }
@@ -1010,6 +1123,8 @@ pub struct ActBlocks {
     /// ggml's q8_1 rounds it, to f16, for `Int8`.
     sums: Vec<f32>,
     biases: Vec<i32>,
+    /// The correction of each block's last 16 values alone: q6_K scales each half on its own.
+    half_biases: Vec<i32>,
     quants: Vec<i8>,
     residues: Vec<i8>,
 }
@@ -1023,6 +1138,7 @@ impl ActBlocks {
         self.scales.resize(blocks, 0.0);
         self.sums.resize(blocks, 0.0);
         self.biases.resize(blocks, 0);
+        self.half_biases.resize(blocks, 0);
         self.quants.resize(x.len(), 0);
         // Sized for `Int8` too (and left unwritten), so both go through one loop.
         self.residues.resize(x.len(), 0);
@@ -1032,12 +1148,15 @@ impl ActBlocks {
             .zip(self.residues.par_chunks_exact_mut(cols))
             .zip(self.scales.par_chunks_exact_mut(nb))
             .zip(self.sums.par_chunks_exact_mut(nb))
-            .zip(self.biases.par_chunks_exact_mut(nb));
-        let row = |(((((x, hi), lo), scales), sums), biases): ((((_, &mut [i8]), _), _), _)| {
+            .zip(self.biases.par_chunks_exact_mut(nb))
+            .zip(self.half_biases.par_chunks_exact_mut(nb));
+        let row = |row: (((((_, &mut [i8]), _), _), _), _)| {
+            let ((((((x, hi), lo), scales), sums), biases), half_biases) = row;
             let blocks = RowBlocks {
                 scales,
                 sums,
                 biases,
+                half_biases,
             };
             match activations {
                 Activations::Int8 => quantize_row(x, hi, blocks, offset),
@@ -1055,41 +1174,74 @@ struct RowBlocks<'a> {
     scales: &'a mut [f32],
     sums: &'a mut [f32],
     biases: &'a mut [i32],
+    half_biases: &'a mut [i32],
+}
+
+/// One block's numbers in a [`RowBlocks`].
+struct BlockNumbers<'a> {
+    scale: &'a mut f32,
+    sum: &'a mut f32,
+    bias: &'a mut i32,
+    half_bias: &'a mut i32,
+}
+
+impl BlockNumbers<'_> {
+    /// The corrections for unsigned weights of a block whose values (in units of the scale)
+    /// add up to `first` over its first 16 and `second` over its last.
+    fn set_biases(&mut self, offset: i32, first: i32, second: i32) {
+        *self.bias = -offset * (first + second);
+        *self.half_bias = -offset * second;
+    }
 }
 
 impl RowBlocks<'_> {
-    /// Block by block: (index, values, scale, sum, correction).
+    /// Block by block: its index, its values and its numbers.
     fn each<'x>(
         &mut self,
         x: &'x [f32],
-    ) -> impl Iterator<Item = (usize, &'x [f32], &mut f32, &mut f32, &mut i32)> {
+    ) -> impl Iterator<Item = (usize, &'x [f32], BlockNumbers<'_>)> {
         x.chunks_exact(BLOCK)
             .zip(self.scales.iter_mut())
             .zip(self.sums.iter_mut())
             .zip(self.biases.iter_mut())
+            .zip(self.half_biases.iter_mut())
             .enumerate()
-            .map(|(b, (((x, d), sum), bias))| (b, x, d, sum, bias))
+            .map(|(b, ((((x, scale), sum), bias), half_bias))| {
+                let numbers = BlockNumbers {
+                    scale,
+                    sum,
+                    bias,
+                    half_bias,
+                };
+                (b, x, numbers)
+            })
     }
+}
+
+/// What the first and the last 16 of a block's values add up to.
+fn half_sums(values: &[i8; BLOCK]) -> (i32, i32) {
+    let sum = |v: &[i8]| v.iter().map(|&v| i32::from(v)).sum::<i32>();
+    (sum(&values[..BLOCK / 2]), sum(&values[BLOCK / 2..]))
 }
 
 /// One activation row into its values (`position`'s layout), scales, sums and corrections, as
 /// ggml's q8_0 (and q8_1's sums).
 fn quantize_row(x: &[f32], q: &mut [i8], mut blocks: RowBlocks<'_>, offset: i32) {
     let nb = blocks.scales.len();
-    for (b, x, d, block_sum, bias) in blocks.each(x) {
+    for (b, x, mut numbers) in blocks.each(x) {
         // ggml's q8_0 quantization, so every block's integer dot product is the one candle and
         // llama.cpp compute: small models' greedy output is sensitive to it.
         let scale = abs_max(x) / 127.0;
-        *d = f16::from_f32(scale).to_f32();
+        *numbers.scale = f16::from_f32(scale).to_f32();
         let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         let mut r = [0i8; BLOCK];
         for (r, &v) in r.iter_mut().zip(x) {
             // |v · id| <= 127 after rounding: through i32 the conversion vectorizes.
             *r = (v * id).round() as i32 as i8;
         }
-        let sum = r.iter().map(|&v| i32::from(v)).sum::<i32>();
-        *bias = -offset * sum;
-        *block_sum = f16::from_f32(scale * sum as f32).to_f32();
+        let (first, second) = half_sums(&r);
+        numbers.set_biases(offset, first, second);
+        *numbers.sum = f16::from_f32(scale * (first + second) as f32).to_f32();
         store_block(q, nb, b, &r);
     }
 }
@@ -1105,9 +1257,10 @@ fn quantize_row_split(
     offset: i32,
 ) {
     let nb = blocks.scales.len();
-    for (b, x, d, block_sum, bias) in blocks.each(x) {
+    for (b, x, mut numbers) in blocks.each(x) {
         let scale = abs_max(x) / 127.0;
-        *d = scale / RESIDUE_SCALE as f32;
+        let d = scale / RESIDUE_SCALE as f32;
+        *numbers.scale = d;
         let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
         let (mut h, mut l) = ([0i8; BLOCK], [0i8; BLOCK]);
         for ((h, l), &v) in h.iter_mut().zip(&mut l).zip(x) {
@@ -1117,10 +1270,10 @@ fn quantize_row_split(
             // |scaled - rounded| <= 1/2, so the residue fits in ±127.
             *l = ((scaled - rounded) * RESIDUE_SCALE as f32).round() as i32 as i8;
         }
-        let sum = |v: &[i8; BLOCK]| v.iter().map(|&v| i32::from(v)).sum::<i32>();
-        let total = RESIDUE_SCALE * sum(&h) + sum(&l);
-        *bias = -offset * total;
-        *block_sum = *d * total as f32;
+        let ((h1, h2), (l1, l2)) = (half_sums(&h), half_sums(&l));
+        let (first, second) = (RESIDUE_SCALE * h1 + l1, RESIDUE_SCALE * h2 + l2);
+        numbers.set_biases(offset, first, second);
+        *numbers.sum = d * (first + second) as f32;
         store_block(hi, nb, b, &h);
         store_block(lo, nb, b, &l);
     }
@@ -1233,6 +1386,8 @@ struct Tile<'a> {
     x_scales: &'a [f32],
     /// Activation corrections of rows `i0..`.
     x_biases: &'a [i32],
+    /// The corrections of their blocks' last 16 values alone (for q6_K).
+    x_half_biases: &'a [i32],
     /// Activation block sums of rows `i0..`.
     x_sums: &'a [f32],
 }
@@ -1251,6 +1406,7 @@ impl<'a> Tile<'a> {
             },
             x_scales: &acts.scales[i0 * nb..],
             x_biases: &acts.biases[i0 * nb..],
+            x_half_biases: &acts.half_biases[i0 * nb..],
             x_sums: &acts.sums[i0 * nb..],
         }
     }
@@ -1265,6 +1421,7 @@ impl<'a> Tile<'a> {
                 && self.x_residues.is_none_or(|r| r.len() >= mr * nb * BLOCK)
                 && self.x_scales.len() >= mr * nb
                 && self.x_biases.len() >= mr * nb
+                && self.x_half_biases.len() >= mr * nb
                 && self.x_sums.len() >= mr * nb
         );
     }

@@ -89,8 +89,8 @@ fn packed_weights_dequantize_to_candles_values() -> candle_core::Result<()> {
 #[test]
 fn ggml_blocks_round_trip_through_the_packing() -> candle_core::Result<()> {
     for format in Format::ALL {
-        // More than one run of 8 blocks, and a partial one (q4_K: three super-blocks).
-        let (rows, cols) = (5, if format == Format::Q4K { 768 } else { 352 });
+        // More than one run of 8 blocks, and a partial one (k-quants: three super-blocks).
+        let (rows, cols) = (5, if format.blocks_per_scale() > 1 { 768 } else { 352 });
         let w = awkward_weights(rows, cols);
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
         let theirs = QTensor::quantize(&t, format.ggml())?.data()?.to_vec();
@@ -125,10 +125,12 @@ fn shapes_that_do_not_fit_are_refused() {
         PackedMatrix::quantize(Format::Q8_0, &[0.0; 48], 1, 48).err(),
         Some(ShapeError::RowLength(48, 32))
     );
-    assert_eq!(
-        PackedMatrix::quantize(Format::Q4K, &[0.0; 576], 1, 576).err(),
-        Some(ShapeError::RowLength(576, 256))
-    );
+    for format in [Format::Q4K, Format::Q6K] {
+        assert_eq!(
+            PackedMatrix::quantize(format, &[0.0; 576], 1, 576).err(),
+            Some(ShapeError::RowLength(576, 256))
+        );
+    }
     assert!(matches!(
         PackedMatrix::quantize(Format::Q4_0, &[0.0; 64], 2, 64),
         Err(ShapeError::Values { got: 64, .. })
@@ -239,8 +241,8 @@ fn paths_agree_closely() -> candle_core::Result<()> {
         .into_iter()
         .flat_map(|f| [(f, Activations::Int8), (f, Activations::Int16)])
     {
-        // A run and a block after it; q4_K: three super-blocks.
-        let cols = if format == Format::Q4K { 768 } else { 288 };
+        // A run and a block after it; k-quants: three super-blocks.
+        let cols = if format.blocks_per_scale() > 1 { 768 } else { 288 };
         let w = awkward_weights(rows, cols);
         let x = values(m * cols, 3, 2.0);
         let packed = PackedMatrix::quantize(format, &w, rows, cols)

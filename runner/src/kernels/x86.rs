@@ -7,8 +7,10 @@
 //! into one vector whose lanes are the 8 blocks' dot products; one multiply by the 8 scale products
 //! and one fused add bring them into the f32 accumulator. With several activation rows, each
 //! weight vector loaded serves all of them and each activation vector all weight rows, so the tile
-//! costs about one load per two products. Blocks after the last run go one at a time (8 partial
-//! sums per block). Each accumulator is summed across its lanes once at the end.
+//! costs about one load per two products. q6_K's half blocks have scales of their own: its runs
+//! go in two parts of 4 vectors, the first and the last 16 values of every block. Blocks after
+//! the last run go one at a time (8 partial sums per block). Each accumulator is summed across
+//! its lanes once at the end.
 #![allow(
     unsafe_code,
     reason = "SIMD intrinsics: loads through raw pointers and calls into target-feature functions"
@@ -43,6 +45,7 @@ pub(super) fn kernel<const M: usize, const N: usize>(path: Path, tile: &Tile<'_>
         Format::Q4_1 => on::<Nibbles<true>, M, N>(path, tile),
         Format::Q5_0 => on::<Q5, M, N>(path, tile),
         Format::Q4K => on::<Q4K, M, N>(path, tile),
+        Format::Q6K => on::<Q6K, M, N>(path, tile),
     }
 }
 
@@ -79,11 +82,11 @@ unsafe fn avx2<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
     unsafe { body::<U, Avx2, M, N, SPLIT>(tile) }
 }
 
-/// Where one weight row's run (or tail block) starts: its values, and q5_0's fifth bits.
+/// Where one weight row's run (or tail block) starts: its values, and the bits above them.
 #[derive(Clone, Copy)]
 struct At {
     quants: *const u8,
-    /// Only read by formats with `Unpack::HIGH`.
+    /// Only read by formats with `Unpack::HIGH_BYTES`.
     high: *const u8,
 }
 
@@ -95,15 +98,23 @@ trait Unpack {
     const OFFSET: i8;
     /// Blocks have minimums (q4_1, q4_K).
     const MINS: bool;
-    /// Values have a fifth bit in a plane of their own (q5_0).
-    const HIGH: bool = false;
-    /// Blocks per f16 scale: 8 for q4_K, whose blocks scale their super-block's by a byte.
+    /// Bytes per block of the bits above the nibbles, in a plane of their own: q5_0's 4, q6_K's 8.
+    const HIGH_BYTES: usize = 0;
+    /// Blocks per f16 scale: 8 for the k-quants, whose blocks scale their super-block's by bytes.
     const PER_SCALE: usize = 1;
-    /// Loads one block stored in ggml's order at `at` (`BYTES` readable bytes, and 4 of fifth
-    /// bits with `HIGH`).
-    unsafe fn load(at: At) -> __m256i;
+    /// Scale multipliers per block (see `Format::multipliers`): 2 for q6_K, one per half block.
+    const MULTIPLIERS: usize = 0;
+    /// The multipliers are signed (q6_K) rather than unsigned (q4_K).
+    const SIGNED_MULTIPLIERS: bool = false;
+    /// Parts of a block with scales of their own, each taking `GROUP / PARTS` of a run's vectors.
+    const PARTS: usize = 1;
+    /// Loads one block stored in ggml's order at `at` (`BYTES` readable bytes, and `HIGH_BYTES`
+    /// of high bits). Formats with super-blocks have rows of whole runs and no such blocks.
+    unsafe fn load(_at: At) -> __m256i {
+        unreachable!("rows of super-blocks are whole runs")
+    }
     /// Loads vector `t` (`0..GROUP`) of the interleaved run at `at` (`GROUP × BYTES` readable
-    /// bytes, and `GROUP × 4` of fifth bits with `HIGH`).
+    /// bytes, and `GROUP × HIGH_BYTES` of high bits).
     unsafe fn load_vector(at: At, t: usize) -> __m256i;
 }
 
@@ -116,6 +127,9 @@ struct Nibbles<const MINS: bool>;
 struct Q5;
 /// q4_K: q4_1's arithmetic, with scales and minimums shared by a super-block of 8 blocks.
 struct Q4K;
+/// q6_K: q4_0's nibbles and a plane of high bit pairs, values offset by 32, a signed multiplier
+/// of the super-block's scale per half block.
+struct Q6K;
 
 impl Unpack for Q8 {
     const BYTES: usize = Format::Q8_0.block_bytes();
@@ -177,7 +191,7 @@ impl Unpack for Q5 {
     const BYTES: usize = Format::Q5_0.block_bytes();
     const OFFSET: i8 = Format::Q5_0.offset() as i8;
     const MINS: bool = false;
-    const HIGH: bool = true;
+    const HIGH_BYTES: usize = BLOCK / 8;
 
     #[inline(always)]
     unsafe fn load(at: At) -> __m256i {
@@ -204,17 +218,42 @@ impl Unpack for Q4K {
     const OFFSET: i8 = Format::Q4K.offset() as i8;
     const MINS: bool = true;
     const PER_SCALE: usize = Format::Q4K.blocks_per_scale();
-
-    #[inline(always)]
-    unsafe fn load(at: At) -> __m256i {
-        // SAFETY: as `Nibbles`.
-        unsafe { Nibbles::<true>::load(at) }
-    }
+    const MULTIPLIERS: usize = 1;
 
     #[inline(always)]
     unsafe fn load_vector(at: At, t: usize) -> __m256i {
         // SAFETY: as `Nibbles`.
         unsafe { Nibbles::<true>::load_vector(at, t) }
+    }
+}
+
+impl Unpack for Q6K {
+    const BYTES: usize = Format::Q6K.block_bytes();
+    const OFFSET: i8 = Format::Q6K.offset() as i8;
+    const MINS: bool = false;
+    const HIGH_BYTES: usize = BLOCK / 4;
+    const PER_SCALE: usize = Format::Q6K.blocks_per_scale();
+    const MULTIPLIERS: usize = 2;
+    const SIGNED_MULTIPLIERS: bool = true;
+    const PARTS: usize = 2;
+
+    #[inline(always)]
+    unsafe fn load_vector(at: At, t: usize) -> __m256i {
+        // SAFETY: the caller guarantees the run's 128 bytes and 64 bytes of high bit pairs,
+        // vector `t`'s at bits `2 × (t % 4)` of the pairs' vector `t / 4` (`high_position`).
+        // With `t` known after unrolling, the shifts are by constants; 16-bit shifts carry bits
+        // across bytes only where the mask clears them.
+        unsafe {
+            let pairs = _mm256_loadu_si256(at.high.add(32 * (t / 4)).cast());
+            let pairs = match t % 4 {
+                0 => _mm256_slli_epi16(pairs, 4),
+                1 => _mm256_slli_epi16(pairs, 2),
+                2 => pairs,
+                _ => _mm256_srli_epi16(pairs, 2),
+            };
+            let high = _mm256_and_si256(pairs, _mm256_set1_epi8(0x30));
+            _mm256_or_si256(Nibbles::<false>::load_vector(at, t), high)
+        }
     }
 }
 
@@ -241,8 +280,8 @@ unsafe fn fifth_bits(bits: u32) -> __m256i {
     }
 }
 
-/// The f32 scales of weight row `j`'s blocks `g..g + 8` from `scales` (or minimums) and, for
-/// q4_K, the blocks' multipliers.
+/// The f32 scales of part `part` of weight row `j`'s blocks `g..g + 8` from `scales` (or
+/// minimums) and, for the k-quants, the blocks' multipliers.
 #[inline(always)]
 unsafe fn run_scales<U: Unpack>(
     scales: *const f16,
@@ -250,18 +289,26 @@ unsafe fn run_scales<U: Unpack>(
     nb: usize,
     j: usize,
     g: usize,
+    part: usize,
 ) -> __m256 {
     // SAFETY: the caller guarantees the row's scales (and multipliers) are there, and F16C/AVX2.
     unsafe {
         if U::PER_SCALE == 1 {
             return _mm256_cvtph_ps(_mm_loadu_si128(scales.add(j * nb + g).cast()));
         }
-        // One super-block per run: its f16 times 8 bytes, exact in f32 (11 by 6 bits).
+        // One super-block per run: its f16 times 8 bytes, exact in f32 (11 by 8 bits). A run's
+        // multipliers of one part are 8 bytes in a row (`multiplier_index`).
         let d = _mm256_set1_ps(f16_to_f32(
             (*scales.add((j * nb + g) / U::PER_SCALE)).to_bits(),
         ));
-        let k = _mm_loadl_epi64(multipliers.add(j * nb + g).cast());
-        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(k)))
+        let at = (j * nb + g) * U::MULTIPLIERS + part * GROUP;
+        let k = _mm_loadl_epi64(multipliers.add(at).cast());
+        let k = if U::SIGNED_MULTIPLIERS {
+            _mm256_cvtepi8_epi32(k)
+        } else {
+            _mm256_cvtepu8_epi32(k)
+        };
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(k))
     }
 }
 
@@ -316,10 +363,11 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
     let (wq, ws, wh) = (w.quants.as_ptr(), w.scales.as_ptr(), w.high.as_ptr());
     // Only read with `U::PER_SCALE > 1`, which says they are there.
     let (ks, km) = (w.block_scales.as_ptr(), w.block_mins.as_ptr());
-    let (xq, xs, xb) = (
+    let (xq, xs, xb, xhb) = (
         tile.x_quants.as_ptr(),
         tile.x_scales.as_ptr(),
         tile.x_biases.as_ptr(),
+        tile.x_half_biases.as_ptr(),
     );
     // Only read when `U::MINS`, which says the minimums are there.
     let (wm, x_sums) = (w.mins.as_ptr(), tile.x_sums.as_ptr());
@@ -332,68 +380,73 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
         // Where weight row `j`'s block `b` (a run's first block, or a block after the runs) is.
         let at = |j: usize, b: usize| At {
             quants: wq.add(j * row_bytes + b * U::BYTES),
-            high: if U::HIGH {
-                wh.add((j * nb + b) * 4)
-            } else {
-                wh
-            },
+            high: wh.add((j * nb + b) * U::HIGH_BYTES),
         };
         let mut acc = [[_mm256_setzero_ps(); N]; M];
         let full = nb / GROUP * GROUP;
+        // (Formats with super-blocks have rows of whole runs.)
+        debug_assert!(U::PER_SCALE == 1 || full == nb);
         for g in (0..full).step_by(GROUP) {
-            // The run's integer dot products of every (activation, weight) row pair, with the
-            // activations' corrections.
-            let mut p = [[_mm256_setzero_si256(); N]; M];
             let w_at = |j: usize| at(j, g);
-            // One token with residues: each weight vector, loaded once, meets both activation
-            // vectors. With more rows the second accumulators would not fit in registers, so
-            // the run is swept again (its weights now in L1).
-            let mut lo = [_mm256_setzero_si256(); N];
-            if SPLIT && M == 1 {
-                for (j, (p, lo)) in p[0].iter_mut().zip(&mut lo).enumerate() {
-                    // Even and odd vectors in separate accumulators: half as long a chain of
-                    // dependent `vpdpbusd`.
-                    let (mut p_odd, mut lo_odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                    for t in (0..GROUP).step_by(2) {
-                        for (t, p, lo) in [(t, &mut *p, &mut *lo), (t + 1, &mut p_odd, &mut lo_odd)]
-                        {
-                            let w = U::load_vector(w_at(j), t);
-                            let at = g * BLOCK + 32 * t;
-                            *p = D::dot(*p, w, _mm256_loadu_si256(xq.add(at).cast()), U::OFFSET);
-                            *lo = D::dot(*lo, w, _mm256_loadu_si256(xr.add(at).cast()), U::OFFSET);
+            for part in 0..U::PARTS {
+                // The part's vectors of the run.
+                let vectors = part * GROUP / U::PARTS..(part + 1) * GROUP / U::PARTS;
+                // The part's integer dot products of every (activation, weight) row pair, with
+                // the activations' corrections.
+                let mut p = [[_mm256_setzero_si256(); N]; M];
+                // One token with residues: each weight vector, loaded once, meets both
+                // activation vectors. With more rows the second accumulators would not fit in
+                // registers, so the run is swept again (its weights now in L1).
+                let mut lo = [_mm256_setzero_si256(); N];
+                if SPLIT && M == 1 {
+                    for (j, (p, lo)) in p[0].iter_mut().zip(&mut lo).enumerate() {
+                        // Even and odd vectors in separate accumulators: half as long a chain
+                        // of dependent `vpdpbusd`.
+                        let (mut p_odd, mut lo_odd) =
+                            (_mm256_setzero_si256(), _mm256_setzero_si256());
+                        for t in vectors.clone().step_by(2) {
+                            for (t, p, lo) in
+                                [(t, &mut *p, &mut *lo), (t + 1, &mut p_odd, &mut lo_odd)]
+                            {
+                                let w = U::load_vector(w_at(j), t);
+                                let at = g * BLOCK + 32 * t;
+                                let (x, r) = (xq.add(at).cast(), xr.add(at).cast());
+                                *p = D::dot(*p, w, _mm256_loadu_si256(x), U::OFFSET);
+                                *lo = D::dot(*lo, w, _mm256_loadu_si256(r), U::OFFSET);
+                            }
                         }
+                        *p = _mm256_add_epi32(*p, p_odd);
+                        *lo = _mm256_add_epi32(*lo, lo_odd);
                     }
-                    *p = _mm256_add_epi32(*p, p_odd);
-                    *lo = _mm256_add_epi32(*lo, lo_odd);
+                } else {
+                    run_dots::<U, D, M, N>(&mut p, w_at, xq, nb, g, vectors.clone());
                 }
-            } else {
-                run_dots::<U, D, M, N>(&mut p, w_at, xq, nb, g);
-            }
-            for (i, p) in p.iter_mut().enumerate() {
-                let bias = _mm256_loadu_si256(xb.add(i * nb + g).cast());
-                for (p, lo) in p.iter_mut().zip(&lo) {
-                    *p = if SPLIT {
-                        let hi = _mm256_mullo_epi32(*p, residue_scale);
-                        _mm256_add_epi32(_mm256_add_epi32(hi, *lo), bias)
-                    } else {
-                        _mm256_add_epi32(*p, bias)
-                    };
+                for (i, p) in p.iter_mut().enumerate() {
+                    let bias = part_bias::<U>(xb, xhb, i * nb + g, part);
+                    for (p, lo) in p.iter_mut().zip(&lo) {
+                        *p = if SPLIT {
+                            let hi = _mm256_mullo_epi32(*p, residue_scale);
+                            _mm256_add_epi32(_mm256_add_epi32(hi, *lo), bias)
+                        } else {
+                            _mm256_add_epi32(*p, bias)
+                        };
+                    }
                 }
-            }
-            if SPLIT && M > 1 {
-                run_dots::<U, D, M, N>(&mut p, w_at, xr, nb, g);
-            }
-            for j in 0..N {
-                let dw = run_scales::<U>(ws, ks, nb, j, g);
-                for (i, (acc, p)) in acc.iter_mut().zip(&p).enumerate() {
-                    let scale = _mm256_mul_ps(_mm256_loadu_ps(xs.add(i * nb + g)), dw);
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), scale, acc[j]);
+                if SPLIT && M > 1 {
+                    run_dots::<U, D, M, N>(&mut p, w_at, xr, nb, g, vectors);
                 }
-                if U::MINS {
-                    let mw = run_scales::<U>(wm, km, nb, j, g);
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let sums = _mm256_loadu_ps(x_sums.add(i * nb + g));
-                        acc[j] = _mm256_fmadd_ps(mw, sums, acc[j]);
+                for j in 0..N {
+                    let dw = run_scales::<U>(ws, ks, nb, j, g, part);
+                    for (i, (acc, p)) in acc.iter_mut().zip(&p).enumerate() {
+                        let scale = _mm256_mul_ps(_mm256_loadu_ps(xs.add(i * nb + g)), dw);
+                        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[j]), scale, acc[j]);
+                    }
+                    if U::MINS {
+                        let mw = run_scales::<U>(wm, km, nb, j, g, part);
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let sums = _mm256_loadu_ps(x_sums.add(i * nb + g));
+                            acc[j] = _mm256_fmadd_ps(mw, sums, acc[j]);
+                        }
                     }
                 }
             }
@@ -404,7 +457,7 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
             let mut mw = [0f32; N];
             for j in 0..N {
                 w[j] = U::load(at(j, b));
-                let (d, m) = tile.w.scale_min(j, b);
+                let (d, m) = tile.w.scale_min(j, b, 0);
                 dw[j] = _mm256_set1_ps(d);
                 mw[j] = m;
             }
@@ -442,8 +495,36 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
     }
 }
 
-/// Adds to `p` the dot products of one run of [`GROUP`] blocks: weight row `j`'s run starts at
-/// `w_at(j)`, the activations' (values or residues, `nb` blocks per row) at block `g` of `x`.
+/// The activations' corrections for part `part` of the 8 blocks from block `at` (of all rows):
+/// the blocks' whole ones, or for q6_K's halves those of their first or last 16 values.
+///
+/// # Safety
+/// AVX2, and 8 corrections of each kind readable at `at`.
+#[inline(always)]
+unsafe fn part_bias<U: Unpack>(
+    biases: *const i32,
+    half_biases: *const i32,
+    at: usize,
+    part: usize,
+) -> __m256i {
+    // SAFETY: the caller guarantees the bounds and features.
+    unsafe {
+        let whole = _mm256_loadu_si256(biases.add(at).cast());
+        if U::PARTS == 1 {
+            return whole;
+        }
+        let last = _mm256_loadu_si256(half_biases.add(at).cast());
+        if part == 0 {
+            _mm256_sub_epi32(whole, last)
+        } else {
+            last
+        }
+    }
+}
+
+/// Adds to `p` the dot products of `vectors` of one run of [`GROUP`] blocks: weight row `j`'s
+/// run starts at `w_at(j)`, the activations' (values or residues, `nb` blocks per row) at block
+/// `g` of `x`.
 ///
 /// # Safety
 /// As [`body`]: the CPU has `D`'s features and the run is within the operands.
@@ -454,6 +535,7 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
     x: *const i8,
     nb: usize,
     g: usize,
+    vectors: std::ops::Range<usize>,
 ) {
     // SAFETY: the caller guarantees the bounds and features.
     unsafe {
@@ -464,7 +546,7 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
             for (j, p) in p[0].iter_mut().enumerate() {
                 // Even and odd vectors in separate accumulators: half as long a dependency chain.
                 let mut odd = _mm256_setzero_si256();
-                for t in (0..GROUP).step_by(2) {
+                for t in vectors.clone().step_by(2) {
                     for (t, p) in [(t, &mut *p), (t + 1, &mut odd)] {
                         let x = _mm256_loadu_si256(x_at(0, t));
                         *p = D::dot(*p, U::load_vector(w_at(j), t), x, U::OFFSET);
@@ -476,7 +558,7 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
             // Vector `t` of each weight row is loaded once for all `M` activation rows and each
             // activation vector once for all `N` weight rows: with `M × N` accumulators (32
             // registers with AVX-512) there is about one load per two products.
-            for t in 0..GROUP {
+            for t in vectors {
                 let w: [__m256i; N] = std::array::from_fn(|j| U::load_vector(w_at(j), t));
                 for (i, p) in p.iter_mut().enumerate() {
                     let x = _mm256_loadu_si256(x_at(i, t));
