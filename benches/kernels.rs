@@ -1,6 +1,6 @@
 //! Quantized matmul throughput at SmolLM2-135M's shapes: sanctum's kernels (q8_0, q4_0, with 8- and
-//! 16-bit activations; q5_0 and q4_K with 16-bit) against
-//! candle's `QMatMul` (q8_0, q4_0, q4k, f16) in the same run, for one activation row (generation)
+//! 16-bit activations; q5_0, q4_K and q6_K with 16-bit) against
+//! candle's `QMatMul` (q8_0, q4_0, q4k, q6k, f16) in the same run, for one activation row (generation)
 //! and 512 rows (a prompt). Elements are multiply-adds (`m × rows × cols`).
 //!
 //! `cargo bench --bench kernels`; threads follow `RAYON_NUM_THREADS` like `sanctum --threads`.
@@ -50,6 +50,7 @@ fn matmuls(c: &mut Criterion, group_name: &str, m: usize, shapes: &[(usize, usiz
             ("sanctum q4_0+int16", Format::Q4_0, Activations::Int16),
             ("sanctum q5_0+int16", Format::Q5_0, Activations::Int16),
             ("sanctum q4k+int16", Format::Q4K, Activations::Int16),
+            ("sanctum q6k+int16", Format::Q6K, Activations::Int16),
         ] {
             if !cols.is_multiple_of(format.row_multiple()) {
                 continue;
@@ -75,6 +76,7 @@ fn matmuls(c: &mut Criterion, group_name: &str, m: usize, shapes: &[(usize, usiz
             ("candle q8_0", GgmlDType::Q8_0),
             ("candle q4_0", GgmlDType::Q4_0),
             ("candle q4k", GgmlDType::Q4K),
+            ("candle q6k", GgmlDType::Q6K),
             ("candle f16", GgmlDType::F16),
         ] {
             if !cols.is_multiple_of(dtype.block_size()) {

@@ -215,6 +215,13 @@ pub struct TestResult {
     /// Peak resident memory while this format was loaded and tested, bytes (Linux only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_bytes: Option<u64>,
+    /// What the key and value caches held (`f16`, `f32`), under llama-bench's names; absent on
+    /// candle's path, which keeps the model's dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub type_k: Option<String>,
+    /// As `type_k`, for the values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub type_v: Option<String>,
 }
 
 /// What is the same for every test of one loaded model.
@@ -275,6 +282,8 @@ impl TestResult {
             ttft_ms: (!ttft.is_empty()).then(|| mean_stddev(&ttft).0),
             load_verify_s: info.load_verify.as_secs_f64(),
             peak_rss_bytes: info.peak_rss_bytes,
+            type_k: model.kv_precision().map(|p| p.name().to_owned()),
+            type_v: model.kv_precision().map(|p| p.name().to_owned()),
         }
     }
 
@@ -513,6 +522,8 @@ mod tests {
             ttft_ms: None,
             load_verify_s: 1.0,
             peak_rss_bytes: None,
+            type_k: None,
+            type_v: None,
         }
     }
 

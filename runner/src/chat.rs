@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::kernels::Activations;
-use crate::models::llama::{self, Cache, HeadTying, Llama, Workspace};
+use crate::models::llama::{self, Cache, HeadTying, KvPrecision, Llama, Workspace};
 use crate::models::{self, Family, LoadError};
 use crate::quant::{Choice, Quant};
 use crate::sampling::{InvalidParams, Sampler, SamplingParams};
@@ -58,6 +58,8 @@ pub struct LoadOptions {
     /// Without `context`: at most this many (a server sizing `--parallel` caches); never more
     /// than the model's maximum.
     pub context_cap: Option<usize>,
+    /// What the key/value cache holds on sanctum's CPU path.
+    pub kv_cache: KvPrecision,
 }
 
 /// How to generate.
@@ -344,9 +346,10 @@ impl ChatModel {
         let activations = options.activations.unwrap_or(Activations::Int16);
         // `auto` is decided by the first weight file's header ([`llama::auto_quant`]).
         let mut chosen = options.quant;
+        let auto = chosen.is_none();
         let mut plan = |tensors: &[TensorHeader]| {
             let quant = *chosen.get_or_insert_with(|| llama::auto_quant(tensors));
-            tying.plan(tensors, quant, activations)
+            tying.plan(tensors, quant, auto, activations)
         };
         let mut weights = Weights::load(&mut model, &options.device, &mut plan)?;
         let quant = chosen.unwrap_or(crate::quant::AUTO_FOR_FLOATS);
@@ -358,7 +361,7 @@ impl ChatModel {
             model: name.clone(),
             source,
         };
-        let (llama, choices) = Llama::load(
+        let (mut llama, choices) = Llama::load(
             &config,
             variant,
             &mut weights,
@@ -367,6 +370,7 @@ impl ChatModel {
             context,
         )
         .map_err(weights_error)?;
+        llama.set_kv_precision(options.kv_cache);
         drop(weights);
         // Two tokens through the network: kernels that repack weights on first use (for
         // prompts or for single tokens) do it now, so that the first prompt runs at full speed.
@@ -428,6 +432,11 @@ impl ChatModel {
     /// How activations are quantized for the matrices on sanctum's kernels (None: no matrix is).
     pub fn activations(&self) -> Option<Activations> {
         self.activations
+    }
+
+    /// What the key/value cache holds on sanctum's CPU path; None on candle's path.
+    pub fn kv_precision(&self) -> Option<KvPrecision> {
+        self.model.kv_precision()
     }
 
     /// The format, and the activations when they are not llama.cpp's 8 bits: `q8_0`,

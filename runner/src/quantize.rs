@@ -94,7 +94,7 @@ pub fn quantize_model(
         let out = dir.join(&path);
         let writer = RefCell::new(Writer::new(&out)?);
         let mut plan = |tensors: &[TensorHeader]| {
-            let plans = tying.plan(tensors, quant, Activations::Int8);
+            let plans = tying.plan(tensors, quant, false, Activations::Int8);
             writer.borrow_mut().lay_out(tensors, &plans);
             plans
         };

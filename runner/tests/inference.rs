@@ -345,6 +345,7 @@ fn load(
             device: Device::Cpu,
             context,
             context_cap: None,
+            kv_cache: Default::default(),
         },
     )
 }
@@ -529,6 +530,7 @@ fn float_checkpoints_default_to_q8_0_with_16_bit_activations() {
         device: Device::Cpu,
         context: None,
         context_cap: None,
+        kv_cache: Default::default(),
     };
     let model = ChatModel::load(model, &options).unwrap();
     assert_eq!(model.quant(), runner::quant::AUTO_FOR_FLOATS);
@@ -685,6 +687,7 @@ fn a_context_cap_applies_only_without_a_context() {
             device: Device::Cpu,
             context,
             context_cap: cap,
+            kv_cache: Default::default(),
         };
         ChatModel::load(model, &options).unwrap().context()
     };
@@ -944,6 +947,7 @@ fn the_wrong_kind_of_model_is_refused() {
             device: Device::Cpu,
             context: None,
             context_cap: None,
+            kv_cache: Default::default(),
         },
     )
     .unwrap_err();

@@ -17,6 +17,7 @@ use attest::verify::begin_load;
 use candle_core::Device;
 use half::bf16;
 use runner::chat::{ChatModel, GenerateOptions, LoadOptions};
+use runner::models::llama::KvPrecision;
 use runner::quant::Quant;
 use runner::sampling::SamplingParams;
 
@@ -175,12 +176,14 @@ fn a_300m_parameter_bf16_model_loads_in_q4_0_within_1_3x_of_its_packed_weights()
         device: Device::Cpu,
         context: Some(CONTEXT),
         context_cap: None,
+        kv_cache: KvPrecision::F16,
     };
     let model = ChatModel::load(opened, &options).expect("loads");
     let peak = vm_hwm_bytes();
 
     let weights = model.weight_bytes();
-    let kv = (2 * LAYERS * KV_HEADS * HEAD_DIM * CONTEXT * 4) as u64;
+    // Keys and values of every position, 2 bytes each.
+    let kv = (2 * LAYERS * KV_HEADS * HEAD_DIM * CONTEXT * 2) as u64;
     assert_eq!(model.parameters(), parameters);
     // The embedding table is the output head, kept at 8 bits; every layer matrix is q4_0.
     assert!(

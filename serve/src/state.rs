@@ -17,6 +17,7 @@ use runner::chat::{GenerateError, GenerateOptions, Generation, LoadOptions, Stop
 use runner::embed::Embedder;
 use runner::engine::{Embeddings, Engine, EngineError, Reply, Runtime};
 use runner::kernels::Activations;
+use runner::models::llama::KvPrecision;
 use runner::quant::Quant;
 use runner::template::Message;
 use tokio::sync::{OnceCell, mpsc};
@@ -45,6 +46,8 @@ pub struct ServeConfig {
     pub quant: Option<Quant>,
     /// How sanctum's CPU kernels quantize activations; None: as `run` does by default.
     pub activations: Option<Activations>,
+    /// What the key/value caches hold on sanctum's CPU path.
+    pub kv_cache: KvPrecision,
     /// Context of each sequence; None: the model's own, at most [`DEFAULT_CONTEXT`].
     pub context: Option<usize>,
     /// Active sequences and waiting requests per chat model.
@@ -238,6 +241,7 @@ impl AppState {
             device: self.config.runtime.device.clone(),
             context: self.config.context,
             context_cap: Some(DEFAULT_CONTEXT),
+            kv_cache: self.config.kv_cache,
         };
         let loaded = self
             .config

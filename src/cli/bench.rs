@@ -72,6 +72,10 @@ struct RunBench {
         value_name = "PRECISIONS"
     )]
     activations: Vec<runner::kernels::Activations>,
+    /// What the key/value cache holds on sanctum's CPU path (as `run --kv-cache`); quality
+    /// measurements compare with the reference format on an f32 cache.
+    #[arg(long, default_value = "f16", value_name = "PRECISION")]
+    kv_cache: runner::models::llama::KvPrecision,
     /// Prompt-processing tests: prompt lengths, comma-separated (0: none).
     #[arg(
         short = 'p',
@@ -264,6 +268,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             model_name,
             &args.quality,
             &formats,
+            args.kv_cache,
             &runtime,
             report,
         );
@@ -330,6 +335,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             device: runtime.device.clone(),
             context: None,
             context_cap: None,
+            kv_cache: args.kv_cache,
         };
         let model = engine
             .load_chat(model_name, &options, &ctx.progress())?

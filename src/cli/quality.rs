@@ -13,6 +13,7 @@ use clap::Args;
 use runner::chat::{ChatModel, LoadOptions};
 use runner::engine::{Engine, Runtime};
 use runner::kernels::Activations;
+use runner::models::llama::KvPrecision;
 use runner::quality::{self, Quality, Reference};
 use serde_json::json;
 
@@ -64,13 +65,19 @@ pub struct Report<'a> {
     pub out: Option<&'a Path>,
 }
 
-/// Runs the measurement for each `(format, activations)` and prints the table.
+/// Runs the measurement for each `(format, activations)` on a `kv_cache` cache and prints the
+/// table; the reference runs on an f32 cache, so that the figures include the cache's error.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the bench command's parsed flags, passed on"
+)]
 pub fn run(
     ctx: &Context,
     engine: &Engine,
     model_name: &str,
     args: &QualityArgs,
     formats: &[(QuantArg, Activations)],
+    kv_cache: KvPrecision,
     runtime: &Runtime,
     report: Report<'_>,
 ) -> anyhow::Result<ExitCode> {
@@ -84,7 +91,10 @@ pub fn run(
             eprintln!("bench: {line}");
         }
     };
-    let load = |quant: QuantArg, activations: Activations| -> anyhow::Result<(ChatModel, f64)> {
+    let load = |quant: QuantArg,
+                activations: Activations,
+                kv_cache: KvPrecision|
+     -> anyhow::Result<(ChatModel, f64)> {
         let started = Instant::now();
         let options = LoadOptions {
             quant: quant.format(),
@@ -92,6 +102,7 @@ pub fn run(
             device: runtime.device.clone(),
             context: Some(args.window),
             context_cap: None,
+            kv_cache,
         };
         let model = engine
             .load_chat(model_name, &options, &ctx.progress())
@@ -100,7 +111,8 @@ pub fn run(
         Ok((model, started.elapsed().as_secs_f64()))
     };
 
-    let (reference_model, load_seconds) = load(args.reference, Activations::Int16)?;
+    let (reference_model, load_seconds) =
+        load(args.reference, Activations::Int16, KvPrecision::F32)?;
     let tokens = reference_model
         .tokenize_raw(&text)
         .with_context(|| format!("cannot tokenize {}", text_path.display()))?;
@@ -109,7 +121,8 @@ pub fn run(
         .with_context(|| format!("{}", text_path.display()))?;
     let count = windows.len();
     say(&format!(
-        "{}: {} tokens, {count} windows of {} scored on their second half; reference {}",
+        "{}: {} tokens, {count} windows of {} scored on their second half; reference {} on an \
+         f32 cache, the others on an {kv_cache} cache",
         text_path.display(),
         tokens.len(),
         args.window,
@@ -126,7 +139,7 @@ pub fn run(
     drop(reference_model);
     say(&line(&rows[0]));
     for &(quant, activations) in formats {
-        let (model, load_seconds) = load(quant, activations)?;
+        let (model, load_seconds) = load(quant, activations, kv_cache)?;
         // `f16` with either precision (nothing on sanctum's kernels) is one measurement.
         if rows.iter().any(|r| r.format == model.arithmetic()) {
             continue;
@@ -149,6 +162,7 @@ pub fn run(
             "tokens": tokens.len(),
             "window": args.window,
             "windows": count,
+            "kv_cache": kv_cache.name(),
             "device": runtime.device_name,
             "threads": runtime.threads,
             "results": rows,

@@ -12,6 +12,7 @@ use clap::Args;
 use runner::chat::{ChatModel, GenerateOptions, Generation, LoadOptions};
 use runner::device::{self, DeviceChoice};
 use runner::engine::{Engine, Reply, Runtime};
+use runner::models::llama::KvPrecision;
 use runner::quant::Quant;
 use runner::sampling::SamplingParams;
 use runner::template::Message;
@@ -82,6 +83,10 @@ pub struct ModelArgs {
     /// Context size in tokens (prompt and reply) [default: the model's].
     #[arg(long, value_name = "TOKENS")]
     ctx: Option<usize>,
+    /// What the key/value cache holds on sanctum's CPU path: f16 (half the memory, llama.cpp's
+    /// default) or f32.
+    #[arg(long, default_value = "f16", value_name = "PRECISION")]
+    kv_cache: KvPrecision,
     /// Show how each weight was quantized (fallbacks) and other load details on stderr.
     #[arg(long, short)]
     pub verbose: bool,
@@ -263,6 +268,7 @@ impl ModelArgs {
             device: runtime.device.clone(),
             context: self.ctx,
             context_cap: None,
+            kv_cache: self.kv_cache,
         }
     }
 }
@@ -271,7 +277,7 @@ impl ModelArgs {
 pub fn report_load(model: &ChatModel, auto: bool, load_time: Duration, runtime: &Runtime) {
     let mix = runner::bench::mix(model.choices());
     eprintln!(
-        "{}: loaded and verified in {:.2} s; --quant {}{}: {}{}; {}, {} threads; context {}",
+        "{}: loaded and verified in {:.2} s; --quant {}{}: {}{}{}; {}, {} threads; context {}",
         model.name(),
         load_time.as_secs_f64(),
         model.quant(),
@@ -280,6 +286,10 @@ pub fn report_load(model: &ChatModel, auto: bool, load_time: Duration, runtime: 
         model
             .activations()
             .map(|a| format!(", {a} activations"))
+            .unwrap_or_default(),
+        model
+            .kv_precision()
+            .map(|p| format!(", {p} key/value cache"))
             .unwrap_or_default(),
         runtime.device_name,
         runtime.threads,
@@ -436,6 +446,7 @@ fn run_json(loaded: &Loaded, options: &GenerateOptions, g: &Generation) -> serde
         "digest": format!("sha256:{}", model.digest()),
         "quant": model.quant().name(),
         "activations": model.activations().map(|a| a.name()),
+        "kv_cache": model.kv_precision().map(|p| p.name()),
         "device": loaded.runtime.device_name,
         "threads": loaded.runtime.threads,
         "context": model.context(),

@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// How sanctum's CPU kernels quantize activations (as `run --activations`).
     #[arg(long, default_value = "int16", value_name = "PRECISION")]
     activations: runner::kernels::Activations,
+    /// What the key/value cache holds on sanctum's CPU path (as `run --kv-cache`).
+    #[arg(long, default_value = "f16", value_name = "PRECISION")]
+    kv_cache: runner::models::llama::KvPrecision,
     /// Context of each sequence in tokens [default: the model's, at most 4096].
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(2..))]
     ctx: Option<u32>,
@@ -89,6 +92,7 @@ pub fn run(args: ServeArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         models,
         quant: args.quant.format(),
         activations: Some(args.activations),
+        kv_cache: args.kv_cache,
         context: args.ctx.map(|c| c as usize),
         limits: Limits {
             parallel: usize::from(args.parallel),

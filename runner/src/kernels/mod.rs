@@ -1142,26 +1142,27 @@ impl ActBlocks {
         self.quants.resize(x.len(), 0);
         // Sized for `Int8` too (and left unwritten), so both go through one loop.
         self.residues.resize(x.len(), 0);
-        let rows = x
-            .par_chunks_exact(cols)
-            .zip(self.quants.par_chunks_exact_mut(cols))
-            .zip(self.residues.par_chunks_exact_mut(cols))
-            .zip(self.scales.par_chunks_exact_mut(nb))
+        let numbers = self
+            .scales
+            .par_chunks_exact_mut(nb)
             .zip(self.sums.par_chunks_exact_mut(nb))
             .zip(self.biases.par_chunks_exact_mut(nb))
-            .zip(self.half_biases.par_chunks_exact_mut(nb));
-        let row = |row: (((((_, &mut [i8]), _), _), _), _)| {
-            let ((((((x, hi), lo), scales), sums), biases), half_biases) = row;
-            let blocks = RowBlocks {
+            .zip(self.half_biases.par_chunks_exact_mut(nb))
+            .map(|(((scales, sums), biases), half_biases)| RowBlocks {
                 scales,
                 sums,
                 biases,
                 half_biases,
-            };
-            match activations {
-                Activations::Int8 => quantize_row(x, hi, blocks, offset),
-                Activations::Int16 => quantize_row_split(x, hi, lo, blocks, offset),
-            }
+            });
+        let rows = x
+            .par_chunks_exact(cols)
+            .zip(self.quants.par_chunks_exact_mut(cols))
+            .zip(self.residues.par_chunks_exact_mut(cols))
+            .zip(numbers);
+        let row = |(((x, hi), lo), blocks): (((_, &mut [i8]), _), RowBlocks<'_>)| match activations
+        {
+            Activations::Int8 => quantize_row(x, hi, blocks, offset),
+            Activations::Int16 => quantize_row_split(x, hi, lo, blocks, offset),
         };
         // Rows in parallel for prompts: serial, this would cost a third of the smaller matmuls'
         // time. Below the minimum length rayon does not split, and the caller runs every row.

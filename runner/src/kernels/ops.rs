@@ -1,9 +1,73 @@
 //! The f32 operations around the matmuls of a decoder layer, on plain slices: RMS normalization,
-//! rotary embedding, causal grouped-query attention over a position-major key/value cache, and the
-//! gated SiLU. On the CPU, one candle op per step costs more than the arithmetic at one token;
-//! these run in place, in buffers the caller reuses.
+//! rotary embedding, causal grouped-query attention over a head-major key/value cache of f16 or
+//! f32, and the gated SiLU. On the CPU, one candle op per step costs more than the arithmetic at
+//! one token; these run in place, in buffers the caller reuses.
 
+use half::f16;
 use rayon::prelude::*;
+
+/// What the key/value cache holds: f16, as llama.cpp keeps it by default (half the memory, and
+/// half the bytes each generated token reads at long contexts), or f32.
+pub trait CacheValue: Copy + Default + Send + Sync + 'static {
+    /// One value as f32.
+    fn to_f32(self) -> f32;
+    /// The nearest value to `x`.
+    fn from_f32(x: f32) -> Self;
+    /// `N` values as f32, eight at a time where the CPU converts f16 in vectors.
+    #[inline(always)]
+    fn widen<const N: usize>(x: &[Self; N]) -> [f32; N] {
+        std::array::from_fn(|i| x[i].to_f32())
+    }
+}
+
+impl CacheValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+
+    #[inline(always)]
+    fn widen<const N: usize>(x: &[Self; N]) -> [f32; N] {
+        *x
+    }
+}
+
+impl CacheValue for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+
+    #[inline(always)]
+    fn widen<const N: usize>(x: &[Self; N]) -> [f32; N] {
+        #[cfg(all(target_arch = "x86_64", target_feature = "f16c"))]
+        #[allow(unsafe_code, reason = "F16C conversion of whole vectors")]
+        if N.is_multiple_of(8) {
+            use std::arch::x86_64::*;
+            let mut out = [0f32; N];
+            for i in (0..N).step_by(8) {
+                // SAFETY: F16C is a static target feature here, and the 8 values read (16 bytes)
+                // and written lie inside the two `N`-value arrays, `N` a multiple of 8.
+                unsafe {
+                    let h = _mm_loadu_si128(x.as_ptr().add(i).cast());
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+                }
+            }
+            return out;
+        }
+        std::array::from_fn(|i| x[i].to_f32())
+    }
+}
 
 /// `out = x / rms(x) · weight`, row by row (`weight.len()` values per row).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -80,11 +144,11 @@ const TASK_QUERIES: usize = 16;
 ///
 /// # Panics
 /// If a slice is shorter than the shape says.
-pub fn attention(
+pub fn attention<T: CacheValue>(
     shape: AttentionShape,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
@@ -96,11 +160,11 @@ pub fn attention(
 }
 
 /// [`attention`] one head per task, one query at a time, each key's dot product summed on its own.
-fn query_attention(
+fn query_attention<T: CacheValue>(
     shape: AttentionShape,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
@@ -146,11 +210,11 @@ fn query_attention(
 /// vectors of fused multiply-adds with no horizontal sum per key, and the weighted sum of values
 /// likewise covers [`ROWS`] queries per value row loaded. Tasks are blocks of [`TASK_QUERIES`]
 /// queries of one head, so both threads stay busy whatever the head count.
-fn prompt_attention(
+fn prompt_attention<T: CacheValue>(
     shape: AttentionShape,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
@@ -174,7 +238,7 @@ fn prompt_attention(
         let k = &keys[g * capacity * hd..][..kv_len * hd];
         for (p, k) in k.chunks_exact(hd).enumerate() {
             for (d, &v) in k.iter().enumerate() {
-                kt[d * ld + p] = v;
+                kt[d * ld + p] = v.to_f32();
             }
         }
     });
@@ -209,7 +273,7 @@ fn prompt_attention(
 }
 
 /// A block of one head's queries on the prompt path.
-struct Prompt<'a> {
+struct Prompt<'a, T> {
     /// The block's first query; the next ones follow every `q_stride` values.
     q: &'a [f32],
     q_stride: usize,
@@ -217,14 +281,14 @@ struct Prompt<'a> {
     kt: &'a [f32],
     ld: usize,
     /// `[positions, hd]`.
-    values: &'a [f32],
+    values: &'a [T],
     hd: usize,
     /// Positions the block's first query sees (the next query sees one more).
     visible: usize,
     scale: f32,
 }
 
-impl Prompt<'_> {
+impl<T: CacheValue> Prompt<'_, T> {
     /// Attends the block's queries into `out` (`[rows, hd]`), with `scores` as room for
     /// [`ROWS`] × `ld` scores.
     fn attend(&self, out: &mut [f32], scores: &mut [f32]) {
@@ -270,9 +334,9 @@ impl Prompt<'_> {
         for d0 in (0..hd).step_by(DIMS) {
             let mut acc = [[0f32; DIMS]; R];
             for (k, v) in self.values[..keys * hd].chunks_exact(hd).enumerate() {
-                let v = &v.as_chunks::<DIMS>().0[d0 / DIMS];
+                let v = T::widen(&v.as_chunks::<DIMS>().0[d0 / DIMS]);
                 for (acc, p) in acc.iter_mut().zip(&p) {
-                    axpy(acc, p[k], v);
+                    axpy(acc, p[k], &v);
                 }
             }
             for (r, (acc, inv)) in acc.iter().zip(inv).enumerate() {
@@ -286,18 +350,18 @@ impl Prompt<'_> {
 }
 
 /// One attention head's operands.
-struct Head<'a> {
+struct Head<'a, T> {
     /// The head's query of the first new position; the next ones follow every `q_stride` values.
     q: &'a [f32],
     q_stride: usize,
     /// `[pos + seq, head_dim]`.
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: &'a [T],
+    values: &'a [T],
     pos: usize,
     scale: f32,
 }
 
-impl Head<'_> {
+impl<T: CacheValue> Head<'_, T> {
     /// Attends each query (`out`: `[seq, head_dim]`) over its visible positions, with `scores` as
     /// room for one query's scores.
     fn attend(&self, hd: usize, out: &mut [f32], scores: &mut [f32]) {
@@ -310,10 +374,7 @@ impl Head<'_> {
             let inv = 1.0 / softmax_weights(scores);
             o.fill(0.0);
             for (&s, v) in scores.iter().zip(self.values.chunks_exact(hd)) {
-                let p = s * inv;
-                for (o, &v) in o.iter_mut().zip(v) {
-                    *o += p * v;
-                }
+                add_scaled(o, s * inv, v);
             }
         }
     }
@@ -422,21 +483,37 @@ fn fma(a: f32, b: f32, c: f32) -> f32 {
 /// Lanes summed independently, so the compiler can keep them in one vector register.
 const LANES: usize = 16;
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: CacheValue>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_chunks, b_chunks) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
     let tail: f32 = a_chunks
-        .remainder()
+        .1
         .iter()
-        .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
+        .zip(b_chunks.1)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
-    for (a, b) in a_chunks.zip(b_chunks) {
+    for (a, b) in a_chunks.0.iter().zip(b_chunks.0) {
+        let b = T::widen(b);
         for k in 0..LANES {
             acc[k] += a[k] * b[k];
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// `out += a · x`, [`LANES`] values at a time.
+fn add_scaled<T: CacheValue>(out: &mut [f32], a: f32, x: &[T]) {
+    let (out_chunks, out_tail) = out.as_chunks_mut::<LANES>();
+    let (x_chunks, x_tail) = x.as_chunks::<LANES>();
+    for (o, x) in out_chunks.iter_mut().zip(x_chunks) {
+        let x = T::widen(x);
+        for k in 0..LANES {
+            o[k] += a * x[k];
+        }
+    }
+    for (o, x) in out_tail.iter_mut().zip(x_tail) {
+        *o += a * x.to_f32();
+    }
 }
 
 fn sum_of_squares(x: &[f32]) -> f32 {

@@ -90,7 +90,14 @@ fn packed_weights_dequantize_to_candles_values() -> candle_core::Result<()> {
 fn ggml_blocks_round_trip_through_the_packing() -> candle_core::Result<()> {
     for format in Format::ALL {
         // More than one run of 8 blocks, and a partial one (k-quants: three super-blocks).
-        let (rows, cols) = (5, if format.blocks_per_scale() > 1 { 768 } else { 352 });
+        let (rows, cols) = (
+            5,
+            if format.blocks_per_scale() > 1 {
+                768
+            } else {
+                352
+            },
+        );
         let w = awkward_weights(rows, cols);
         let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu)?;
         let theirs = QTensor::quantize(&t, format.ggml())?.data()?.to_vec();
@@ -242,7 +249,11 @@ fn paths_agree_closely() -> candle_core::Result<()> {
         .flat_map(|f| [(f, Activations::Int8), (f, Activations::Int16)])
     {
         // A run and a block after it; k-quants: three super-blocks.
-        let cols = if format.blocks_per_scale() > 1 { 768 } else { 288 };
+        let cols = if format.blocks_per_scale() > 1 {
+            768
+        } else {
+            288
+        };
         let w = awkward_weights(rows, cols);
         let x = values(m * cols, 3, 2.0);
         let packed = PackedMatrix::quantize(format, &w, rows, cols)
@@ -341,6 +352,14 @@ fn attention_matches_reference() {
         let want = reference_attention(shape, &q, &keys, &vals);
         let err = relative_rms(&out, &want);
         assert!(err < 1e-5, "seq {seq} pos {pos} hd {hd}: {err}");
+        // An f16 cache: the same attention over the rounded keys and values.
+        let half = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+        let widened = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+        let (keys16, vals16) = (half(&keys), half(&vals));
+        ops::attention(shape, &q, &keys16, &vals16, &mut out, &mut scratch);
+        let want = reference_attention(shape, &q, &widened(&keys16), &widened(&vals16));
+        let err = relative_rms(&out, &want);
+        assert!(err < 1e-5, "f16 cache, seq {seq} pos {pos} hd {hd}: {err}");
     }
 }
 

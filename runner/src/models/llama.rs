@@ -11,10 +11,11 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use serde::Deserialize;
 
-use crate::kernels::ops::{self, AttentionShape};
+use crate::kernels::ops::{self, AttentionShape, CacheValue};
 use crate::kernels::{self, Activations, PackedMatrix, Scratch};
 use crate::quant::{self, Choice, Matrix, Quant, Role};
 use crate::weights::{Plan, TensorHeader, Weights};
+use half::f16;
 
 /// The variants of the family, as `config.json` names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,6 +281,8 @@ pub struct Llama {
     device: Device,
     /// The CPU path, when every matrix is on sanctum's kernels; candle's ops otherwise.
     cpu: Option<CpuModel>,
+    /// What the CPU path's caches hold.
+    kv_precision: KvPrecision,
 }
 
 /// Takes the built tensors out of [`Weights`], checking each one's shape.
@@ -339,10 +342,13 @@ const LAYER_MATRICES: [&str; 7] = [
 /// output head, and the embedding table when it is the head too, at 6 bits or more unless the
 /// file already stores them in `quant`: a second rounding would only add error), norms and
 /// biases as f32, anything else skipped; matrices on sanctum's kernels multiply `activations`.
+/// With `keep_stored` (`--quant auto`), a matrix stored in a block format sanctum's kernels run
+/// keeps it, as llama.cpp runs a GGUF's mix (Q4_K_M: q4_K, q6_K, q5_0, q8_0) tensor by tensor.
 /// `tied` says the embedding table is the output head.
 pub fn plan(
     tensors: &[TensorHeader],
     quant: Quant,
+    keep_stored: bool,
     activations: Activations,
     tied: bool,
 ) -> Vec<Plan> {
@@ -350,6 +356,14 @@ pub fn plan(
         .iter()
         .map(|t| {
             let name = t.name.as_str();
+            let stored = quant::ALL
+                .into_iter()
+                .find(|q| t.blocks == Some(q.ggml()) && q.packed_format().is_some());
+            let fits = |q: Quant| matches!(t.shape.as_slice(), [_, cols] if q.fitting(*cols) == q);
+            let quant = match stored {
+                Some(q) if keep_stored && fits(q) => q,
+                _ => quant,
+            };
             let stored_as_asked = t.blocks == Some(quant.ggml());
             let matrix = |role| match t.shape.as_slice() {
                 [_, cols] if stored_as_asked => Plan::Matrix(
@@ -393,7 +407,8 @@ pub fn plan(
 
 /// The format `auto` runs a checkpoint in: the block format most of its layer matrices are stored
 /// in when sanctum's own kernels run it (the weights as published, with nothing to quantize at
-/// load), else [`quant::AUTO_FOR_FLOATS`].
+/// load; matrices stored in another such format keep theirs, see [`plan`]), else
+/// [`quant::AUTO_FOR_FLOATS`].
 pub fn auto_quant(tensors: &[TensorHeader]) -> Quant {
     let mut stored: Vec<(Option<GgmlDType>, usize)> = Vec::new();
     for t in tensors {
@@ -459,12 +474,13 @@ impl HeadTying {
         &mut self,
         tensors: &[TensorHeader],
         quant: Quant,
+        keep_stored: bool,
         activations: Activations,
     ) -> Vec<Plan> {
         if self.single_file && !tensors.iter().any(|t| t.name == "lm_head.weight") {
             self.tied = true;
         }
-        plan(tensors, quant, activations, self.tied)
+        plan(tensors, quant, keep_stored, activations, self.tied)
     }
 }
 
@@ -573,6 +589,7 @@ impl Llama {
             vocab: config.vocab_size,
             device: device.clone(),
             cpu,
+            kv_precision: KvPrecision::default(),
         };
         Ok((model, loader.choices))
     }
@@ -589,10 +606,26 @@ impl Llama {
 
     /// An empty key/value cache for one sequence on this model.
     pub fn new_cache(&self) -> Cache {
+        let layer = LayerCache {
+            candle: CandleKv::default(),
+            cpu: CpuCache::new(self.kv_precision),
+        };
         Cache {
-            layers: vec![LayerCache::default(); self.layers.len()],
+            layers: vec![layer; self.layers.len()],
             cached: 0,
         }
+    }
+
+    /// What the CPU path's key/value caches hold; None on candle's path, which keeps its own
+    /// dtype.
+    pub fn kv_precision(&self) -> Option<KvPrecision> {
+        self.cpu.as_ref().map(|_| self.kv_precision)
+    }
+
+    /// What the CPU path's key/value caches made from now on hold (candle's path keeps its own
+    /// dtype).
+    pub fn set_kv_precision(&mut self, precision: KvPrecision) {
+        self.kv_precision = precision;
     }
 
     /// Feeds `tokens` after the ones in `cache`; returns the logits (`[vocab]`) that follow the
@@ -768,19 +801,120 @@ impl Cache {
     pub fn clear(&mut self) {
         self.cached = 0;
         for layer in &mut self.layers {
-            *layer = LayerCache::default();
+            layer.candle = CandleKv::default();
+            layer.cpu = CpuCache::new(layer.cpu.precision());
         }
     }
 }
 
-/// One layer's keys and values: candle tensors on candle's path; on the CPU path
-/// `[kv_heads, capacity, head_dim]` f32 (head-major, so attention streams each head's keys), grown
-/// as positions arrive.
-#[derive(Debug, Clone, Default)]
+/// What the CPU path's key/value cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvPrecision {
+    /// Half the memory of f32 and close to its answers: llama.cpp's default.
+    #[default]
+    F16,
+    /// The keys and values exactly as computed.
+    F32,
+}
+
+impl KvPrecision {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::F32 => "f32",
+        }
+    }
+}
+
+impl std::fmt::Display for KvPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Not a key/value cache precision.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown key/value cache precision {0:?}: use f16 or f32")]
+pub struct UnknownKvPrecision(pub String);
+
+impl std::str::FromStr for KvPrecision {
+    type Err = UnknownKvPrecision;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            _ => Err(UnknownKvPrecision(s.to_owned())),
+        }
+    }
+}
+
+/// One layer's keys and values: candle tensors on candle's path, plain vectors on the CPU path.
+#[derive(Debug, Clone)]
 struct LayerCache {
     candle: CandleKv,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    cpu: CpuCache,
+}
+
+/// The CPU path's keys and values of one layer in the precision asked for.
+#[derive(Debug, Clone)]
+enum CpuCache {
+    F16(CpuKv<f16>),
+    F32(CpuKv<f32>),
+}
+
+impl CpuCache {
+    fn new(precision: KvPrecision) -> Self {
+        match precision {
+            KvPrecision::F16 => Self::F16(CpuKv::default()),
+            KvPrecision::F32 => Self::F32(CpuKv::default()),
+        }
+    }
+
+    fn precision(&self) -> KvPrecision {
+        match self {
+            Self::F16(_) => KvPrecision::F16,
+            Self::F32(_) => KvPrecision::F32,
+        }
+    }
+
+    /// [`CpuKv::append`]; returns the capacity after it.
+    fn append(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        pos: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        match self {
+            Self::F16(c) => c.append(k, v, pos, kv_heads, head_dim),
+            Self::F32(c) => c.append(k, v, pos, kv_heads, head_dim),
+        }
+    }
+
+    /// [`ops::attention`] over the cached keys and values.
+    fn attention(
+        &self,
+        shape: ops::AttentionShape,
+        q: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        match self {
+            Self::F16(c) => ops::attention(shape, q, &c.keys, &c.values, out, scratch),
+            Self::F32(c) => ops::attention(shape, q, &c.keys, &c.values, out, scratch),
+        }
+    }
+}
+
+/// Keys and values `[kv_heads, capacity, head_dim]` (head-major, so attention streams each head's
+/// keys), grown as positions arrive.
+#[derive(Debug, Clone, Default)]
+struct CpuKv<T> {
+    keys: Vec<T>,
+    values: Vec<T>,
     capacity: usize,
 }
 
@@ -850,18 +984,26 @@ impl CpuLinear {
     }
 }
 
-impl LayerCache {
+impl<T: CacheValue> CpuKv<T> {
     /// Writes the keys and values of positions `pos..` (`[seq, kv_heads × head_dim]`), growing
-    /// the cache by at least [`CACHE_CHUNK`] positions (or doubling) when it is full.
-    fn append(&mut self, k: &[f32], v: &[f32], pos: usize, kv_heads: usize, head_dim: usize) {
+    /// the cache by at least [`CACHE_CHUNK`] positions (or doubling) when it is full; returns the
+    /// capacity.
+    fn append(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        pos: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
         let width = kv_heads * head_dim;
         let seq = k.len() / width;
         if pos + seq > self.capacity {
             let capacity = (pos + seq)
                 .next_multiple_of(CACHE_CHUNK)
                 .max(2 * self.capacity);
-            let grow = |old: &[f32]| {
-                let mut new = vec![0f32; kv_heads * capacity * head_dim];
+            let grow = |old: &[T]| {
+                let mut new = vec![T::default(); kv_heads * capacity * head_dim];
                 for h in 0..kv_heads {
                     let n = pos * head_dim;
                     new[h * capacity * head_dim..][..n]
@@ -876,11 +1018,14 @@ impl LayerCache {
         for (cache, new) in [(&mut self.keys, k), (&mut self.values, v)] {
             for (i, row) in new.chunks_exact(width).enumerate() {
                 for (h, head) in row.chunks_exact(head_dim).enumerate() {
-                    cache[(h * self.capacity + pos + i) * head_dim..][..head_dim]
-                        .copy_from_slice(head);
+                    let at = &mut cache[(h * self.capacity + pos + i) * head_dim..][..head_dim];
+                    for (c, &x) in at.iter_mut().zip(head) {
+                        *c = T::from_f32(x);
+                    }
                 }
             }
         }
+        self.capacity
     }
 }
 
@@ -1052,16 +1197,9 @@ impl CpuModel {
                     &self.cos[angles.clone()],
                     &self.sin[angles],
                 );
-                let kv = &mut cache.layers[li];
-                kv.append(k, v, pos, shape.kv_heads, shape.head_dim);
-                ops::attention(
-                    attention_shape(pos, kv.capacity, n),
-                    q,
-                    &kv.keys,
-                    &kv.values,
-                    att,
-                    &mut b.attention,
-                );
+                let kv = &mut cache.layers[li].cpu;
+                let capacity = kv.append(k, v, pos, shape.kv_heads, shape.head_dim);
+                kv.attention(attention_shape(pos, capacity, n), q, att, &mut b.attention);
                 row += n;
             }
             layer.o.forward(&b.att, &mut b.proj, &mut b.scratch)?;
@@ -1293,7 +1431,7 @@ mod tests {
     fn load_tiny_as(cfg: &Config, variant: Variant, bytes: &[u8], quant: Quant) -> Result<Llama> {
         let tied = cfg.tie_word_embeddings;
         let mut weights = Weights::from_bytes(bytes, &Device::Cpu, &mut |t| {
-            plan(t, quant, Activations::Int8, tied)
+            plan(t, quant, false, Activations::Int8, tied)
         })
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (model, _) = Llama::load(cfg, variant, &mut weights, tied, &Device::Cpu, 64)?;
@@ -1301,18 +1439,27 @@ mod tests {
     }
 
     /// The CPU path against candle's ops on the same packed weights: a prompt, single tokens, and a
-    /// truncated cache refilled; with Qwen2's biases too.
+    /// truncated cache refilled; with Qwen2's biases too; on an f32 cache, and on an f16 cache
+    /// whose rounding is all that differs.
     #[test]
     fn cpu_path_matches_candle_ops() -> Result<()> {
         let cases = [
-            (Variant::Llama, Quant::Q8_0),
-            (Variant::Llama, Quant::Q4_0),
-            (Variant::Llama, Quant::Q4_1),
-            (Variant::Qwen2, Quant::Q8_0),
+            (Variant::Llama, Quant::Q8_0, KvPrecision::F32),
+            (Variant::Llama, Quant::Q4_0, KvPrecision::F32),
+            (Variant::Llama, Quant::Q4_1, KvPrecision::F32),
+            (Variant::Qwen2, Quant::Q8_0, KvPrecision::F32),
+            (Variant::Llama, Quant::Q8_0, KvPrecision::F16),
+            (Variant::Qwen2, Quant::Q8_0, KvPrecision::F16),
         ];
-        for (variant, quant) in cases {
+        for (variant, quant, precision) in cases {
             let (cfg, bytes) = tiny_model_of(variant);
-            let fast = load_tiny_as(&cfg, variant, &bytes, quant)?;
+            let mut fast = load_tiny_as(&cfg, variant, &bytes, quant)?;
+            assert_eq!(fast.kv_precision(), Some(KvPrecision::F16), "the default");
+            fast.set_kv_precision(precision);
+            let bound = match precision {
+                KvPrecision::F32 => 1e-4,
+                KvPrecision::F16 => 1e-2,
+            };
             let mut reference = load_tiny_as(&cfg, variant, &bytes, quant)?;
             assert!(fast.cpu.is_some(), "{quant}: the CPU path is not used");
             reference.cpu = None;
@@ -1334,8 +1481,8 @@ mod tests {
                     .sqrt();
                 let norm: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
                 assert!(
-                    err / norm < 1e-4,
-                    "{quant} step {n}: relative error {}",
+                    err / norm < bound,
+                    "{quant} {precision} cache, step {n}: relative error {}",
                     err / norm
                 );
                 assert_eq!(fast_cache.len(), reference_cache.len());
