@@ -72,8 +72,9 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// Format the weights run in, quantized in memory from the verified Safetensors at load:
-    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k; auto keeps the format the
-    /// weights are stored in when sanctum's own kernels run it (q8_0, q4_0, q4_1, q5_0, q4k), else q8_0.
+    /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k; auto keeps the format each
+    /// matrix is stored in when sanctum's own kernels run it (q8_0, q4_0, q4_1, q5_0, q4k, q6k),
+    /// else q8_0.
     #[arg(long, default_value = "auto", value_name = "FORMAT")]
     quant: QuantArg,
     /// How sanctum's CPU kernels (q8_0, q4_0) quantize activations: int16 keeps f32's answers;

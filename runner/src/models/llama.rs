@@ -1334,6 +1334,50 @@ mod tests {
         Ok(())
     }
 
+    /// `auto` on a GGUF mix (Q4_K_M's): every matrix whose stored format sanctum's kernels run
+    /// keeps it, whatever the most common one; others, and an explicit format, take the one asked.
+    #[test]
+    fn auto_keeps_each_matrix_stored_format() {
+        use GgmlDType::{Q4K, Q5_0, Q5_1, Q6K, Q8_0};
+        // Most of the weights in q5_0, as most of Q4_K_M's rows of 576 are.
+        let header = |name: &str, cols: usize, blocks: Option<GgmlDType>| TensorHeader {
+            name: name.to_owned(),
+            dtype: safetensors::Dtype::U8,
+            shape: vec![if blocks == Some(Q5_0) { 512 } else { 64 }, cols],
+            blocks,
+        };
+        let layer =
+            |name: &str, cols, blocks| header(&format!("model.layers.0.{name}"), cols, blocks);
+        let tensors = [
+            header("model.embed_tokens.weight", 576, Some(Q8_0)),
+            layer("self_attn.q_proj.weight", 576, Some(Q5_0)),
+            layer("self_attn.k_proj.weight", 576, Some(Q5_0)),
+            layer("self_attn.v_proj.weight", 576, Some(Q8_0)),
+            layer("mlp.down_proj.weight", 1536, Some(Q6K)),
+            layer("mlp.up_proj.weight", 1536, Some(Q4K)),
+            layer("mlp.gate_proj.weight", 1536, Some(Q5_1)),
+        ];
+        let auto = auto_quant(&tensors);
+        assert_eq!(auto, Quant::Q5_0, "the most common stored format");
+        let used = |plans: Vec<Plan>| -> Vec<Quant> {
+            plans
+                .into_iter()
+                .map(|p| match p {
+                    Plan::Matrix(choice) => choice.used,
+                    other => panic!("{other:?} is not a matrix"),
+                })
+                .collect()
+        };
+        let kept = used(plan(&tensors, auto, true, Activations::Int8, true));
+        let (q8, q5, q6, q4k) = (Quant::Q8_0, Quant::Q5_0, Quant::Q6K, Quant::Q4K);
+        // q5_1 has no sanctum kernel: it takes `auto`'s q5_0.
+        assert_eq!(kept, [q8, q5, q5, q8, q6, q4k, q5]);
+        let asked = used(plan(&tensors, Quant::Q4_0, false, Activations::Int8, true));
+        // The tied head at 6 bits: q8_0 where rows of 576 do not fit q6_K.
+        let q4 = Quant::Q4_0;
+        assert_eq!(asked, [q8, q4, q4, q4, q4, q4, q4]);
+    }
+
     #[test]
     fn kv_cache_grows_and_truncates() -> Result<()> {
         let mut c = CandleKv::default();
