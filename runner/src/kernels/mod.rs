@@ -137,6 +137,16 @@ impl Format {
         }
     }
 
+    /// True when the multipliers are signed bytes (q6_K's), not unsigned (q4_K's).
+    const fn signed_multipliers(self) -> bool {
+        matches!(self, Self::Q6K)
+    }
+
+    /// The bits of a stored byte of the high plane that belong to one value, shifted down.
+    const fn high_mask(self) -> u8 {
+        (1 << self.high_bits()) - 1
+    }
+
     /// Values that share one scale: 16 for q6_K, a block for the others.
     pub const fn values_per_scale(self) -> usize {
         match self {
@@ -477,10 +487,9 @@ impl PackedBuilder {
                         }
                     }
                     if format.high_bits() > 0 {
-                        let mask = (1 << format.high_bits()) - 1;
                         for (e, &v) in values.iter().enumerate() {
                             let (at, shift) = high_position(format, nb, b, e);
-                            out.high[at] |= (v >> 4 & mask) << shift;
+                            out.high[at] |= (v >> 4 & format.high_mask()) << shift;
                         }
                     }
                 }
@@ -615,10 +624,9 @@ impl PackedMatrix {
                     }
                     out.extend_from_slice(&low);
                     out.extend_from_slice(&high);
-                    let at = s * GROUP * 2;
-                    for b in 0..GROUP {
-                        for k in 0..2 {
-                            out.push(row.block_scales[at + multiplier_index(format, b, k)]);
+                    for b in s * GROUP..(s + 1) * GROUP {
+                        for k in 0..format.multipliers() {
+                            out.push(row.block_scales[multiplier_index(format, b, k)]);
                         }
                     }
                     out.extend_from_slice(&row.scales[s].to_le_bytes());
@@ -875,8 +883,7 @@ impl WeightRows<'_> {
             return low;
         }
         let (at, shift) = high_position(format, nb, b, e);
-        let mask = (1 << format.high_bits()) - 1;
-        low | i32::from(self.high[j * self.sizes.high + at] >> shift & mask) << 4
+        low | i32::from(self.high[j * self.sizes.high + at] >> shift & format.high_mask()) << 4
     }
 
     /// The scale and minimum (0 without one) as f32 of part `part` of block `b` of row `j` (the
@@ -893,7 +900,7 @@ impl WeightRows<'_> {
             return (d, m);
         }
         let k = self.block_scales[j * self.sizes.block_scales + multiplier_index(format, b, part)];
-        if format == Format::Q6K {
+        if format.signed_multipliers() {
             return (d * f32::from(k as i8), 0.0);
         }
         (

@@ -14,10 +14,7 @@ pub trait CacheValue: Copy + Default + Send + Sync + 'static {
     /// The nearest value to `x`.
     fn from_f32(x: f32) -> Self;
     /// `N` values as f32, eight at a time where the CPU converts f16 in vectors.
-    #[inline(always)]
-    fn widen<const N: usize>(x: &[Self; N]) -> [f32; N] {
-        std::array::from_fn(|i| x[i].to_f32())
-    }
+    fn widen<const N: usize>(x: &[Self; N]) -> [f32; N];
 }
 
 impl CacheValue for f32 {

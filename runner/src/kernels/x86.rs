@@ -90,24 +90,27 @@ struct At {
     high: *const u8,
 }
 
-/// How a format's blocks become unsigned bytes.
+/// How a format's blocks become unsigned bytes. Everything but the loads follows from the
+/// format, as [`Format`] describes it.
 trait Unpack {
+    /// The format unpacked.
+    const FORMAT: Format;
     /// Stored bytes per block.
-    const BYTES: usize;
-    /// The stored value exceeds the signed one by this much.
-    const OFFSET: i8;
+    const BYTES: usize = Self::FORMAT.block_bytes();
+    /// The stored value exceeds the signed one by this much (q8_0's 128 as the byte `-128`).
+    const OFFSET: i8 = Self::FORMAT.offset() as u8 as i8;
     /// Blocks have minimums (q4_1, q4_K).
-    const MINS: bool;
+    const MINS: bool = Self::FORMAT.has_min();
     /// Bytes per block of the bits above the nibbles, in a plane of their own: q5_0's 4, q6_K's 8.
-    const HIGH_BYTES: usize = 0;
+    const HIGH_BYTES: usize = Self::FORMAT.high_bits() * BLOCK / 8;
     /// Blocks per f16 scale: 8 for the k-quants, whose blocks scale their super-block's by bytes.
-    const PER_SCALE: usize = 1;
+    const PER_SCALE: usize = Self::FORMAT.blocks_per_scale();
     /// Scale multipliers per block (see `Format::multipliers`): 2 for q6_K, one per half block.
-    const MULTIPLIERS: usize = 0;
+    const MULTIPLIERS: usize = Self::FORMAT.multipliers();
     /// The multipliers are signed (q6_K) rather than unsigned (q4_K).
-    const SIGNED_MULTIPLIERS: bool = false;
+    const SIGNED_MULTIPLIERS: bool = Self::FORMAT.signed_multipliers();
     /// Parts of a block with scales of their own, each taking `GROUP / PARTS` of a run's vectors.
-    const PARTS: usize = 1;
+    const PARTS: usize = BLOCK / Self::FORMAT.values_per_scale();
     /// Loads one block stored in ggml's order at `at` (`BYTES` readable bytes, and `HIGH_BYTES`
     /// of high bits). Formats with super-blocks have rows of whole runs and no such blocks.
     unsafe fn load(_at: At) -> __m256i {
@@ -132,9 +135,7 @@ struct Q4K;
 struct Q6K;
 
 impl Unpack for Q8 {
-    const BYTES: usize = Format::Q8_0.block_bytes();
-    const OFFSET: i8 = Format::Q8_0.offset() as u8 as i8;
-    const MINS: bool = false;
+    const FORMAT: Format = Format::Q8_0;
 
     #[inline(always)]
     unsafe fn load(at: At) -> __m256i {
@@ -150,13 +151,7 @@ impl Unpack for Q8 {
 }
 
 impl<const MINS: bool> Unpack for Nibbles<MINS> {
-    const BYTES: usize = Format::Q4_0.block_bytes();
-    const OFFSET: i8 = if MINS {
-        Format::Q4_1.offset() as i8
-    } else {
-        Format::Q4_0.offset() as i8
-    };
-    const MINS: bool = MINS;
+    const FORMAT: Format = if MINS { Format::Q4_1 } else { Format::Q4_0 };
 
     #[inline(always)]
     unsafe fn load(at: At) -> __m256i {
@@ -188,10 +183,7 @@ impl<const MINS: bool> Unpack for Nibbles<MINS> {
 }
 
 impl Unpack for Q5 {
-    const BYTES: usize = Format::Q5_0.block_bytes();
-    const OFFSET: i8 = Format::Q5_0.offset() as i8;
-    const MINS: bool = false;
-    const HIGH_BYTES: usize = BLOCK / 8;
+    const FORMAT: Format = Format::Q5_0;
 
     #[inline(always)]
     unsafe fn load(at: At) -> __m256i {
@@ -214,11 +206,7 @@ impl Unpack for Q5 {
 }
 
 impl Unpack for Q4K {
-    const BYTES: usize = Format::Q4K.block_bytes();
-    const OFFSET: i8 = Format::Q4K.offset() as i8;
-    const MINS: bool = true;
-    const PER_SCALE: usize = Format::Q4K.blocks_per_scale();
-    const MULTIPLIERS: usize = 1;
+    const FORMAT: Format = Format::Q4K;
 
     #[inline(always)]
     unsafe fn load_vector(at: At, t: usize) -> __m256i {
@@ -228,14 +216,7 @@ impl Unpack for Q4K {
 }
 
 impl Unpack for Q6K {
-    const BYTES: usize = Format::Q6K.block_bytes();
-    const OFFSET: i8 = Format::Q6K.offset() as i8;
-    const MINS: bool = false;
-    const HIGH_BYTES: usize = BLOCK / 4;
-    const PER_SCALE: usize = Format::Q6K.blocks_per_scale();
-    const MULTIPLIERS: usize = 2;
-    const SIGNED_MULTIPLIERS: bool = true;
-    const PARTS: usize = 2;
+    const FORMAT: Format = Format::Q6K;
 
     #[inline(always)]
     unsafe fn load_vector(at: At, t: usize) -> __m256i {

@@ -356,9 +356,7 @@ pub fn plan(
         .iter()
         .map(|t| {
             let name = t.name.as_str();
-            let stored = quant::ALL
-                .into_iter()
-                .find(|q| t.blocks == Some(q.ggml()) && q.packed_format().is_some());
+            let stored = kernel_format(t.blocks);
             let fits = |q: Quant| matches!(t.shape.as_slice(), [_, cols] if q.fitting(*cols) == q);
             let quant = match stored {
                 Some(q) if keep_stored && fits(q) => q,
@@ -426,10 +424,14 @@ pub fn auto_quant(tensors: &[TensorHeader]) -> Quant {
         }
     }
     let most = stored.iter().max_by_key(|(_, n)| *n).and_then(|(b, _)| *b);
+    kernel_format(most).unwrap_or(quant::AUTO_FOR_FLOATS)
+}
+
+/// The format a tensor stored in `blocks` runs in unchanged on sanctum's own kernels, if any.
+fn kernel_format(blocks: Option<GgmlDType>) -> Option<Quant> {
     quant::ALL
         .into_iter()
-        .find(|q| Some(q.ggml()) == most && q.packed_format().is_some())
-        .unwrap_or(quant::AUTO_FOR_FLOATS)
+        .find(|q| blocks == Some(q.ggml()) && q.packed_format().is_some())
 }
 
 /// Whether the output head is the embedding table: the config says so, or no weight file has an
