@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::support::server::Server;
-use crate::support::{self, repo_lock, sha256_hex};
+use crate::support::{self, python, repo_lock, required, sha256_hex};
 
 const CHAT_MODEL: &str = "smollm2-135m-instruct";
 const SERVER_ARGS: &[&str] = &["--quant", "q8_0", "--preload"];
@@ -212,29 +212,6 @@ fn describe(out: &Output) -> String {
         out.status.code(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A tool the tests need: None (skipped, with a notice) when it is missing, a failure when
-/// `SANCTUM_REQUIRE_REAL_MODELS` is set (as in CI).
-fn required<T>(found: Option<T>, what: &str) -> Option<T> {
-    match found {
-        Some(t) => Some(t),
-        None if std::env::var_os("SANCTUM_REQUIRE_REAL_MODELS").is_some() => {
-            panic!("SANCTUM_REQUIRE_REAL_MODELS is set but {what}")
-        }
-        None => {
-            eprintln!("skipped: {what}");
-            None
-        }
-    }
-}
-
-/// The Python with the official clients (`SANCTUM_TEST_PYTHON`, set by scripts/test).
-fn python() -> Option<PathBuf> {
-    required(
-        std::env::var_os("SANCTUM_TEST_PYTHON").map(PathBuf::from),
-        "SANCTUM_TEST_PYTHON is not set (scripts/test makes target/venv with the official clients)",
     )
 }
 

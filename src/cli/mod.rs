@@ -9,6 +9,8 @@ mod context;
 #[cfg(feature = "inference")]
 mod embed;
 #[cfg(feature = "inference")]
+mod hub;
+#[cfg(feature = "inference")]
 mod hw;
 #[cfg(feature = "inference")]
 mod import;
@@ -87,6 +89,10 @@ enum Command {
     /// Serve approved models over the OpenAI and Ollama APIs, every response stamped.
     #[cfg(feature = "inference")]
     Serve(serve::ServeArgs),
+    /// The internal model hub: serve the approved models to other machines.
+    #[cfg(feature = "inference")]
+    #[command(subcommand)]
+    Hub(hub::HubCommand),
     /// Benchmark a model per weight format (llama-bench's tests and more); compare results.
     #[cfg(feature = "inference")]
     Bench(Box<bench::BenchArgs>),
@@ -100,7 +106,7 @@ enum Command {
     /// Output attestations: verify (for CI).
     #[command(subcommand)]
     Attest(attest::AttestCommand),
-    /// The lockfile's signature: sign, verify.
+    /// The lockfile's signature: sign, verify; fetch a signed lock from a hub.
     #[command(subcommand)]
     Lock(lock::LockCommand),
 }
@@ -124,6 +130,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Embed(args) => embed::run(args, &ctx),
         #[cfg(feature = "inference")]
         Command::Serve(args) => serve::run(args, &ctx),
+        #[cfg(feature = "inference")]
+        Command::Hub(cmd) => hub::run(cmd, &ctx),
         #[cfg(feature = "inference")]
         Command::Bench(args) => bench::run(*args, &ctx),
         #[cfg(feature = "inference")]

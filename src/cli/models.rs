@@ -37,6 +37,10 @@ pub struct PullArgs {
     /// Hub endpoint for `hf` sources [default: $HF_ENDPOINT, the config file, else the public hub].
     #[arg(long, value_name = "URL")]
     hf_endpoint: Option<String>,
+    /// Pull from this sanctum hub (`sanctum hub serve`), whatever the lock's sources say
+    /// [default: $SANCTUM_HUB, else `hub` in the config file].
+    #[arg(long, value_name = "URL")]
+    hub: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -74,7 +78,7 @@ pub fn run(cmd: ModelsCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
 fn pull(args: PullArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let (_, lock) = ctx.lockfile()?;
     let store = ctx.store()?;
-    let options = ctx.pull_options(args.hf_endpoint)?;
+    let options = ctx.pull_options(args.hf_endpoint, args.hub)?;
     let progress = ctx.progress();
     let entries = args
         .names

@@ -69,7 +69,7 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let api_key = match &args.api_key_file {
-        Some(path) => Some(read_key(path)?),
+        Some(path) => Some(read_secret(path, "API key file")?),
         None => None,
     };
     let runtime = args.runtime.start()?;
@@ -115,13 +115,13 @@ pub fn run(args: ServeArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The key file's first line; refused when empty.
-fn read_key(path: &std::path::Path) -> anyhow::Result<String> {
+/// The first line of a secret's file (an API key, a token), refused when empty.
+pub(super) fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the API key file {}", path.display()))?;
-    let key = text.lines().next().unwrap_or_default().trim().to_owned();
-    if key.is_empty() {
-        bail!("the API key file {} is empty", path.display());
+        .with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    let secret = text.lines().next().unwrap_or_default().trim().to_owned();
+    if secret.is_empty() {
+        bail!("the {what} {} is empty", path.display());
     }
-    Ok(key)
+    Ok(secret)
 }

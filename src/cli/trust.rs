@@ -23,7 +23,7 @@ pub struct Refused(pub String);
 
 /// The lockfile with its bytes, digest and standing under the policy.
 #[derive(Debug)]
-#[allow(dead_code)] // digest and status: read by OutputStamper
+#[allow(dead_code)] // digest and status: read by OutputStamper, bytes by hub serve
 pub struct TrustedLock {
     /// Where it was read.
     pub path: PathBuf,
@@ -33,6 +33,8 @@ pub struct TrustedLock {
     pub digest: Sha256Digest,
     /// Signed, unsigned (allowed), or signature not checked.
     pub status: LockStatus,
+    /// The bytes that were judged.
+    pub bytes: Vec<u8>,
 }
 
 /// The lockfile read but not judged (for `lock sign`, `lock verify` and `attest verify`).
@@ -128,6 +130,7 @@ impl Context {
             path: file.path,
             lock: file.lock,
             status,
+            bytes: file.bytes,
         })
     }
 }

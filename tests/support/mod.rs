@@ -18,7 +18,14 @@ use tempfile::TempDir;
 /// The `sanctum` binary with no inherited sanctum or hub settings.
 pub fn sanctum() -> Command {
     let mut cmd = Command::cargo_bin("sanctum").expect("sanctum binary is built");
-    for var in ["SANCTUM_HOME", "SANCTUM_LOCK", "HF_ENDPOINT", "HF_TOKEN"] {
+    for var in [
+        "SANCTUM_HOME",
+        "SANCTUM_LOCK",
+        "SANCTUM_HUB",
+        "SANCTUM_HUB_TOKEN",
+        "HF_ENDPOINT",
+        "HF_TOKEN",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -39,6 +46,29 @@ pub fn real_store() -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// A tool the tests need: None (skipped, with a notice) when it is missing, a failure when
+/// `SANCTUM_REQUIRE_REAL_MODELS` is set (as in CI).
+pub fn required<T>(found: Option<T>, what: &str) -> Option<T> {
+    match found {
+        Some(t) => Some(t),
+        None if std::env::var_os("SANCTUM_REQUIRE_REAL_MODELS").is_some() => {
+            panic!("SANCTUM_REQUIRE_REAL_MODELS is set but {what}")
+        }
+        None => {
+            eprintln!("skipped: {what}");
+            None
+        }
+    }
+}
+
+/// The Python with the official clients (`SANCTUM_TEST_PYTHON`, set by scripts/test).
+pub fn python() -> Option<PathBuf> {
+    required(
+        std::env::var_os("SANCTUM_TEST_PYTHON").map(PathBuf::from),
+        "SANCTUM_TEST_PYTHON is not set (scripts/test makes target/venv with the official clients)",
+    )
 }
 
 /// The repository's `models.lock`.

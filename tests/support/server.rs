@@ -1,4 +1,4 @@
-//! `sanctum serve` started for a test: on a free loopback port (`--addr 127.0.0.1:0`, the bound
+//! `sanctum serve` (or `sanctum hub serve`) started for a test: on a free loopback port (`--addr 127.0.0.1:0`, the bound
 //! address read from its log), on the real models, killed when dropped.
 
 use std::io::{BufRead, BufReader};
@@ -29,19 +29,43 @@ impl Server {
     /// As [`Self::start`], with the store given.
     pub fn start_with(store: &std::path::Path, args: &[&str]) -> Self {
         let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("sanctum"));
-        for var in ["SANCTUM_HOME", "SANCTUM_LOCK", "HF_ENDPOINT", "HF_TOKEN"] {
-            cmd.env_remove(var);
-        }
         cmd.arg("--store")
             .arg(store)
             .arg("--lock")
             .arg(super::repo_lock())
             .args(["serve", "--addr", "127.0.0.1:0"])
-            .args(args)
-            .stdin(Stdio::null())
+            .args(args);
+        Self::launch(cmd)
+    }
+
+    /// `sanctum hub serve --addr 127.0.0.1:0 ARGS…` on `store` and `lock`.
+    pub fn hub(store: &std::path::Path, lock: &std::path::Path, args: &[&str]) -> Self {
+        let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("sanctum"));
+        cmd.arg("--store")
+            .arg(store)
+            .arg("--lock")
+            .arg(lock)
+            .args(["hub", "serve", "--addr", "127.0.0.1:0"])
+            .args(args);
+        Self::launch(cmd)
+    }
+
+    /// Starts `cmd` (a server that logs `listening on http://ADDR` on stderr) and waits for it to bind.
+    pub fn launch(mut cmd: Command) -> Self {
+        for var in [
+            "SANCTUM_HOME",
+            "SANCTUM_LOCK",
+            "SANCTUM_HUB",
+            "SANCTUM_HUB_TOKEN",
+            "HF_ENDPOINT",
+            "HF_TOKEN",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("sanctum serve starts");
+        let mut child = cmd.spawn().expect("the server starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
@@ -69,15 +93,12 @@ impl Server {
                 Ok(addr) => break addr,
                 Err(_) if started.elapsed() > START_TIMEOUT => {
                     let _ = child.kill();
-                    panic!("sanctum serve did not start: {}", log.lock().unwrap());
+                    panic!("the server did not start: {}", log.lock().unwrap());
                 }
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
                         std::thread::sleep(Duration::from_millis(200));
-                        panic!(
-                            "sanctum serve exited with {status}: {}",
-                            log.lock().unwrap()
-                        );
+                        panic!("the server exited with {status}: {}", log.lock().unwrap());
                     }
                 }
             }
@@ -113,7 +134,7 @@ impl Server {
             }
             if started.elapsed() > Duration::from_secs(60) {
                 let _ = child.kill();
-                panic!("sanctum serve ignored SIGTERM: {}", self.log());
+                panic!("the server ignored SIGTERM: {}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -25,6 +25,12 @@ use hf_hub::{Cache, Repo, RepoType};
 /// The public hub.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
+/// The commit id a sanctum hub serves `entry` at: the first 40 hex digits of the model digest, so
+/// a revision pins exactly the files the lock lists (a new lock entry is a new commit).
+pub fn hub_commit(entry: &attest::lockfile::ModelEntry) -> String {
+    entry.digest.to_hex()[..40].to_owned()
+}
+
 /// How many times hf-hub resumes a download that broke off (with `Range: bytes={done}-`).
 const DOWNLOAD_RETRIES: usize = 3;
 
