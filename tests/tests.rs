@@ -8,6 +8,7 @@ mod bench;
 mod hub;
 mod inference;
 mod lockfile;
+mod oci;
 mod pull;
 mod serve;
 mod serve_clients;

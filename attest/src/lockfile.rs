@@ -101,6 +101,21 @@ pub enum Source {
     Pypi(PypiSource),
     /// Files of a Hugging Face hub repository (or a mirror speaking its protocol) at a pinned revision.
     Hf(HfSource),
+    /// A CNCF ModelPack artifact in an OCI registry, pinned by its manifest digest.
+    Oci(OciSource),
+}
+
+/// A model artifact in an OCI registry (as `sanctum hub push` writes it): one raw layer per model
+/// file, so each layer's digest is the file's sha256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OciSource {
+    /// The repository with its registry, e.g. `registry.example.com/models/smollm2`.
+    pub repository: String,
+    /// sha256 of the manifest; a pull refuses any other manifest.
+    pub manifest: Sha256Digest,
+    /// The tag it was pushed under, for people; never used to resolve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 /// A pinned wheel and the member taken out of it.

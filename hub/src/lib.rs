@@ -20,7 +20,6 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use runner::store::Store;
-use subtle::ConstantTimeEq;
 
 pub use catalog::{Catalog, Unserved};
 
@@ -161,26 +160,20 @@ async fn shutdown_signal() {
 
 /// 401 unless the request carries the token (when one is set), compared in constant time.
 async fn authorize(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
-    if let Some(token) = &hub.token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-            let mut response = routes::error(
-                StatusCode::UNAUTHORIZED,
-                None,
-                "this hub needs a bearer token (Authorization: Bearer …); set HF_TOKEN or SANCTUM_HUB_TOKEN",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
+    if let Some(token) = &hub.token
+        && !serve::bearer_matches(request.headers(), token)
+    {
+        let mut response = routes::error(
+            StatusCode::UNAUTHORIZED,
+            None,
+            "this hub needs a bearer token (Authorization: Bearer …); set HF_TOKEN or SANCTUM_HUB_TOKEN",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+        return response;
     }
     next.run(request).await
 }

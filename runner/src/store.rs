@@ -14,6 +14,7 @@ use attest::verify::{self, StreamedLoad, VerifyError, VerifyReport};
 
 use crate::import::gguf::{ImportError, import_gguf};
 use crate::source::hf::{self, HfError, HfFile, HfRequest};
+use crate::source::oci::{self, OciError, RegistryAccess};
 use crate::source::pypi::{self, Pip, PypiError};
 
 /// A store rooted at a directory (sanctum's home).
@@ -36,6 +37,8 @@ pub struct PullOptions {
     pub hub: Option<String>,
     /// Bearer token for the hub, if it needs one.
     pub hub_token: Option<String>,
+    /// How to reach OCI registries for `oci` sources.
+    pub registry: RegistryAccess,
 }
 
 /// What a pull did.
@@ -82,6 +85,14 @@ pub enum PullError {
         model: String,
         /// The cause.
         source: Box<HfError>,
+    },
+    /// The `oci` source failed.
+    #[error("model {model:?}: {source}")]
+    Oci {
+        /// Model name.
+        model: String,
+        /// The cause.
+        source: Box<OciError>,
     },
     /// The import step failed.
     #[error("model {model:?}: import failed: {source}")]
@@ -142,6 +153,7 @@ impl PullError {
                     | HfError::SizeMismatch { .. }
                     | HfError::RevisionMismatch { .. }
             ),
+            PullError::Oci { source, .. } => source.is_refusal(),
             _ => false,
         }
     }
@@ -335,6 +347,22 @@ impl Store {
             }
             Source::Hf(source) => {
                 self.produce_from_hf(entry, source, options, fetched, model, progress)
+            }
+            Source::Oci(source) => {
+                if entry.import.is_some() {
+                    return Err(PullError::Unsupported {
+                        model: name.clone(),
+                        problem:
+                            "an oci source holds the model's files themselves: it takes no import"
+                                .into(),
+                    });
+                }
+                oci::fetch(source, &entry.files, model, &options.registry, progress).map_err(
+                    |source| PullError::Oci {
+                        model: name.clone(),
+                        source: Box::new(source),
+                    },
+                )
             }
         }
     }

@@ -212,29 +212,34 @@ async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(key) = &state.config.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
-            let path = request.uri().path().to_owned();
-            let mut response = error_for(
-                &path,
-                ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong API key: send Authorization: Bearer <key>",
-                ),
-            );
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
-        }
+    if let Some(key) = &state.config.api_key
+        && !bearer_matches(request.headers(), key)
+    {
+        let path = request.uri().path().to_owned();
+        let mut response = error_for(
+            &path,
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key: send Authorization: Bearer <key>",
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
     }
     next.run(request).await
+}
+
+/// True when `headers` carry `Authorization: Bearer <expected>`, compared in constant time (shared
+/// with the hub).
+pub fn bearer_matches(headers: &axum::http::HeaderMap, expected: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// `GET /sanctum/v1/attestations/{sha256}`: the newest bundle in the attestation store for an

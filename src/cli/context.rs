@@ -144,6 +144,30 @@ impl Context {
     }
 
     #[cfg(feature = "inference")]
+    /// Registry credentials from `SANCTUM_REGISTRY_TOKEN` (bearer), else `SANCTUM_REGISTRY_USERNAME`
+    /// and `SANCTUM_REGISTRY_PASSWORD` (basic, exchanged for a token when the registry asks);
+    /// anonymous otherwise. `insecure`: plain HTTP, for a loopback registry only.
+    pub fn registry_access(&self, insecure: bool) -> runner::source::oci::RegistryAccess {
+        use runner::source::oci::Credentials;
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let credentials = match (
+            var("SANCTUM_REGISTRY_TOKEN"),
+            var("SANCTUM_REGISTRY_USERNAME"),
+        ) {
+            (Some(token), _) => Some(Credentials::Bearer(token)),
+            (None, Some(user)) => Some(Credentials::Basic(
+                user,
+                var("SANCTUM_REGISTRY_PASSWORD").unwrap_or_default(),
+            )),
+            (None, None) => None,
+        };
+        runner::source::oci::RegistryAccess {
+            credentials,
+            insecure,
+        }
+    }
+
+    #[cfg(feature = "inference")]
     /// Where a fetched lock goes: `--lock`, else the lock in use, else `$SANCTUM_HOME/models.lock`.
     pub fn lock_destination(&self) -> anyhow::Result<PathBuf> {
         match self.lock_path() {
@@ -176,6 +200,7 @@ impl Context {
             pip,
             hub,
             hub_token: self.hub_token(),
+            registry: self.registry_access(false),
         })
     }
 

@@ -41,6 +41,9 @@ pub struct PullArgs {
     /// [default: $SANCTUM_HUB, else `hub` in the config file].
     #[arg(long, value_name = "URL")]
     hub: Option<String>,
+    /// Reach `oci` sources on a loopback registry over plain HTTP.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -78,7 +81,8 @@ pub fn run(cmd: ModelsCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
 fn pull(args: PullArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let (_, lock) = ctx.lockfile()?;
     let store = ctx.store()?;
-    let options = ctx.pull_options(args.hf_endpoint, args.hub)?;
+    let mut options = ctx.pull_options(args.hf_endpoint, args.hub)?;
+    options.registry.insecure = args.insecure;
     let progress = ctx.progress();
     let entries = args
         .names

@@ -18,18 +18,21 @@ use tempfile::TempDir;
 /// The `sanctum` binary with no inherited sanctum or hub settings.
 pub fn sanctum() -> Command {
     let mut cmd = Command::cargo_bin("sanctum").expect("sanctum binary is built");
-    for var in [
-        "SANCTUM_HOME",
-        "SANCTUM_LOCK",
-        "SANCTUM_HUB",
-        "SANCTUM_HUB_TOKEN",
-        "HF_ENDPOINT",
-        "HF_TOKEN",
-    ] {
+    for var in ISOLATED_VARS {
         cmd.env_remove(var);
     }
     cmd
 }
+
+/// The environment a test's sanctum never inherits: where its home, lock and hubs are.
+pub const ISOLATED_VARS: [&str; 6] = [
+    "SANCTUM_HOME",
+    "SANCTUM_LOCK",
+    "SANCTUM_HUB",
+    "SANCTUM_HUB_TOKEN",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+];
 
 /// The store `scripts/test` pulled the real models into, or None (with a notice) when the tests run
 /// without it. With `SANCTUM_REQUIRE_REAL_MODELS=1` (as in CI) a missing store is a failure.

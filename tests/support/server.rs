@@ -52,14 +52,7 @@ impl Server {
 
     /// Starts `cmd` (a server that logs `listening on http://ADDR` on stderr) and waits for it to bind.
     pub fn launch(mut cmd: Command) -> Self {
-        for var in [
-            "SANCTUM_HOME",
-            "SANCTUM_LOCK",
-            "SANCTUM_HUB",
-            "SANCTUM_HUB_TOKEN",
-            "HF_ENDPOINT",
-            "HF_TOKEN",
-        ] {
+        for var in super::ISOLATED_VARS {
             cmd.env_remove(var);
         }
         cmd.stdin(Stdio::null())

@@ -1,0 +1,554 @@
+//! `sanctum hub push` and the `oci` source against a real registry (Debian's `docker-registry`,
+//! distribution 2.8, on 127.0.0.1 with a temporary storage directory): both real models pushed and
+//! pulled back into a fresh store, the artifact read back with `skopeo` (manifest, media types,
+//! layer digests, signature referrers through the tag fallback), a layer swapped in the registry's
+//! storage and a manifest whose layers disagree with the lock refused, and a pull whose connection
+//! is cut mid-layer resumed and verified.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use std::{fs, thread};
+
+use attest::lockfile::{Lockfile, OciSource, Source};
+use predicates::str::contains;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::support::{real_store, repo_lock, required, sanctum};
+
+const PASSWORD: &str = "oci test";
+
+/// A `docker-registry` on a free loopback port, storing into a temporary directory; killed when
+/// dropped.
+struct Registry {
+    child: Child,
+    storage: TempDir,
+    /// `127.0.0.1:PORT`.
+    addr: String,
+}
+
+impl Registry {
+    fn start() -> Option<Self> {
+        let binary = required(
+            ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file()),
+            "docker-registry is not installed (Debian package docker-registry; .ci/run installs it)",
+        )?;
+        let storage = TempDir::new().unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = storage.path().join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                storage.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry starts");
+        let registry = Self {
+            child,
+            storage,
+            addr,
+        };
+        let started = Instant::now();
+        while TcpStream::connect(&registry.addr).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "docker-registry did not listen"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        Some(registry)
+    }
+
+    /// Where the registry keeps a blob's bytes.
+    fn blob_file(&self, sha256: &str) -> PathBuf {
+        self.storage
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&sha256[..2])
+            .join(sha256)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sanctum hub push MODEL REFERENCE --insecure [ARGS]` from the real store: the pushed manifest's
+/// digest, from what it prints.
+fn push(store: &Path, lock: &Path, model: &str, reference: &str, args: &[&str]) -> String {
+    let out = sanctum()
+        .arg("--store")
+        .arg(store)
+        .arg("--lock")
+        .arg(lock)
+        .args(["--quiet", "hub", "push", model, reference, "--insecure"])
+        .args(args)
+        .env("SANCTUM_KEY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "push failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("manifest = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no manifest digest in {stdout}"))
+        .to_owned()
+}
+
+/// The repository's lock with each of `sources` (model → (repository, manifest)) as `oci`.
+fn oci_lock(dir: &Path, sources: &[(&str, String, &str)]) -> PathBuf {
+    let mut lock = Lockfile::parse(&fs::read_to_string(repo_lock()).unwrap()).unwrap();
+    for (model, repository, manifest) in sources {
+        let entry = lock.models.iter_mut().find(|m| m.name == *model).unwrap();
+        entry.source = Source::Oci(OciSource {
+            repository: repository.clone(),
+            manifest: manifest.parse().unwrap(),
+            tag: Some("v1".into()),
+        });
+        entry.import = None;
+    }
+    let path = dir.join("oci.lock");
+    fs::write(&path, lock.to_toml()).unwrap();
+    path
+}
+
+fn pull(lock: &Path, store: &Path, models: &[&str]) -> assert_cmd::assert::Assert {
+    sanctum()
+        .arg("--store")
+        .arg(store)
+        .arg("--lock")
+        .arg(lock)
+        .args(["--quiet", "models", "pull"])
+        .args(models)
+        .arg("--insecure")
+        .assert()
+}
+
+fn skopeo_raw(reference: &str) -> Value {
+    let skopeo = required(
+        Command::new("skopeo").arg("--version").output().ok(),
+        "skopeo is not installed (.ci/run installs it)",
+    );
+    if skopeo.is_none() {
+        return Value::Null;
+    }
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo inspect {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn hub_push_and_oci_pull_round_trip_the_real_models_with_their_signatures() {
+    let Some(store) = real_store() else { return };
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    // A signed copy of the lock, and the chat model's OMS signature.
+    let work = TempDir::new().unwrap();
+    let lock = work.path().join("models.lock");
+    fs::copy(repo_lock(), &lock).unwrap();
+    let key = work.path().join("approver");
+    sanctum()
+        .env("SANCTUM_KEY_PASSWORD", PASSWORD)
+        .args(["keys", "generate", "--out"])
+        .arg(&key)
+        .assert()
+        .success();
+    let signing = |args: &[&str]| {
+        let mut cmd = sanctum();
+        cmd.current_dir(work.path())
+            .env("SANCTUM_KEY_PASSWORD", PASSWORD)
+            .arg("--store")
+            .arg(&store)
+            .arg("--lock")
+            .arg(&lock)
+            .args(args)
+            .arg("--key")
+            .arg(key.with_extension("key"));
+        cmd.assert().success();
+    };
+    signing(&["lock", "sign"]);
+    signing(&["models", "sign", "smollm2-135m-instruct"]);
+    let model_sig = work.path().join("smollm2-135m-instruct.model.sig");
+    assert!(model_sig.is_file());
+
+    let chat_repo = format!("{}/models/smollm2", registry.addr);
+    let embed_repo = format!("{}/models/minilm", registry.addr);
+    let chat = push(
+        &store,
+        &lock,
+        "smollm2-135m-instruct",
+        &format!("{chat_repo}:v1"),
+        &["--model-signature", model_sig.to_str().unwrap()],
+    );
+    let embed = push(
+        &store,
+        &lock,
+        "all-minilm-l6-v2",
+        &format!("{embed_repo}:v1"),
+        &[],
+    );
+    // The same model always pushes to the same manifest.
+    assert_eq!(
+        push(
+            &store,
+            &lock,
+            "all-minilm-l6-v2",
+            &format!("{embed_repo}:again"),
+            &[]
+        ),
+        embed
+    );
+
+    // Pulled back into a fresh store, verified.
+    let oci = oci_lock(
+        work.path(),
+        &[
+            ("smollm2-135m-instruct", chat_repo.clone(), &chat),
+            ("all-minilm-l6-v2", embed_repo.clone(), &embed),
+        ],
+    );
+    let fresh = TempDir::new().unwrap();
+    pull(
+        &oci,
+        fresh.path(),
+        &["smollm2-135m-instruct", "all-minilm-l6-v2"],
+    )
+    .success()
+    .stderr(contains("smollm2-135m-instruct: pulled and verified"))
+    .stderr(contains("all-minilm-l6-v2: pulled and verified"));
+    sanctum()
+        .arg("--store")
+        .arg(fresh.path())
+        .arg("--lock")
+        .arg(&oci)
+        .args(["models", "verify"])
+        .assert()
+        .success()
+        .stdout(contains("2 model(s) checked, 0 failed"));
+
+    // A second client reads the artifact as documented.
+    let manifest = skopeo_raw(&format!("{chat_repo}:v1"));
+    if manifest.is_null() {
+        return;
+    }
+    assert_eq!(
+        manifest["artifactType"],
+        "application/vnd.cncf.model.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.cncf.model.config.v1+json"
+    );
+    let parsed = Lockfile::parse(&fs::read_to_string(repo_lock()).unwrap()).unwrap();
+    let entry = parsed.model("smollm2-135m-instruct").unwrap();
+    let layers: BTreeMap<String, (String, String)> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["annotations"]["org.cncf.model.filepath"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                (
+                    l["digest"].as_str().unwrap().to_owned(),
+                    l["mediaType"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(layers.len(), entry.files.len());
+    for file in &entry.files {
+        assert_eq!(
+            layers[&file.path].0,
+            format!("sha256:{}", file.sha256),
+            "{}",
+            file.path
+        );
+    }
+    assert_eq!(
+        layers["model.safetensors"].1,
+        "application/vnd.cncf.model.weight.v1.raw"
+    );
+    assert_eq!(
+        layers["config.json"].1,
+        "application/vnd.cncf.model.weight.config.v1.raw"
+    );
+
+    // The signatures, found through the referrers tag schema (this registry has no referrers API).
+    let index = skopeo_raw(&format!("{chat_repo}:sha256-{chat}"));
+    let referrers = index["manifests"].as_array().unwrap();
+    assert_eq!(referrers.len(), 2, "{index}");
+    let mut predicate_types = Vec::new();
+    for referrer in referrers {
+        assert_eq!(
+            referrer["artifactType"],
+            "application/vnd.dev.sigstore.bundle.v0.3+json"
+        );
+        let bundle_manifest = skopeo_raw(&format!(
+            "{chat_repo}@{}",
+            referrer["digest"].as_str().unwrap()
+        ));
+        assert_eq!(
+            bundle_manifest["subject"]["digest"],
+            format!("sha256:{chat}")
+        );
+        assert_eq!(
+            bundle_manifest["config"]["mediaType"],
+            "application/vnd.oci.empty.v1+json"
+        );
+        assert_eq!(bundle_manifest["layers"].as_array().unwrap().len(), 1);
+        predicate_types.push(
+            bundle_manifest["annotations"]["dev.sigstore.bundle.predicateType"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert!(
+        predicate_types.iter().any(|t| t.contains("model_signing")),
+        "{predicate_types:?}"
+    );
+    // The bytes of the lock's signature are the bundle the registry holds.
+    let lock_signature = fs::read(work.path().join("models.lock.sigstore.json")).unwrap();
+    let digest = crate::support::sha256_hex(&lock_signature);
+    assert_eq!(
+        fs::read(registry.blob_file(&digest)).unwrap(),
+        lock_signature
+    );
+}
+
+#[test]
+fn oci_pull_refuses_a_swapped_layer_and_a_manifest_that_disagrees_with_the_lock() {
+    let Some(store) = real_store() else { return };
+    sanctum()
+        .arg("--store")
+        .arg(&store)
+        .arg("--lock")
+        .arg(repo_lock())
+        .args([
+            "hub",
+            "push",
+            "all-minilm-l6-v2",
+            "10.1.2.3:5000/models/minilm:v1",
+            "--insecure",
+        ])
+        .assert()
+        .code(2)
+        .stderr(contains(
+            "plain HTTP is allowed only for a registry on this machine",
+        ));
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let work = TempDir::new().unwrap();
+    let embed_repo = format!("{}/models/minilm", registry.addr);
+    let chat_repo = format!("{}/models/smollm2", registry.addr);
+    let embed = push(
+        &store,
+        &repo_lock(),
+        "all-minilm-l6-v2",
+        &format!("{embed_repo}:v1"),
+        &[],
+    );
+    let chat = push(
+        &store,
+        &repo_lock(),
+        "smollm2-135m-instruct",
+        &format!("{chat_repo}:v1"),
+        &[],
+    );
+
+    // The lock pins the chat model's manifest for the embedding model: refused before any layer.
+    let wrong = oci_lock(
+        work.path(),
+        &[("all-minilm-l6-v2", chat_repo.clone(), &chat)],
+    );
+    let fresh = TempDir::new().unwrap();
+    pull(&wrong, fresh.path(), &["all-minilm-l6-v2"])
+        .code(1)
+        .stderr(contains(
+            "the manifest disagrees with the lock, nothing downloaded",
+        ));
+    assert!(!fresh.path().join("models/all-minilm-l6-v2").exists());
+
+    // A layer's bytes swapped inside the registry's storage (same size): refused, nothing stored.
+    let config_sha = "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41";
+    let blob = registry.blob_file(config_sha);
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[10] ^= 0x20;
+    fs::write(&blob, &bytes).unwrap();
+    let good = oci_lock(work.path(), &[("all-minilm-l6-v2", embed_repo, &embed)]);
+    pull(&good, fresh.path(), &["all-minilm-l6-v2"])
+        .code(1)
+        .stderr(contains("config.json"))
+        .stderr(contains("sha256"));
+    assert!(!fresh.path().join("models/all-minilm-l6-v2").exists());
+}
+
+/// A TCP proxy in front of the registry that cuts the first connection carrying more than
+/// `cut_after` bytes back to the client, and records the `Range` headers clients send.
+struct CuttingProxy {
+    addr: String,
+    cut: Arc<AtomicBool>,
+    ranges: Arc<Mutex<Vec<String>>>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: String, cut_after: u64) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (cut, ranges) = (Arc::clone(&cut), Arc::clone(&ranges));
+            thread::spawn(move || {
+                for client in listener.incoming().map_while(Result::ok) {
+                    let Ok(server) = TcpStream::connect(&upstream) else {
+                        continue;
+                    };
+                    let (cut, ranges) = (Arc::clone(&cut), Arc::clone(&ranges));
+                    thread::spawn(move || {
+                        proxy_connection(client, server, cut_after, &cut, &ranges)
+                    });
+                }
+            });
+        }
+        Self { addr, cut, ranges }
+    }
+}
+
+fn proxy_connection(
+    client: TcpStream,
+    server: TcpStream,
+    cut_after: u64,
+    cut: &AtomicBool,
+    ranges: &Mutex<Vec<String>>,
+) {
+    let sent = Arc::new(AtomicU64::new(0));
+    let (mut from_client, mut to_server) =
+        (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let ranges_seen = thread::scope(|scope| {
+        let upward = scope.spawn(move || {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 16 << 10];
+            while let Ok(n) = from_client.read(&mut buf) {
+                if n == 0 || to_server.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                seen.extend(
+                    text.lines()
+                        .filter_map(|l| l.strip_prefix("range: "))
+                        .map(str::to_owned),
+                );
+            }
+            let _ = to_server.shutdown(Shutdown::Write);
+            seen
+        });
+        let (mut from_server, mut to_client) = (server, client);
+        let mut buf = [0u8; 16 << 10];
+        while let Ok(n) = from_server.read(&mut buf) {
+            if n == 0 || to_client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let total = sent.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            if total > cut_after && !cut.swap(true, Ordering::SeqCst) {
+                // Mid-layer: the client sees the connection drop.
+                let _ = to_client.shutdown(Shutdown::Both);
+                let _ = from_server.shutdown(Shutdown::Both);
+                break;
+            }
+        }
+        let _ = to_client.shutdown(Shutdown::Both);
+        upward.join().unwrap_or_default()
+    });
+    ranges.lock().unwrap().extend(ranges_seen);
+}
+
+#[test]
+fn oci_pull_resumes_a_layer_whose_connection_was_cut() {
+    let Some(store) = real_store() else { return };
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    let embed = push(
+        &store,
+        &repo_lock(),
+        "all-minilm-l6-v2",
+        &format!("{}/models/minilm:v1", registry.addr),
+        &[],
+    );
+    // 8 MB into the 91 MB weights' transfer, the proxy drops the connection.
+    let proxy = CuttingProxy::start(registry.addr.clone(), 8 << 20);
+    let work = TempDir::new().unwrap();
+    let lock = oci_lock(
+        work.path(),
+        &[(
+            "all-minilm-l6-v2",
+            format!("{}/models/minilm", proxy.addr),
+            &embed,
+        )],
+    );
+    let fresh = TempDir::new().unwrap();
+    pull(&lock, fresh.path(), &["all-minilm-l6-v2"])
+        .success()
+        .stderr(contains("all-minilm-l6-v2: pulled and verified"));
+    assert!(
+        proxy.cut.load(Ordering::SeqCst),
+        "the proxy never cut a transfer"
+    );
+    let ranges = proxy.ranges.lock().unwrap().clone();
+    assert!(
+        ranges
+            .iter()
+            .any(|r| r.starts_with("bytes=") && !r.starts_with("bytes=0-")),
+        "no resumed range request: {ranges:?}"
+    );
+}
