@@ -10,17 +10,14 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use attest::Sha256Digest;
-use attest::digest::Sha256Hasher;
 use attest::lockfile::{LockedFile, Lockfile, ModelEntry};
 use runner::store::{ModelState, Store};
-
-/// Bytes read at a time while hashing.
-const HASH_CHUNK: usize = 1 << 20;
 
 /// One model the hub serves.
 #[derive(Debug)]
@@ -203,8 +200,15 @@ impl Catalog {
             .get(&key)
             .copied();
         if known != Some(identity) {
-            let actual =
-                hash_handle(&handle, file.size).map_err(|e| io_refused("cannot read", e))?;
+            // At most the locked size: a file that grew is caught by the identity check below.
+            let (actual, read) = Sha256Digest::of_reader((&handle).take(file.size))
+                .map_err(|e| io_refused("cannot read", e))?;
+            if read != file.size {
+                return Err(refused(format!(
+                    "ended after {read} of {} bytes",
+                    file.size
+                )));
+            }
             if actual != file.sha256 {
                 return Err(refused(format!(
                     "sha256 {actual} does not match the lock's {}",
@@ -227,24 +231,4 @@ impl Catalog {
             size: file.size,
         })
     }
-}
-
-/// sha256 of the first `size` bytes of `file`, read by position (the handle's offset is untouched).
-fn hash_handle(file: &File, size: u64) -> io::Result<Sha256Digest> {
-    let mut hasher = Sha256Hasher::new();
-    let mut buf = vec![0u8; HASH_CHUNK];
-    let mut at = 0u64;
-    while at < size {
-        let want = usize::try_from((size - at).min(HASH_CHUNK as u64)).unwrap_or(HASH_CHUNK);
-        let n = file.read_at(&mut buf[..want], at)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the file ended early",
-            ));
-        }
-        hasher.update(&buf[..n]);
-        at += n as u64;
-    }
-    Ok(hasher.finish())
 }

@@ -33,7 +33,7 @@ pub(crate) fn router() -> Router<Arc<Hub>> {
         .route("/api/models/{*rest}", get(model_api))
         .route(paths::LOCK, get(lock))
         .route(paths::LOCK_SIGNATURE, get(lock_signature))
-        .route("/sanctum/models/{name}/model.sig", get(model_signature))
+        .route(&paths::model_signature("{name}"), get(model_signature))
         .route("/{repo}/resolve/{revision}/{*path}", get(resolve))
         .fallback(|| async {
             error(

@@ -228,6 +228,16 @@ struct Index {
     manifests: Vec<Descriptor>,
 }
 
+impl Default for Index {
+    fn default() -> Self {
+        Self {
+            schema_version: 2,
+            media_type: Some(INDEX_MEDIA_TYPE.to_owned()),
+            manifests: Vec::new(),
+        }
+    }
+}
+
 fn digest_string(digest: &Sha256Digest) -> String {
     format!("sha256:{digest}")
 }
@@ -445,7 +455,7 @@ pub fn push(
         let subject = Descriptor::of(MANIFEST_MEDIA_TYPE, &manifest);
         let mut referrers = Vec::new();
         for bundle in signatures {
-            referrers.push(push_referrer(&client, &image, &subject, bundle, &failed).await?);
+            referrers.push(push_referrer(&client, &image, &auth, &subject, bundle, &failed).await?);
         }
         Ok(Pushed {
             repository: format!("{}/{}", image.resolve_registry(), image.repository()),
@@ -460,6 +470,7 @@ pub fn push(
 async fn push_referrer<F>(
     client: &Client,
     image: &Reference,
+    auth: &RegistryAuth,
     subject: &Descriptor,
     bundle: &[u8],
     failed: &impl Fn(String) -> F,
@@ -522,22 +533,15 @@ where
         image.repository().to_owned(),
         tag,
     );
+    // A missing, oversized or unreadable index starts a new one.
     let mut index = match client
-        .pull_manifest_raw(&index_ref, &RegistryAuth::Anonymous, &[INDEX_MEDIA_TYPE])
+        .pull_manifest_raw(&index_ref, auth, &[INDEX_MEDIA_TYPE])
         .await
     {
         Ok((bytes, _)) if bytes.len() <= MAX_MANIFEST_BYTES => {
-            serde_json::from_slice::<Index>(&bytes).unwrap_or(Index {
-                schema_version: 2,
-                media_type: None,
-                manifests: Vec::new(),
-            })
+            serde_json::from_slice::<Index>(&bytes).unwrap_or_default()
         }
-        _ => Index {
-            schema_version: 2,
-            media_type: None,
-            manifests: Vec::new(),
-        },
+        _ => Index::default(),
     };
     index.media_type = Some(INDEX_MEDIA_TYPE.to_owned());
     let entry = Descriptor {
