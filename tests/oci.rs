@@ -3,7 +3,8 @@
 //! pulled back into a fresh store, the artifact read back with `skopeo` (manifest, media types,
 //! layer digests, signature referrers through the tag fallback), a layer swapped in the registry's
 //! storage and a manifest whose layers disagree with the lock refused, and a pull whose connection
-//! is cut mid-layer resumed and verified.
+//! is cut mid-layer resumed and verified; basic logins and bearer-token challenges (with a token
+//! service of the test's) answered, and missing, wrong, misscoped and forged credentials refused.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,6 +21,7 @@ use predicates::str::contains;
 use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::support::token_issuer::TokenIssuer;
 use crate::support::{real_store, repo_lock, required, sanctum};
 
 const PASSWORD: &str = "oci test";
@@ -31,10 +33,39 @@ struct Registry {
     storage: TempDir,
     /// `127.0.0.1:PORT`.
     addr: String,
+    /// Keeps the htpasswd file of [`Registry::with_login`].
+    _auth_dir: Option<TempDir>,
 }
 
 impl Registry {
     fn start() -> Option<Self> {
+        Self::start_with("")
+    }
+
+    /// A registry that wants basic auth for `user` with `password` (an htpasswd file made with
+    /// Apache's `htpasswd`, bcrypt as distribution requires).
+    fn with_login(user: &str, password: &str) -> Option<Self> {
+        let htpasswd = required(
+            Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .ok()
+                .filter(|o| o.status.success()),
+            "htpasswd is not installed (Debian package apache2-utils; .ci/run installs it)",
+        )?;
+        let dir = TempDir::new().unwrap();
+        let file = dir.path().join("htpasswd");
+        fs::write(&file, &htpasswd.stdout).unwrap();
+        let mut registry = Self::start_with(&format!(
+            "auth:\n  htpasswd:\n    realm: sanctum-test\n    path: {}\n",
+            file.display()
+        ))?;
+        registry._auth_dir = Some(dir);
+        Some(registry)
+    }
+
+    /// A registry with `extra` appended to its configuration.
+    fn start_with(extra: &str) -> Option<Self> {
         let binary = required(
             ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
                 .into_iter()
@@ -53,7 +84,7 @@ impl Registry {
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra}",
                 storage.path().join("data").display()
             ),
         )
@@ -70,6 +101,7 @@ impl Registry {
             child,
             storage,
             addr,
+            _auth_dir: None,
         };
         let started = Instant::now();
         while TcpStream::connect(&registry.addr).is_err() {
@@ -145,15 +177,28 @@ fn oci_lock(dir: &Path, sources: &[(&str, String, &str)]) -> PathBuf {
 }
 
 fn pull(lock: &Path, store: &Path, models: &[&str]) -> assert_cmd::assert::Assert {
-    sanctum()
-        .arg("--store")
+    pull_with(lock, store, models, &[])
+}
+
+/// `models pull MODELS --insecure` from `lock` into `store`, with `env` set.
+fn pull_with(
+    lock: &Path,
+    store: &Path,
+    models: &[&str],
+    env: &[(&str, &str)],
+) -> assert_cmd::assert::Assert {
+    let mut cmd = sanctum();
+    cmd.arg("--store")
         .arg(store)
         .arg("--lock")
         .arg(lock)
         .args(["--quiet", "models", "pull"])
         .args(models)
-        .arg("--insecure")
-        .assert()
+        .arg("--insecure");
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    cmd.assert()
 }
 
 fn skopeo_raw(reference: &str) -> Value {
@@ -551,4 +596,133 @@ fn oci_pull_resumes_a_layer_whose_connection_was_cut() {
             .any(|r| r.starts_with("bytes=") && !r.starts_with("bytes=0-")),
         "no resumed range request: {ranges:?}"
     );
+}
+
+/// `sanctum hub push` (then `models pull`) of the small real model against a registry that wants
+/// alice's login: refused without credentials, with a hint that names the variables, and with a
+/// wrong password; accepted with hers. Returns the lock naming the pushed manifest.
+fn push_and_pull_with_login(registry: &Registry, user: &str, password: &str) -> (PathBuf, TempDir) {
+    let store = real_store().expect("the real store");
+    let reference = format!("{}/models/minilm:v1", registry.addr);
+    let push = |creds: Option<(&str, &str)>| {
+        let mut cmd = sanctum();
+        cmd.arg("--store")
+            .arg(&store)
+            .arg("--lock")
+            .arg(repo_lock())
+            .args([
+                "--quiet",
+                "hub",
+                "push",
+                "all-minilm-l6-v2",
+                &reference,
+                "--insecure",
+            ]);
+        if let Some((user, password)) = creds {
+            cmd.env("SANCTUM_REGISTRY_USERNAME", user)
+                .env("SANCTUM_REGISTRY_PASSWORD", password);
+        }
+        cmd.assert()
+    };
+    push(None).code(2).stderr(contains(
+        "no credentials were sent: set SANCTUM_REGISTRY_USERNAME",
+    ));
+    push(Some((user, "wrong"))).code(2).stderr(contains(
+        "the registry refused the user name and password sent",
+    ));
+    let out = push(Some((user, password))).success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let manifest = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("manifest = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_owned();
+    let work = TempDir::new().unwrap();
+    let lock = oci_lock(
+        work.path(),
+        &[(
+            "all-minilm-l6-v2",
+            format!("{}/models/minilm", registry.addr),
+            &manifest,
+        )],
+    );
+    let fresh = TempDir::new().unwrap();
+    pull(&lock, fresh.path(), &["all-minilm-l6-v2"])
+        .code(2)
+        .stderr(contains("no credentials were sent"));
+    assert!(!fresh.path().join("models/all-minilm-l6-v2").exists());
+    pull_with(
+        &lock,
+        fresh.path(),
+        &["all-minilm-l6-v2"],
+        &[
+            ("SANCTUM_REGISTRY_USERNAME", user),
+            ("SANCTUM_REGISTRY_PASSWORD", password),
+        ],
+    )
+    .success()
+    .stderr(contains("all-minilm-l6-v2: pulled and verified"));
+    (lock, work)
+}
+
+#[test]
+fn hub_push_and_oci_pull_log_in_with_basic_credentials() {
+    if real_store().is_none() {
+        return;
+    }
+    let Some(registry) = Registry::with_login("alice", "s3cret") else {
+        return;
+    };
+    push_and_pull_with_login(&registry, "alice", "s3cret");
+}
+
+#[test]
+fn hub_push_and_oci_pull_answer_a_bearer_token_challenge() {
+    if real_store().is_none() {
+        return;
+    }
+    let Some(issuer) = TokenIssuer::start("alice", "s3cret") else {
+        return;
+    };
+    let Some(registry) = Registry::start_with(&issuer.registry_config()) else {
+        return;
+    };
+    // Basic credentials exchanged at the issuer for a token scoped to the repository.
+    let (lock, _work) = push_and_pull_with_login(&registry, "alice", "s3cret");
+
+    // A token the caller already holds (SANCTUM_REGISTRY_TOKEN) is sent as is: one for this
+    // repository pulls; one for another repository, or signed by a key the registry does not
+    // trust, is refused and stores nothing.
+    let fresh = TempDir::new().unwrap();
+    let elsewhere = issuer.token(&["repository:models/other:pull"]);
+    pull_with(
+        &lock,
+        fresh.path(),
+        &["all-minilm-l6-v2"],
+        &[("SANCTUM_REGISTRY_TOKEN", &elsewhere)],
+    )
+    .code(2)
+    .stderr(contains("the registry refused the token sent"));
+    let forged = TokenIssuer::start("alice", "s3cret")
+        .unwrap()
+        .token(&["repository:models/minilm:pull"]);
+    pull_with(
+        &lock,
+        fresh.path(),
+        &["all-minilm-l6-v2"],
+        &[("SANCTUM_REGISTRY_TOKEN", &forged)],
+    )
+    .code(2)
+    .stderr(contains("the registry refused the token sent"));
+    assert!(!fresh.path().join("models/all-minilm-l6-v2").exists());
+    let token = issuer.token(&["repository:models/minilm:pull"]);
+    pull_with(
+        &lock,
+        fresh.path(),
+        &["all-minilm-l6-v2"],
+        &[("SANCTUM_REGISTRY_TOKEN", &token)],
+    )
+    .success()
+    .stderr(contains("all-minilm-l6-v2: pulled and verified"));
 }

@@ -87,12 +87,12 @@ pub enum PullError {
         source: Box<HfError>,
     },
     /// The `oci` source failed.
-    #[error("model {model:?}: {source}")]
+    #[error("model {model:?}: {cause}")]
     Oci {
         /// Model name.
         model: String,
-        /// The cause.
-        source: Box<OciError>,
+        /// The cause (not a `source`: the message already says it, once).
+        cause: Box<OciError>,
     },
     /// The import step failed.
     #[error("model {model:?}: import failed: {source}")]
@@ -153,7 +153,7 @@ impl PullError {
                     | HfError::SizeMismatch { .. }
                     | HfError::RevisionMismatch { .. }
             ),
-            PullError::Oci { source, .. } => source.is_refusal(),
+            PullError::Oci { cause, .. } => cause.is_refusal(),
             _ => false,
         }
     }
@@ -358,9 +358,9 @@ impl Store {
                     });
                 }
                 oci::fetch(source, &entry.files, model, &options.registry, progress).map_err(
-                    |source| PullError::Oci {
+                    |cause| PullError::Oci {
                         model: name.clone(),
-                        source: Box::new(source),
+                        cause: Box::new(cause),
                     },
                 )
             }

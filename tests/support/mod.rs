@@ -7,6 +7,7 @@ pub mod attested;
 pub mod byte_level;
 pub mod hf_server;
 pub mod server;
+pub mod token_issuer;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,12 +25,16 @@ pub fn sanctum() -> Command {
     cmd
 }
 
-/// The environment a test's sanctum never inherits: where its home, lock and hubs are.
-pub const ISOLATED_VARS: [&str; 6] = [
+/// The environment a test's sanctum never inherits: where its home, lock and hubs are, and the
+/// credentials it sends.
+pub const ISOLATED_VARS: [&str; 9] = [
     "SANCTUM_HOME",
     "SANCTUM_LOCK",
     "SANCTUM_HUB",
     "SANCTUM_HUB_TOKEN",
+    "SANCTUM_REGISTRY_TOKEN",
+    "SANCTUM_REGISTRY_USERNAME",
+    "SANCTUM_REGISTRY_PASSWORD",
     "HF_ENDPOINT",
     "HF_TOKEN",
 ];

@@ -349,6 +349,45 @@ fn is_loopback(registry: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The registry's refusal, with what to do about a missing or refused login.
+fn registry_error(
+    registry: String,
+    what: String,
+    auth: &RegistryAuth,
+    e: &oci_client::errors::OciDistributionError,
+) -> OciError {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode};
+    let refused_login = match e {
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => true,
+        E::ServerError { code, .. } => matches!(code, 401 | 403),
+        E::RequestError(e) => e
+            .status()
+            .is_some_and(|status| matches!(status.as_u16(), 401 | 403)),
+        E::RegistryError { envelope, .. } => envelope.errors.iter().any(|error| {
+            matches!(
+                error.code,
+                OciErrorCode::Unauthorized | OciErrorCode::Denied
+            )
+        }),
+        _ => false,
+    };
+    let mut reason = e.to_string();
+    if refused_login {
+        reason.push_str(match auth {
+            RegistryAuth::Anonymous => {
+                " (no credentials were sent: set SANCTUM_REGISTRY_USERNAME and SANCTUM_REGISTRY_PASSWORD, or SANCTUM_REGISTRY_TOKEN)"
+            }
+            RegistryAuth::Basic(..) => " (the registry refused the user name and password sent)",
+            RegistryAuth::Bearer(_) => " (the registry refused the token sent)",
+        });
+    }
+    OciError::Registry {
+        registry,
+        what,
+        reason,
+    }
+}
+
 fn parse_reference(reference: &str) -> Result<Reference, OciError> {
     reference
         .parse()
@@ -391,11 +430,8 @@ pub fn push(
     let registry = image.resolve_registry().to_owned();
     let failed = |what: String| {
         let registry = registry.clone();
-        move |e: oci_client::errors::OciDistributionError| OciError::Registry {
-            registry,
-            what,
-            reason: e.to_string(),
-        }
+        let auth = &auth;
+        move |e: oci_client::errors::OciDistributionError| registry_error(registry, what, auth, &e)
     };
     runtime()?.block_on(async {
         client
@@ -595,10 +631,13 @@ pub fn fetch(
         let (bytes, _) = client
             .pull_manifest_raw(&image, &auth, &[MANIFEST_MEDIA_TYPE])
             .await
-            .map_err(|e| OciError::Registry {
-                registry: registry.clone(),
-                what: format!("pull the manifest {reference}"),
-                reason: e.to_string(),
+            .map_err(|e| {
+                registry_error(
+                    registry.clone(),
+                    format!("pull the manifest {reference}"),
+                    &auth,
+                    &e,
+                )
             })?;
         let actual = Sha256Digest::of(&bytes);
         if actual != source.manifest {
