@@ -22,7 +22,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::support::token_issuer::TokenIssuer;
-use crate::support::{real_store, repo_lock, required, sanctum};
+use crate::support::{real_store, repo_lock, required, sanctum, system_program};
 
 const PASSWORD: &str = "oci test";
 
@@ -66,12 +66,9 @@ impl Registry {
 
     /// A registry with `extra` appended to its configuration.
     fn start_with(extra: &str) -> Option<Self> {
-        let binary = required(
-            ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
-                .into_iter()
-                .map(PathBuf::from)
-                .find(|p| p.is_file()),
-            "docker-registry is not installed (Debian package docker-registry; .ci/run installs it)",
+        let binary = system_program(
+            &["/usr/bin/docker-registry", "/usr/sbin/docker-registry"],
+            "docker-registry",
         )?;
         let storage = TempDir::new().unwrap();
         let port = TcpListener::bind("127.0.0.1:0")

@@ -386,6 +386,34 @@ fn hostile_requests_get_clear_errors() {
         serde_json::from_slice::<Value>(&bundle).expect("JSON"),
         json["sanctum"]["attestation"]
     );
+
+    // The reply is in the audit log with its route and the bundle's digest, and the request for
+    // a model the lock does not approve is there as a refusal.
+    let out = crate::support::sanctum()
+        .arg("--store")
+        .arg(crate::support::real_store().expect("the real store"))
+        .args(["audit", "show", "--format", "json"])
+        .output()
+        .expect("sanctum runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        entries.iter().any(|e| e["bundle_digest"] == header.as_str()
+            && e["command"] == "openai /v1/chat/completions"
+            && e["event"] == "chat"
+            && e["model"] == CHAT_MODEL),
+        "no audit entry for the reply"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["event"] == "serve" && e["outcome"] == "refused" && e["model"] == "mistral"),
+        "no audit entry for the refused model"
+    );
 }
 
 /// A non-loopback bind without a key is refused before anything starts; with a key, requests

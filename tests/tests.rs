@@ -4,6 +4,7 @@ mod support;
 
 mod attacks;
 mod attestation;
+mod audit;
 mod bench;
 mod hub;
 mod inference;

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attestation;
+pub mod audit;
 pub mod bundle;
 pub mod digest;
 pub mod dsse;

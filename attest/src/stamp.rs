@@ -39,6 +39,7 @@
 
 use std::time::SystemTime;
 
+use crate::audit::{AuditError, AuditLog, Event};
 use crate::bundle::Bundle;
 use crate::digest::Sha256Digest;
 use crate::dsse::IN_TOTO_PAYLOAD_TYPE;
@@ -118,6 +119,18 @@ pub struct Stamper {
     key: SigningKey,
     runner: RunnerRecord,
     lock: LockRecord,
+    audit: Option<AuditLog>,
+}
+
+/// Why an output could not be stamped.
+#[derive(Debug, thiserror::Error)]
+pub enum StampError {
+    /// Signing failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The audit log refused the entry (nothing is stamped that is not logged).
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
 }
 
 impl Stamper {
@@ -135,7 +148,19 @@ impl Stamper {
                 digest: lock.digest.into(),
                 signer: lock.signer,
             },
+            audit: None,
         }
+    }
+
+    /// Records every stamp in `log` too, its checkpoint signed with the same key.
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
+    /// The key, for a front end that records other actions in the same audit log.
+    pub fn key(&self) -> &SigningKey {
+        &self.key
     }
 
     /// The signing key's hint.
@@ -177,9 +202,47 @@ impl Stamper {
         }
     }
 
-    /// Signs the output's attestation.
-    pub fn stamp(&self, record: &OutputRecord<'_>) -> Result<Stamp, KeyError> {
-        self.sign(self.statement(record))
+    /// Signs the output's attestation (and logs it).
+    pub fn stamp(&self, record: &OutputRecord<'_>) -> Result<Stamp, StampError> {
+        let stamp = self.sign(self.statement(record))?;
+        let event = match record.task {
+            OutputTask::Run => "run",
+            OutputTask::Chat => "chat",
+            OutputTask::Embed => "embed",
+        };
+        let command = match &record.request {
+            Some(request) => format!("{} {}", request.api, request.route),
+            None => format!("sanctum {event}"),
+        };
+        self.log(event, command, record.model, &stamp)?;
+        Ok(stamp)
+    }
+
+    /// Appends `event` to the audit log (when there is one), signed with this stamper's key: for a
+    /// front end's refusals, which have no stamp.
+    pub fn record(&self, event: &Event) -> Result<(), AuditError> {
+        match &self.audit {
+            Some(audit) => audit.append(event, &self.key).map(drop),
+            None => Ok(()),
+        }
+    }
+
+    fn log(
+        &self,
+        event: &str,
+        command: String,
+        model: &ModelEntry,
+        stamp: &Stamp,
+    ) -> Result<(), AuditError> {
+        self.record(&Event {
+            event: event.into(),
+            command,
+            model: Some(model.name.clone()),
+            model_digest: Some(format!("sha256:{}", model.digest)),
+            output_digest: Some(format!("sha256:{}", stamp.subject.digest.sha256)),
+            bundle_digest: Some(format!("sha256:{}", Sha256Digest::of(&stamp.json))),
+            ..Event::default()
+        })
     }
 
     /// Signs a benchmark result's attestation: the subject is the result file (`name`, exactly
@@ -189,8 +252,8 @@ impl Stamper {
         name: &str,
         bytes: &[u8],
         record: BenchRecord,
-    ) -> Result<Stamp, KeyError> {
-        self.sign(Statement {
+    ) -> Result<Stamp, StampError> {
+        let stamp = self.sign(Statement {
             type_: STATEMENT_TYPE.to_owned(),
             subject: vec![Subject {
                 name: name.to_owned(),
@@ -209,7 +272,9 @@ impl Stamper {
                 started_at: rfc3339(record.started),
                 finished_at: rfc3339(record.finished),
             },
-        })
+        })?;
+        self.log("bench", "sanctum bench".into(), record.model, &stamp)?;
+        Ok(stamp)
     }
 
     fn sign<P: serde::Serialize>(&self, statement: Statement<P>) -> Result<Stamp, KeyError> {

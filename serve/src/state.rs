@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use attest::audit::{Event as AuditEvent, Outcome};
 use attest::lockfile::{ModelEntry, Task};
 use attest::stamp::{OutputRecord, Stamper};
 use attest::statement::{OutputTask, RequestRecord};
@@ -154,6 +155,7 @@ impl AppState {
                     names.join(", ")
                 )
             };
+            self.record_refusal(bare, true, &message);
             return Err(ApiError {
                 param: Some("model".into()),
                 ..ApiError::not_found(message)
@@ -233,6 +235,33 @@ impl AppState {
         }
     }
 
+    /// A model that failed to load: 500, and an audit entry (a refusal when a check said no).
+    fn load_error(&self, entry: &ModelEntry, e: EngineError) -> ApiError {
+        let message = format!("cannot load the model: {e}");
+        self.record_refusal(&entry.name, e.is_refusal(), &message);
+        ApiError::internal(message)
+    }
+
+    /// Logs a request the server refused (a check said no) or failed.
+    fn record_refusal(&self, model: &str, refused: bool, detail: &str) {
+        let outcome = if refused {
+            Outcome::Refused
+        } else {
+            Outcome::Error
+        };
+        let event = AuditEvent {
+            event: "serve".into(),
+            command: "sanctum serve".into(),
+            model: Some(model.to_owned()),
+            outcome,
+            detail: Some(detail.to_owned()),
+            ..AuditEvent::default()
+        };
+        if let Err(e) = self.config.stamper.record(&event) {
+            log(&format!("this refusal is not in the audit log: {e}"));
+        }
+    }
+
     fn load_chat(&self, entry: ModelEntry) -> Result<Arc<ChatSlot>, ApiError> {
         // Without --ctx: the model's own context, capped so that `--parallel` caches fit.
         let options = LoadOptions {
@@ -247,7 +276,7 @@ impl AppState {
             .config
             .engine
             .load_chat(&entry.name, &options, &NoProgress)
-            .map_err(load_error)?;
+            .map_err(|e| self.load_error(&entry, e))?;
         let model = Arc::new(loaded.model);
         log(&format!(
             "loaded {} ({}, context {}) in {:.2} s",
@@ -267,7 +296,7 @@ impl AppState {
             .config
             .engine
             .load_embedder(&entry.name, &self.config.runtime.device, &NoProgress)
-            .map_err(load_error)?;
+            .map_err(|e| self.load_error(&entry, e))?;
         log(&format!(
             "loaded {} in {:.2} s",
             entry.name,
@@ -310,10 +339,6 @@ pub struct Stamped {
 /// A line on stderr, the server's log.
 pub fn log(line: &str) {
     eprintln!("sanctum serve: {line}");
-}
-
-fn load_error(e: EngineError) -> ApiError {
-    ApiError::internal(format!("cannot load the model: {e}"))
 }
 
 /// Runs blocking work (loading, hashing, embedding) off the async threads.

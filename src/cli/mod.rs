@@ -1,6 +1,7 @@
 //! Argument definitions and dispatch. Exit codes: 0 ok, 1 a verification or policy said no, 2 an error.
 
 mod attest;
+mod audit;
 #[cfg(feature = "inference")]
 mod bench;
 #[cfg(feature = "inference")]
@@ -109,36 +110,106 @@ enum Command {
     /// The lockfile's signature: sign, verify; fetch a signed lock from a hub.
     #[command(subcommand)]
     Lock(lock::LockCommand),
+    /// The tamper-evident log of what ran: show, verify, prove, checkpoint, export to syslog.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Parses the command line and runs it.
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let ctx = Context::new(cli.lock, cli.store, cli.quiet).with_policy(cli.policy);
-    match cli.command {
+    let audited = audited(&cli.command);
+    let result = dispatch(cli.command, &ctx);
+    if let (Some(event), Err(err)) = (audited, &result)
+        && !is_broken_pipe(err)
+    {
+        record_failure(&ctx, event, err);
+    }
+    result
+}
+
+/// The audit log's name for a command that acts on models (its failures are logged; what it
+/// does is logged where it happens), None for one that only reads or checks.
+fn audited(command: &Command) -> Option<&'static str> {
+    match command {
         #[cfg(feature = "inference")]
-        Command::Models(cmd) => models::run(cmd, &ctx),
+        Command::Models(models::ModelsCommand::Pull(_)) => Some("pull"),
         #[cfg(feature = "inference")]
-        Command::Import(cmd) => import::run(cmd, &ctx),
+        Command::Import(_) => Some("import"),
         #[cfg(feature = "inference")]
-        Command::Quantize(args) => quantize::run(args, &ctx),
+        Command::Quantize(_) => Some("quantize"),
         #[cfg(feature = "inference")]
-        Command::Run(args) => run::run(args, &ctx),
+        Command::Run(_) => Some("run"),
         #[cfg(feature = "inference")]
-        Command::Chat(args) => chat::run(args, &ctx),
+        Command::Chat(_) => Some("chat"),
         #[cfg(feature = "inference")]
-        Command::Embed(args) => embed::run(args, &ctx),
+        Command::Embed(_) => Some("embed"),
         #[cfg(feature = "inference")]
-        Command::Serve(args) => serve::run(args, &ctx),
+        Command::Serve(_) => Some("serve"),
         #[cfg(feature = "inference")]
-        Command::Hub(cmd) => hub::run(cmd, &ctx),
+        Command::Hub(_) => Some("hub"),
         #[cfg(feature = "inference")]
-        Command::Bench(args) => bench::run(*args, &ctx),
+        Command::Bench(_) => Some("bench"),
+        _ => None,
+    }
+}
+
+/// Logs a refusal (exit 1) or a failure; a log that cannot take it is a warning, the command's
+/// own error staying the one reported.
+fn record_failure(ctx: &Context, event: &str, err: &anyhow::Error) {
+    let refused = exit_code_for(err) == 1;
+    let mut detail = format!("{err:#}");
+    if detail.len() > 2000 {
+        let cut = (0..=2000)
+            .rev()
+            .find(|&i| detail.is_char_boundary(i))
+            .unwrap_or(0);
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    let entry = ::attest::audit::Event {
+        event: event.to_owned(),
+        command: format!("sanctum {event}"),
+        outcome: if refused {
+            ::attest::audit::Outcome::Refused
+        } else {
+            ::attest::audit::Outcome::Error
+        },
+        detail: Some(detail),
+        ..Default::default()
+    };
+    if let Err(e) = audit::record(ctx, &entry) {
+        eprintln!("sanctum: warning: this failure is not in the audit log: {e:#}");
+    }
+}
+
+fn dispatch(command: Command, ctx: &Context) -> anyhow::Result<ExitCode> {
+    match command {
+        #[cfg(feature = "inference")]
+        Command::Models(cmd) => models::run(cmd, ctx),
+        #[cfg(feature = "inference")]
+        Command::Import(cmd) => import::run(cmd, ctx),
+        #[cfg(feature = "inference")]
+        Command::Quantize(args) => quantize::run(args, ctx),
+        #[cfg(feature = "inference")]
+        Command::Run(args) => run::run(args, ctx),
+        #[cfg(feature = "inference")]
+        Command::Chat(args) => chat::run(args, ctx),
+        #[cfg(feature = "inference")]
+        Command::Embed(args) => embed::run(args, ctx),
+        #[cfg(feature = "inference")]
+        Command::Serve(args) => serve::run(args, ctx),
+        #[cfg(feature = "inference")]
+        Command::Hub(cmd) => hub::run(cmd, ctx),
+        #[cfg(feature = "inference")]
+        Command::Bench(args) => bench::run(*args, ctx),
         #[cfg(feature = "inference")]
         Command::Hw(cmd) => hw::run(cmd),
-        Command::Keys(cmd) => keys::run(cmd, &ctx),
-        Command::Attest(cmd) => attest::run(cmd, &ctx),
-        Command::Lock(cmd) => lock::run(cmd, &ctx),
+        Command::Keys(cmd) => keys::run(cmd, ctx),
+        Command::Attest(cmd) => attest::run(cmd, ctx),
+        Command::Lock(cmd) => lock::run(cmd, ctx),
+        Command::Audit(cmd) => audit::run(cmd, ctx),
     }
 }
 
@@ -152,6 +223,9 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
             || cause.is::<::attest::lockfile::UnknownModel>()
             || cause.is::<trust::Refused>()
             || cause.is::<::attest::lock_signature::LockTrustError>()
+            || cause
+                .downcast_ref::<::attest::audit::AuditError>()
+                .is_some_and(::attest::audit::AuditError::is_refusal)
             || inference_refusal(cause)
     });
     if refused { 1 } else { 2 }

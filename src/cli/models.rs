@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use attest::audit::Event;
 use attest::lockfile::{Lockfile, ModelEntry};
 use attest::verify::{VerifyError, VerifyReport};
 use clap::{Args, Subcommand, ValueEnum};
@@ -97,6 +98,21 @@ fn pull(args: PullArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             human_size(entry.total_size())
         ));
         let outcome = store.pull(entry, &options, &progress)?;
+        super::audit::record(
+            ctx,
+            &Event {
+                event: "pull".into(),
+                command: "sanctum models pull".into(),
+                model: Some(entry.name.clone()),
+                model_digest: Some(format!("sha256:{}", entry.digest)),
+                detail: match &outcome {
+                    PullOutcome::AlreadyPresent => Some("already in the store".into()),
+                    PullOutcome::Pulled => None,
+                    PullOutcome::Repaired { problem } => Some(format!("repaired: {problem}")),
+                },
+                ..Event::default()
+            },
+        )?;
         let dir = display_path(&store.model_dir(entry));
         let took = started.elapsed().as_secs_f64();
         match outcome {

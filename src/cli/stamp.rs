@@ -11,9 +11,8 @@ use std::sync::OnceLock;
 use anyhow::Context as _;
 use attest::Sha256Digest;
 use attest::attestation::layout;
-use attest::keys::KeyError;
 use attest::lockfile::ModelEntry;
-use attest::stamp::{BenchRecord, LockInfo, OutputRecord, RunnerInfo, Stamp, Stamper};
+use attest::stamp::{BenchRecord, LockInfo, OutputRecord, RunnerInfo, Stamp, StampError, Stamper};
 use clap::Args;
 
 use super::Context;
@@ -55,7 +54,8 @@ impl OutputStamper {
                 digest: lock.digest,
                 signer: lock.status.signer_record(),
             },
-        );
+        )
+        .with_audit(super::audit::log(ctx)?);
         Ok(Self {
             stamper,
             home: ctx.home()?,
@@ -113,7 +113,7 @@ impl OutputStamper {
         &self,
         out: Option<&Path>,
         bytes: &[u8],
-        stamp: impl FnOnce(&str) -> Result<Stamp, KeyError>,
+        stamp: impl FnOnce(&str) -> Result<Stamp, StampError>,
     ) -> anyhow::Result<PathBuf> {
         let path = match out {
             Some(out) => {

@@ -79,6 +79,18 @@ pub fn python() -> Option<PathBuf> {
     )
 }
 
+/// A system program installed from a Debian package: the first of `paths` that exists, else
+/// [`required`]'s notice or failure naming `package`.
+pub fn system_program(paths: &[&str], package: &str) -> Option<PathBuf> {
+    required(
+        paths.iter().map(PathBuf::from).find(|p| p.is_file()),
+        &format!(
+            "{} is not installed (Debian package {package}; .ci/run installs it)",
+            paths[0]
+        ),
+    )
+}
+
 /// The repository's `models.lock`.
 pub fn repo_lock() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models.lock")
