@@ -129,31 +129,49 @@ impl Drop for Registry {
     }
 }
 
-/// `sanctum hub push MODEL REFERENCE --insecure [ARGS]` from the real store: the pushed manifest's
-/// digest, from what it prints.
-fn push(store: &Path, lock: &Path, model: &str, reference: &str, args: &[&str]) -> String {
-    let out = sanctum()
-        .arg("--store")
+/// `sanctum hub push MODEL REFERENCE --insecure [ARGS]` from `store`, to run.
+fn push_command(
+    store: &Path,
+    lock: &Path,
+    model: &str,
+    reference: &str,
+    args: &[&str],
+) -> assert_cmd::Command {
+    let mut cmd = sanctum();
+    cmd.arg("--store")
         .arg(store)
         .arg("--lock")
         .arg(lock)
         .args(["--quiet", "hub", "push", model, reference, "--insecure"])
-        .args(args)
-        .env("SANCTUM_KEY_PASSWORD", PASSWORD)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "push failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(args);
+    cmd
+}
+
+/// The pushed manifest's digest, from what `hub push` printed.
+fn manifest_of(stdout: &[u8]) -> String {
+    let stdout = String::from_utf8_lossy(stdout);
     stdout
         .lines()
         .find_map(|l| l.strip_prefix("manifest = \""))
         .and_then(|l| l.strip_suffix('"'))
         .unwrap_or_else(|| panic!("no manifest digest in {stdout}"))
         .to_owned()
+}
+
+/// `sanctum hub push MODEL REFERENCE --insecure [ARGS]` from the real store: the pushed manifest's
+/// digest, from what it prints.
+fn push(store: &Path, lock: &Path, model: &str, reference: &str, args: &[&str]) -> String {
+    let out = push_command(store, lock, model, reference, args)
+        .env("SANCTUM_KEY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "push failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    manifest_of(&out.stdout)
 }
 
 /// The repository's lock with each of `sources` (model → (repository, manifest)) as `oci`.
@@ -602,19 +620,7 @@ fn push_and_pull_with_login(registry: &Registry, user: &str, password: &str) -> 
     let store = real_store().expect("the real store");
     let reference = format!("{}/models/minilm:v1", registry.addr);
     let push = |creds: Option<(&str, &str)>| {
-        let mut cmd = sanctum();
-        cmd.arg("--store")
-            .arg(&store)
-            .arg("--lock")
-            .arg(repo_lock())
-            .args([
-                "--quiet",
-                "hub",
-                "push",
-                "all-minilm-l6-v2",
-                &reference,
-                "--insecure",
-            ]);
+        let mut cmd = push_command(&store, &repo_lock(), "all-minilm-l6-v2", &reference, &[]);
         if let Some((user, password)) = creds {
             cmd.env("SANCTUM_REGISTRY_USERNAME", user)
                 .env("SANCTUM_REGISTRY_PASSWORD", password);
@@ -628,13 +634,7 @@ fn push_and_pull_with_login(registry: &Registry, user: &str, password: &str) -> 
         "the registry refused the user name and password sent",
     ));
     let out = push(Some((user, password))).success();
-    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
-    let manifest = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("manifest = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap()
-        .to_owned();
+    let manifest = manifest_of(&out.get_output().stdout);
     let work = TempDir::new().unwrap();
     let lock = oci_lock(
         work.path(),
@@ -692,34 +692,27 @@ fn hub_push_and_oci_pull_answer_a_bearer_token_challenge() {
     // repository pulls; one for another repository, or signed by a key the registry does not
     // trust, is refused and stores nothing.
     let fresh = TempDir::new().unwrap();
+    let pull_with_token = |token: &str| {
+        pull_with(
+            &lock,
+            fresh.path(),
+            &["all-minilm-l6-v2"],
+            &[("SANCTUM_REGISTRY_TOKEN", token)],
+        )
+    };
     let elsewhere = issuer.token(&["repository:models/other:pull"]);
-    pull_with(
-        &lock,
-        fresh.path(),
-        &["all-minilm-l6-v2"],
-        &[("SANCTUM_REGISTRY_TOKEN", &elsewhere)],
-    )
-    .code(2)
-    .stderr(contains("the registry refused the token sent"));
+    pull_with_token(&elsewhere)
+        .code(2)
+        .stderr(contains("the registry refused the token sent"));
     let forged = TokenIssuer::start("alice", "s3cret")
         .unwrap()
         .token(&["repository:models/minilm:pull"]);
-    pull_with(
-        &lock,
-        fresh.path(),
-        &["all-minilm-l6-v2"],
-        &[("SANCTUM_REGISTRY_TOKEN", &forged)],
-    )
-    .code(2)
-    .stderr(contains("the registry refused the token sent"));
+    pull_with_token(&forged)
+        .code(2)
+        .stderr(contains("the registry refused the token sent"));
     assert!(!fresh.path().join("models/all-minilm-l6-v2").exists());
     let token = issuer.token(&["repository:models/minilm:pull"]);
-    pull_with(
-        &lock,
-        fresh.path(),
-        &["all-minilm-l6-v2"],
-        &[("SANCTUM_REGISTRY_TOKEN", &token)],
-    )
-    .success()
-    .stderr(contains("all-minilm-l6-v2: pulled and verified"));
+    pull_with_token(&token)
+        .success()
+        .stderr(contains("all-minilm-l6-v2: pulled and verified"));
 }

@@ -111,6 +111,8 @@ pub struct Stamp {
     pub bundle: Bundle,
     /// The bundle as the bytes to write (compact JSON and a newline).
     pub json: Vec<u8>,
+    /// sha256 of `json`: what the audit log, the server's header and its access log name.
+    pub bundle_sha256: Sha256Digest,
 }
 
 /// Signs output attestations with one key, for one runner build and lock.
@@ -240,7 +242,7 @@ impl Stamper {
             model: Some(model.name.clone()),
             model_digest: Some(format!("sha256:{}", model.digest)),
             output_digest: Some(format!("sha256:{}", stamp.subject.digest.sha256)),
-            bundle_digest: Some(format!("sha256:{}", Sha256Digest::of(&stamp.json))),
+            bundle_digest: Some(format!("sha256:{}", stamp.bundle_sha256)),
             ..Event::default()
         })
     }
@@ -284,6 +286,7 @@ impl Stamper {
         Ok(Stamp {
             subject,
             bundle,
+            bundle_sha256: Sha256Digest::of(&json),
             json,
         })
     }

@@ -322,7 +322,7 @@ impl AppState {
             .map_err(|e| ApiError::internal(format!("attestation bundle: {e}")))?;
         Ok(Stamped {
             bundle,
-            bundle_sha256: Sha256Digest::of(&stamp.json),
+            bundle_sha256: stamp.bundle_sha256,
         })
     }
 }
