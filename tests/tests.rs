@@ -11,5 +11,6 @@ mod inference;
 mod lockfile;
 mod oci;
 mod pull;
+mod scan;
 mod serve;
 mod serve_clients;

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod lock_signature;
 pub mod lockfile;
 pub mod model_signing;
+pub mod pickle;
 pub mod policy;
 pub mod progress;
 pub mod stamp;

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::Context;
-use super::context::display_path;
+use super::context::{display_path, hostname};
 use super::keys::{public_path, read_public_or_private, signer_key, signer_key_path};
 
 #[derive(Debug, Subcommand)]
@@ -229,9 +229,7 @@ fn verify(log: &AuditLog, args: VerifyArgs, ctx: &Context) -> anyhow::Result<Exi
 
 fn export(log: &AuditLog, args: ExportArgs) -> anyhow::Result<ExitCode> {
     let entries = log.entries()?;
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
+    let hostname = hostname();
     let connect = || -> std::io::Result<TcpStream> {
         let stream = TcpStream::connect(&args.syslog)?;
         stream.set_write_timeout(Some(Duration::from_secs(30)))?;

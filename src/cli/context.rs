@@ -11,7 +11,6 @@ use runner::store::{PullOptions, Store};
 #[cfg(feature = "inference")]
 use serde::Deserialize;
 
-#[cfg(feature = "inference")]
 use super::progress::TermProgress;
 
 /// Default hub endpoint when neither flag, `HF_ENDPOINT` nor the config file names one.
@@ -222,7 +221,6 @@ impl Context {
         ))
     }
 
-    #[cfg(feature = "inference")]
     /// Progress bars on a terminal, nothing otherwise.
     pub fn progress(&self) -> TermProgress {
         TermProgress::new(!self.quiet)
@@ -248,4 +246,11 @@ pub fn display_path(path: &Path) -> String {
         .unwrap_or_else(|| path.to_owned())
         .display()
         .to_string()
+}
+
+/// This machine's name, as the kernel has it (empty where it cannot be read).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }

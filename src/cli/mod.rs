@@ -21,7 +21,6 @@ mod lock;
 mod model_signing;
 #[cfg(feature = "inference")]
 mod models;
-#[cfg(feature = "inference")]
 mod progress;
 #[cfg(feature = "inference")]
 mod quality;
@@ -29,6 +28,7 @@ mod quality;
 mod quantize;
 #[cfg(feature = "inference")]
 mod run;
+mod scan;
 #[cfg(feature = "inference")]
 mod serve;
 #[cfg(feature = "inference")]
@@ -110,6 +110,10 @@ enum Command {
     /// The lockfile's signature: sign, verify; fetch a signed lock from a hub.
     #[command(subcommand)]
     Lock(lock::LockCommand),
+    /// Inventory this machine: model files found by content under PATHs and the well-known caches,
+    /// judged against the lock (approved, tampered, unapproved, dangerous), and the inference servers
+    /// listening. Never loads or unpickles anything.
+    Scan(scan::ScanArgs),
     /// The tamper-evident log of what ran: show, verify, prove, checkpoint, export to syslog.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -210,6 +214,7 @@ fn dispatch(command: Command, ctx: &Context) -> anyhow::Result<ExitCode> {
         Command::Attest(cmd) => attest::run(cmd, ctx),
         Command::Lock(cmd) => lock::run(cmd, ctx),
         Command::Audit(cmd) => audit::run(cmd, ctx),
+        Command::Scan(args) => scan::scan(ctx, args),
     }
 }
 

@@ -18,6 +18,7 @@ impl TermProgress {
         Self { bars }
     }
 
+    #[cfg(feature = "inference")]
     /// Prints a line above the bars (or plainly to stderr).
     pub fn note(&self, line: &str) {
         match &self.bars {

@@ -1,0 +1,481 @@
+//! What one file is, by content: its format and what its header says (architecture, parameter count),
+//! and for pickles every global they import. Reads headers only; weights are never decoded and a
+//! pickle is never unpickled.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use attest::format::{self, ContentKind};
+use attest::pickle::{self, Analysis, Verdict};
+use serde::Serialize;
+
+/// Bytes read to recognize a format: every magic sits in them, and a zip's central directory is
+/// found from the end.
+const SNIFF_LEN: usize = 64;
+
+/// GGUF metadata strings and arrays longer than this are skipped, not kept.
+const GGUF_KEPT_STRING: u64 = 4096;
+
+/// More tensors than this in a GGUF header is not a model anyone ships; the header is judged malformed.
+const GGUF_MAX_TENSORS: u64 = 1 << 20;
+
+/// A model-file format, as the scan reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// Safetensors (header validated).
+    Safetensors,
+    /// llama.cpp's GGUF.
+    Gguf,
+    /// llama.cpp's GGML/GGMF/GGJT predecessors of GGUF.
+    Ggml,
+    /// A raw Python pickle (`.bin`, `.pkl`, `.pt`, legacy `torch.save`).
+    Pickle,
+    /// `torch.save`'s zip layout: an `archive/data.pkl` pickle beside raw storages.
+    PytorchZip,
+    /// A NumPy `.npy` array.
+    Numpy,
+    /// A NumPy `.npz` archive (a zip of `.npy` members, which may hold pickled objects).
+    NumpyZip,
+    /// Keras 3's `.keras` zip (config and HDF5 weights).
+    Keras,
+    /// HDF5 (Keras/TensorFlow `.h5` weights).
+    Hdf5,
+    /// An ONNX model (protobuf `ModelProto`).
+    Onnx,
+    /// A TensorFlow SavedModel's `saved_model.pb`.
+    TfSavedModel,
+    /// A llamafile: an Actually Portable Executable carrying GGUF weights in its zip.
+    Llamafile,
+}
+
+impl Format {
+    /// Whether loading a file of this format can run code from it.
+    pub fn executes_on_load(self) -> bool {
+        matches!(
+            self,
+            Format::Pickle | Format::PytorchZip | Format::NumpyZip | Format::Llamafile
+        )
+    }
+}
+
+/// What a model file's header says; everything optional, since headers differ by format.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Header {
+    /// The architecture (GGUF `general.architecture`; for Safetensors the model directory's
+    /// `config.json` `model_type`, filled in by the caller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    /// The model's own name where the header has one (GGUF `general.name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Parameters: the sum of the tensors' element counts (quantized blocks counted as the values
+    /// they hold).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<u64>,
+    /// Tensors the header lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<u64>,
+    /// Pickles examined (one for a raw pickle, one per pickle member of a zip).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pickles: Vec<PickleMember>,
+}
+
+/// One pickle stream and what it imports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PickleMember {
+    /// The zip member it is (`archive/data.pkl`), `None` for a raw pickle file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// The analysis: globals with verdicts, malformation.
+    #[serde(flatten)]
+    pub analysis: Analysis,
+}
+
+/// A recognized model file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Inspection {
+    /// Its format, by content.
+    pub format: Format,
+    /// What its header says.
+    #[serde(flatten)]
+    pub header: Header,
+    /// Why the header could not be read fully (a truncated GGUF, a Safetensors file that fails
+    /// validation); the format is still what the magic says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub malformed: Option<String>,
+}
+
+impl Inspection {
+    /// The worst verdict of its pickles (`Safe` when it has none).
+    pub fn pickle_verdict(&self) -> Verdict {
+        self.header
+            .pickles
+            .iter()
+            .map(|p| p.analysis.verdict())
+            .max()
+            .unwrap_or(Verdict::Safe)
+    }
+}
+
+/// Recognizes and inspects the file at `path` by its content. `Ok(None)` for a file that is not a
+/// model format (text, configs, tokenizers, ordinary binaries).
+pub fn inspect(path: &Path) -> io::Result<Option<Inspection>> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut start = Vec::with_capacity(SNIFF_LEN);
+    (&mut file).take(SNIFF_LEN as u64).read_to_end(&mut start)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    file.seek(SeekFrom::Start(0))?;
+
+    let inspection = match format::sniff(&start) {
+        // The sniff needs the whole header in hand; a Safetensors file's length prefix and `{` are
+        // enough to say what it is, and the full check then reads the header.
+        ContentKind::Other if safetensors_prefix(&start) => safetensors(file, len),
+        ContentKind::Other => other(file, &start, &name, path),
+        ContentKind::Safetensors => safetensors(file, len),
+        ContentKind::Gguf => gguf(BufReader::new(file), len),
+        ContentKind::Ggml => Some(plain(Format::Ggml)),
+        ContentKind::Hdf5 => Some(plain(Format::Hdf5)),
+        ContentKind::Numpy => Some(plain(Format::Numpy)),
+        ContentKind::Pickle { .. } => Some(raw_pickle(file)?),
+        ContentKind::Zip => zip(file, &name),
+    };
+    Ok(inspection)
+}
+
+fn plain(format: Format) -> Inspection {
+    Inspection {
+        format,
+        header: Header::default(),
+        malformed: None,
+    }
+}
+
+fn safetensors_prefix(start: &[u8]) -> bool {
+    start.get(8) == Some(&b'{')
+        && start
+            .get(..8)
+            .and_then(|p| <[u8; 8]>::try_from(p).ok())
+            .is_some_and(|p| (2..=100_000_000).contains(&u64::from_le_bytes(p)))
+}
+
+fn safetensors(file: File, len: u64) -> Option<Inspection> {
+    let mut inspection = plain(Format::Safetensors);
+    let mut start = Vec::new();
+    let mut reader = BufReader::new(file);
+    let need = format::start_len(&[], len).max(8);
+    let read = (&mut reader)
+        .take(need)
+        .read_to_end(&mut start)
+        .and_then(|_| {
+            let need = format::start_len(&start, len);
+            (&mut reader)
+                .take(need.saturating_sub(start.len() as u64))
+                .read_to_end(&mut start)
+        });
+    if let Err(e) = read {
+        inspection.malformed = Some(format!("reading the header: {e}"));
+        return Some(inspection);
+    }
+    match format::check_safetensors_start(&start, len) {
+        Ok(info) => {
+            inspection.header.tensors = Some(info.tensors as u64);
+            inspection.header.parameters = safetensors_parameters(&start);
+        }
+        Err(e) => inspection.malformed = Some(e.to_string()),
+    }
+    Some(inspection)
+}
+
+/// Values per block and bytes per block of the ggml types sanctum's quantized Safetensors layout
+/// names (docs/quantized-safetensors.md).
+const GGML_BLOCKS: &[(&str, u64, u64)] = &[
+    ("q4_0", 32, 18),
+    ("q4_1", 32, 20),
+    ("q5_0", 32, 22),
+    ("q5_1", 32, 24),
+    ("q8_0", 32, 34),
+    ("q2_k", 256, 84),
+    ("q3_k", 256, 110),
+    ("q4_k", 256, 144),
+    ("q5_k", 256, 176),
+    ("q6_k", 256, 210),
+    ("q8_k", 256, 292),
+];
+
+/// The sum of element counts over a validated header, counting a tensor of ggml blocks as the
+/// values they hold.
+fn safetensors_parameters(start: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Tensor {
+        shape: Vec<u64>,
+    }
+    let header_len = usize::try_from(u64::from_le_bytes(start.get(..8)?.try_into().ok()?)).ok()?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(start.get(8..8 + header_len)?).ok()?;
+    let metadata = header.get("__metadata__");
+    let mut total: u64 = 0;
+    for (name, value) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let tensor: Tensor = serde_json::from_value(value.clone()).ok()?;
+        let mut count = tensor
+            .shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))?;
+        let ggml = metadata
+            .and_then(|m| m.get(format!("sanctum.ggml_type.{name}")))
+            .and_then(|t| t.as_str());
+        if let Some((_, values, bytes)) = GGML_BLOCKS.iter().find(|(n, ..)| Some(*n) == ggml) {
+            count = count / bytes * values;
+        }
+        total = total.checked_add(count)?;
+    }
+    Some(total)
+}
+
+/// GGUF's metadata value types (`gguf_type` in ggml's gguf.h).
+mod gguf_type {
+    pub const STRING: u32 = 8;
+    pub const ARRAY: u32 = 9;
+}
+
+fn gguf(mut reader: BufReader<File>, len: u64) -> Option<Inspection> {
+    let mut inspection = plain(Format::Gguf);
+    if let Err(reason) = read_gguf_header(&mut reader, len, &mut inspection.header) {
+        inspection.malformed = Some(reason);
+    }
+    Some(inspection)
+}
+
+/// Reads a GGUF header (version 2 or 3): the metadata keys the report uses and every tensor's
+/// dimensions. Lengths are checked against the file's size before anything is skipped or kept, so
+/// a hostile header cannot make it allocate or read without bound.
+fn read_gguf_header(
+    reader: &mut BufReader<File>,
+    len: u64,
+    header: &mut Header,
+) -> Result<(), String> {
+    let mut gguf = GgufReader { reader, len };
+    gguf.skip(4)?; // magic
+    let version = gguf.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(format!("GGUF version {version} (2 and 3 are known)"));
+    }
+    let tensors = gguf.u64()?;
+    let kvs = gguf.u64()?;
+    if tensors > GGUF_MAX_TENSORS {
+        return Err(format!("{tensors} tensors declared"));
+    }
+    for _ in 0..kvs {
+        let key = gguf.string()?;
+        let kind = gguf.u32()?;
+        let value = if kind == gguf_type::STRING {
+            Some(gguf.string()?)
+        } else {
+            gguf.skip_value(kind)?;
+            None
+        };
+        match (key.as_deref(), value.flatten()) {
+            (Some("general.architecture"), Some(v)) => header.architecture = Some(v),
+            (Some("general.name"), Some(v)) => header.name = Some(v),
+            _ => {}
+        }
+    }
+    let mut parameters: u64 = 0;
+    for _ in 0..tensors {
+        gguf.string()?;
+        let dims = gguf.u32()?;
+        if dims > 8 {
+            return Err(format!("a tensor with {dims} dimensions"));
+        }
+        let mut count: u64 = 1;
+        for _ in 0..dims {
+            count = count.saturating_mul(gguf.u64()?);
+        }
+        gguf.skip(4 + 8)?; // type, offset
+        parameters = parameters.saturating_add(count);
+    }
+    header.tensors = Some(tensors);
+    header.parameters = Some(parameters);
+    Ok(())
+}
+
+struct GgufReader<'a> {
+    reader: &'a mut BufReader<File>,
+    len: u64,
+}
+
+impl GgufReader<'_> {
+    fn position(&mut self) -> Result<u64, String> {
+        self.reader.stream_position().map_err(|e| e.to_string())
+    }
+
+    fn fill<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut bytes = [0; N];
+        self.reader.read_exact(&mut bytes).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                "the header ends early".to_string()
+            } else {
+                e.to_string()
+            }
+        })?;
+        Ok(bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        self.fill().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        self.fill().map(u64::from_le_bytes)
+    }
+
+    /// Skips `n` bytes, refusing to go past the end of the file.
+    fn skip(&mut self, n: u64) -> Result<(), String> {
+        let at = self.position()?;
+        if at.checked_add(n).is_none_or(|end| end > self.len) {
+            return Err("the header ends early".to_string());
+        }
+        self.reader
+            .seek_relative(i64::try_from(n).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A length-prefixed string: kept when short and UTF-8, skipped otherwise.
+    fn string(&mut self) -> Result<Option<String>, String> {
+        let n = self.u64()?;
+        if n > GGUF_KEPT_STRING {
+            self.skip(n)?;
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        (&mut *self.reader)
+            .take(n)
+            .read_to_end(&mut bytes)
+            .map_err(|e| e.to_string())?;
+        if bytes.len() as u64 != n {
+            return Err("the header ends early".to_string());
+        }
+        Ok(String::from_utf8(bytes).ok())
+    }
+
+    fn skip_value(&mut self, kind: u32) -> Result<(), String> {
+        match kind {
+            gguf_type::STRING => self.string().map(drop),
+            gguf_type::ARRAY => {
+                let item = self.u32()?;
+                let n = self.u64()?;
+                match scalar_size(item) {
+                    Some(size) => self.skip(n.checked_mul(size).ok_or("array too long")?),
+                    None if item == gguf_type::STRING => {
+                        // Each string is at least its 8-byte length: more than the file holds is a lie.
+                        if n > self.len / 8 {
+                            return Err(format!("an array of {n} strings"));
+                        }
+                        (0..n).try_for_each(|_| self.string().map(drop))
+                    }
+                    None => Err(format!("an array of type {item}")),
+                }
+            }
+            _ => self.skip(scalar_size(kind).ok_or(format!("metadata type {kind}"))?),
+        }
+    }
+}
+
+fn scalar_size(kind: u32) -> Option<u64> {
+    match kind {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+fn raw_pickle(file: File) -> io::Result<Inspection> {
+    let analysis = pickle::analyze(BufReader::new(file))?;
+    let mut inspection = plain(Format::Pickle);
+    inspection.header.pickles.push(PickleMember {
+        member: None,
+        analysis,
+    });
+    Ok(inspection)
+}
+
+fn zip(file: File, name: &str) -> Option<Inspection> {
+    let members = match pickle::analyze_zip(BufReader::new(file)) {
+        Ok(members) => members,
+        Err(e) => {
+            let mut inspection = plain(Format::PytorchZip);
+            inspection.malformed = Some(e.to_string());
+            return (name.ends_with(".pt") || name.ends_with(".pth") || name.ends_with(".bin"))
+                .then_some(inspection);
+        }
+    };
+    let format = if members.iter().any(|(m, _)| m.ends_with("data.pkl")) {
+        Format::PytorchZip
+    } else if name.ends_with(".npz") {
+        Format::NumpyZip
+    } else if name.ends_with(".keras") {
+        Format::Keras
+    } else if members.is_empty() {
+        // An ordinary zip (docs, a wheel): not a model.
+        return None;
+    } else {
+        Format::PytorchZip
+    };
+    let mut inspection = plain(format);
+    inspection.header.pickles = members
+        .into_iter()
+        .map(|(member, analysis)| PickleMember {
+            member: Some(member),
+            analysis,
+        })
+        .collect();
+    Some(inspection)
+}
+
+/// Formats recognized by name and a structural check rather than a magic: ONNX, SavedModel, and
+/// llamafiles (whose magic is an executable's).
+fn other(file: File, start: &[u8], name: &str, path: &Path) -> Option<Inspection> {
+    // ONNX's ModelProto opens with field 1 (ir_version, a varint): byte 0x08.
+    if name.ends_with(".onnx") && start.first() == Some(&0x08) {
+        return Some(plain(Format::Onnx));
+    }
+    if name == "saved_model.pb"
+        && path
+            .parent()
+            .is_some_and(|dir| dir.join("variables").is_dir())
+    {
+        return Some(plain(Format::TfSavedModel));
+    }
+    // Actually Portable Executables open with `MZqFpD`; a llamafile is one whose zip holds a GGUF.
+    if start.starts_with(b"MZqFpD") && (name.ends_with(".llamafile") || holds_gguf(file)) {
+        return Some(plain(Format::Llamafile));
+    }
+    None
+}
+
+/// Whether a zip appended to an executable lists a `.gguf` member (llamafile's layout).
+fn holds_gguf(file: File) -> bool {
+    let Ok(mut archive) = zip_archive(file) else {
+        return false;
+    };
+    (0..archive.len().min(10_000)).any(|i| {
+        archive
+            .by_index_raw(i)
+            .is_ok_and(|m| m.name().to_ascii_lowercase().ends_with(".gguf"))
+    })
+}
+
+fn zip_archive(file: File) -> zip::result::ZipResult<zip::ZipArchive<BufReader<File>>> {
+    zip::ZipArchive::new(BufReader::new(file))
+}
