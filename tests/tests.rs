@@ -7,6 +7,7 @@ mod attestation;
 mod audit;
 mod bench;
 mod hub;
+mod import;
 mod inference;
 mod lockfile;
 mod oci;

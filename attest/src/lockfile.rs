@@ -192,6 +192,8 @@ pub struct Derived {
 pub enum ImportFormat {
     /// llama.cpp's GGUF.
     Gguf,
+    /// A PyTorch checkpoint in `torch.save`'s zip layout, read by a restricted unpickler.
+    Pickle,
 }
 
 /// One file of a model.

@@ -1,11 +1,17 @@
 //! Python pickles read without executing anything: an opcode reader for protocols 0–5 ([`Ops`]),
 //! and on top of it [`analyze`], which follows just enough of the stack and memo to name every
-//! global a pickle imports (`GLOBAL`, `INST`, `STACK_GLOBAL`) with a verdict like picklescan's and
-//! modelscan's. Loading a pickle runs whatever its globals name; reading its opcodes runs nothing.
+//! global a pickle imports (`GLOBAL`, `INST`, `STACK_GLOBAL`, `EXT1/2/4`) with a verdict like
+//! picklescan's and modelscan's. Loading a pickle runs whatever its globals name; reading its
+//! opcodes runs nothing.
 //!
-//! Memory stays bounded whatever the input: long payloads are skipped rather than kept, lines,
-//! the stack and the memo are capped, and a stream that breaks a rule is reported as
-//! [`Analysis::malformed`], never a panic.
+//! Memory stays bounded whatever the input: long payloads and lines are skipped rather than kept,
+//! and the stack, the memo and the list of globals are capped. A stream that breaks a rule is
+//! reported as [`Analysis::malformed`], a cap reached as [`Analysis::incomplete`], never a panic.
+//!
+//! The walk is at least as thorough as picklescan's and modelscan's, so that sanctum flags
+//! everything they flag: it goes on past a broken stack (they only read opcodes), reads every
+//! pickle of a file (as `pickletools.genops` does, one after another), and judges `STACK_GLOBAL`
+//! the way they do where their reading and the stack's disagree.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Seek};
@@ -15,23 +21,32 @@ use serde::Serialize;
 /// Strings and bytes longer than this are skipped, not kept ([`Arg::Skipped`]).
 pub const MAX_KEPT: u64 = 64 * 1024;
 
-/// Longest text line (protocol 0 arguments, `GLOBAL`'s module and name) accepted.
+/// Longest text line (protocol 0 arguments, `GLOBAL`'s module and name) kept; longer ones are
+/// read past ([`Arg::Skipped`]).
 const MAX_LINE: usize = 64 * 1024;
 
 /// Strings kept on the simulated stack and memo: module and attribute names are short.
-const MAX_NAME: usize = 512;
+const MAX_NAME: usize = 256;
 
-/// Deepest simulated stack; real pickles batch their items by the thousand.
-const MAX_STACK: usize = 1 << 17;
+/// Deepest simulated stack (values and marks): real pickles batch their items by the thousand and
+/// nest as deep as Python's recursion limit allows.
+const MAX_STACK: usize = 1 << 16;
 
-/// Most memo entries tracked.
+/// Most memo entries followed.
 const MAX_MEMO: usize = 1 << 18;
 
-/// Most distinct globals reported per stream.
+/// Most bytes of strings kept in the memo (module names are memoized when first used, early).
+const MAX_MEMO_TEXT: usize = 8 << 20;
+
+/// Most distinct globals listed per stream, for each of dangerous and not dangerous ones, so
+/// that dangerous globals are listed however many others come first.
 const MAX_GLOBALS: usize = 10_000;
 
 /// Zip members looked at in one archive.
 const MAX_ZIP_MEMBERS: usize = 100_000;
+
+/// Longest `.npy` header read (NumPy writes a few hundred bytes).
+const MAX_NPY_HEADER: u64 = 64 * 1024;
 
 /// How safe importing a global is, from best to worst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -46,8 +61,35 @@ pub enum Verdict {
     Dangerous,
 }
 
-/// The builtins both tools flag.
-const DANGEROUS_BUILTINS: &[&str] = &[
+/// Which names of a module a table entry covers. The two tools compare names differently, and a
+/// name either of them flags must be flagged here.
+#[derive(Debug, Clone, Copy)]
+enum Names {
+    /// Every name, in the module and in its submodules (picklescan's `"*"`).
+    All,
+    /// These names exactly (picklescan's sets).
+    Exact(&'static [&'static str]),
+    /// Names that contain one of these (modelscan's lists, compared as `filter in name`: so
+    /// `builtins.execfile` is `exec`).
+    Containing(&'static [&'static str]),
+    /// Names that are part of this one (picklescan's entries written as a bare string, compared as
+    /// `name in filter`: so `functools.part` is `partial`).
+    Within(&'static str),
+}
+
+impl Names {
+    fn cover(self, name: &str) -> bool {
+        match self {
+            Names::All => true,
+            Names::Exact(names) => names.contains(&name),
+            Names::Containing(parts) => parts.iter().any(|part| name.contains(part)),
+            Names::Within(whole) => whole.contains(name),
+        }
+    }
+}
+
+/// The builtins both tools flag (modelscan's list; picklescan's is the same less `__import__`).
+const DANGEROUS_BUILTINS: Names = Names::Containing(&[
     "eval",
     "compile",
     "getattr",
@@ -56,108 +98,135 @@ const DANGEROUS_BUILTINS: &[&str] = &[
     "open",
     "breakpoint",
     "__import__",
-];
+]);
 
-/// Globals that run code when a pickle is loaded: the union of picklescan 1.0.5's `_unsafe_globals`
-/// and modelscan 0.8.8's `unsafe_globals` (every severity). `*` is every name in the module and, as
-/// picklescan has it, in its submodules.
-const DANGEROUS: &[(&str, &[&str])] = &[
+/// `operator`'s getters, which reach any attribute (picklescan's set).
+const GETTERS: Names = Names::Exact(&["attrgetter", "itemgetter", "methodcaller"]);
+
+/// Globals that run code when a pickle is loaded: the union of picklescan 1.0.5's
+/// `_unsafe_globals` (`src/picklescan/scanner.py`) and modelscan 0.8.8's `unsafe_globals`, every
+/// severity (`modelscan/settings.py`), each kept with its own way of comparing names, and a few
+/// of sanctum's own at the end.
+const DANGEROUS: &[(&str, Names)] = &[
     // Protocols 0-2 name builtins by their Python 2 module.
     ("__builtin__", DANGEROUS_BUILTINS),
     ("builtins", DANGEROUS_BUILTINS),
     (
         "cloudpickle.cloudpickle",
-        &[
+        Names::Exact(&[
             "_builtin_type",
             "_make_function",
             "_function_setstate",
             "_make_cell",
             "_make_empty_cell",
             "subimport",
-        ],
+        ]),
     ),
-    ("types", &["CodeType"]),
-    ("aiohttp", &["*"]),
-    ("asyncio", &["*"]),
-    ("bdb", &["*"]),
-    ("commands", &["*"]),
-    ("ctypes", &["*"]),
-    ("functools", &["partial"]),
-    ("httplib", &["*"]),
-    ("logging", &["FileHandler"]),
-    ("_io", &["FileIO"]),
-    ("numpy.f2py", &["*"]),
-    ("numpy.testing._private.utils", &["*"]),
-    ("nt", &["*"]),
-    ("posix", &["*"]),
-    ("_operator", &["attrgetter", "itemgetter", "methodcaller"]),
-    ("operator", &["attrgetter", "itemgetter", "methodcaller"]),
-    ("os", &["*"]),
-    ("requests.api", &["*"]),
-    ("runpy", &["*"]),
-    ("shutil", &["*"]),
-    ("socket", &["*"]),
-    ("ssl", &["*"]),
-    ("subprocess", &["*"]),
-    ("sys", &["*"]),
-    ("code", &["InteractiveInterpreter.runcode"]),
-    ("cProfile", &["*"]),
-    ("distutils.file_util", &["*"]),
-    ("doctest", &["debug_script"]),
-    ("ensurepip", &["_run_pip"]),
+    ("types", Names::Exact(&["CodeType"])),
+    ("aiohttp", Names::All),
+    ("asyncio", Names::All),
+    ("bdb", Names::All),
+    ("commands", Names::All),
+    ("ctypes", Names::All),
+    ("functools", Names::Within("partial")),
+    ("httplib", Names::All),
+    ("logging", Names::Exact(&["FileHandler"])),
+    ("_io", Names::Exact(&["FileIO"])),
+    ("numpy.f2py", Names::All),
+    ("numpy.testing._private.utils", Names::All),
+    ("nt", Names::All),
+    ("posix", Names::All),
+    ("_operator", GETTERS),
+    ("operator", GETTERS),
+    ("os", Names::All),
+    ("requests.api", Names::All),
+    ("runpy", Names::All),
+    ("shutil", Names::All),
+    ("socket", Names::All),
+    ("ssl", Names::All),
+    ("subprocess", Names::All),
+    ("sys", Names::All),
+    ("code", Names::Exact(&["InteractiveInterpreter.runcode"])),
+    ("cProfile", Names::All),
+    ("distutils.file_util", Names::All),
+    ("doctest", Names::Exact(&["debug_script"])),
+    ("ensurepip", Names::Exact(&["_run_pip"])),
     (
         "idlelib.autocomplete",
-        &["AutoComplete.get_entity", "AutoComplete.fetch_completions"],
+        Names::Exact(&["AutoComplete.get_entity", "AutoComplete.fetch_completions"]),
     ),
-    ("idlelib.calltip", &["Calltip.fetch_tip", "get_entity"]),
-    ("idlelib.debugobj", &["ObjectTreeItem.SetText"]),
+    (
+        "idlelib.calltip",
+        Names::Exact(&["Calltip.fetch_tip", "get_entity"]),
+    ),
+    (
+        "idlelib.debugobj",
+        Names::Exact(&["ObjectTreeItem.SetText"]),
+    ),
     (
         "idlelib.pyshell",
-        &[
+        Names::Exact(&[
             "ModifiedInterpreter.runcode",
             "ModifiedInterpreter.runcommand",
-        ],
+        ]),
     ),
-    ("idlelib.run", &["Executive.runcode"]),
-    ("imaplib", &["IMAP4_stream"]),
-    ("lib2to3.pgen2.grammar", &["Grammar.loads"]),
-    ("lib2to3.pgen2.pgen", &["ParserGenerator.make_label"]),
-    ("pdb", &["*"]),
-    ("pickle", &["*"]),
-    ("_pickle", &["*"]),
-    ("pip", &["*"]),
-    ("pkgutil", &["resolve_name"]),
-    ("pty", &["*"]),
-    ("profile", &["*"]),
-    ("pydoc", &["*"]),
-    ("test", &["*"]),
-    ("timeit", &["*"]),
-    ("torch._dynamo.guards", &["GuardBuilder.get"]),
-    ("torch._inductor.codecache", &["compile_file"]),
+    ("idlelib.run", Names::Exact(&["Executive.runcode"])),
+    ("imaplib", Names::Exact(&["IMAP4_stream"])),
+    ("lib2to3.pgen2.grammar", Names::Exact(&["Grammar.loads"])),
+    (
+        "lib2to3.pgen2.pgen",
+        Names::Exact(&["ParserGenerator.make_label"]),
+    ),
+    ("pdb", Names::All),
+    ("pickle", Names::All),
+    ("_pickle", Names::All),
+    ("pip", Names::All),
+    ("pkgutil", Names::Exact(&["resolve_name"])),
+    ("pty", Names::All),
+    ("profile", Names::All),
+    ("pydoc", Names::All),
+    ("test", Names::All),
+    ("timeit", Names::All),
+    ("torch._dynamo.guards", Names::Exact(&["GuardBuilder.get"])),
+    ("torch._inductor.codecache", Names::Within("compile_file")),
     (
         "torch.fx.experimental.symbolic_shapes",
-        &["ShapeEnv.evaluate_guards_expression"],
+        Names::Exact(&["ShapeEnv.evaluate_guards_expression"]),
     ),
-    ("torch.jit.unsupported_tensor_ops", &["execWrapper"]),
-    ("torch.serialization", &["load"]),
-    ("torch.utils._config_module", &["ConfigModule.load_config"]),
+    (
+        "torch.jit.unsupported_tensor_ops",
+        Names::Exact(&["execWrapper"]),
+    ),
+    ("torch.serialization", Names::Within("load")),
+    (
+        "torch.utils._config_module",
+        Names::Exact(&["ConfigModule.load_config"]),
+    ),
     (
         "torch.utils.bottleneck.__main__",
-        &["run_cprofile", "run_autograd_prof"],
+        Names::Exact(&["run_cprofile", "run_autograd_prof"]),
     ),
-    ("torch.utils.collect_env", &["run"]),
+    ("torch.utils.collect_env", Names::Exact(&["run"])),
     (
         "torch.utils.data.datapipes.utils.decoder",
-        &["basichandlers"],
+        Names::Exact(&["basichandlers"]),
     ),
-    ("trace", &["Trace.run", "Trace.runctx"]),
-    ("urllib.request", &["*"]),
-    ("uuid", &["*"]),
-    ("venv", &["*"]),
-    ("webbrowser", &["*"]),
-    ("_osx_support", &["*"]),
-    ("_aix_support", &["*"]),
-    ("_pyrepl", &["*"]),
+    ("trace", Names::Exact(&["Trace.run", "Trace.runctx"])),
+    ("urllib.request", Names::All),
+    ("uuid", Names::All),
+    ("venv", Names::All),
+    ("webbrowser", Names::All),
+    ("_osx_support", Names::All),
+    ("_aix_support", Names::All),
+    ("_pyrepl", Names::All),
+    // modelscan's where it differs from picklescan's (its builtins are above).
+    ("operator", Names::Containing(&["attrgetter"])),
+    ("aiohttp.client", Names::All),
+    // sanctum's own: importing any module runs its code, and `code` and `marshal` make and run
+    // code objects.
+    ("importlib", Names::All),
+    ("code", Names::All),
+    ("marshal", Names::All),
 ];
 
 /// Globals that only rebuild data: picklescan 1.0.5's `_safe_globals`, plus what
@@ -204,27 +273,26 @@ const SAFE: &[(&str, &[&str])] = &[
     ("torch._tensor", &["_rebuild_from_type_v2"]),
 ];
 
-/// The verdict on importing `module.name`.
+/// The verdict on importing `module.name`. A module or name that says `unknown` is dangerous, as
+/// both tools have it: it is what [`analyze`] writes for an import it could not resolve.
 pub fn verdict(module: &str, name: &str) -> Verdict {
-    let listed = |table: &[(&str, &[&str])], module: &str, wildcard_only: bool| {
-        table.iter().any(|(m, names)| {
-            *m == module
-                && names
-                    .iter()
-                    .any(|n| *n == "*" || (!wildcard_only && *n == name))
-        })
-    };
-    // An unresolved operand is what an evasion looks like: picklescan calls it dangerous too.
     if module.contains("unknown") || name.contains("unknown") {
         return Verdict::Dangerous;
     }
-    let parents = module
-        .match_indices('.')
-        .map(|(i, _)| &module[..i])
-        .any(|parent| listed(DANGEROUS, parent, true));
-    if listed(DANGEROUS, module, false) || parents {
+    let within = |parent: &str| {
+        module
+            .strip_prefix(parent)
+            .is_some_and(|rest| rest.starts_with('.'))
+    };
+    let dangerous = DANGEROUS.iter().any(|(m, names)| {
+        (*m == module && names.cover(name)) || (matches!(names, Names::All) && within(m))
+    });
+    if dangerous {
         Verdict::Dangerous
-    } else if listed(SAFE, module, false) {
+    } else if SAFE
+        .iter()
+        .any(|(m, names)| *m == module && names.contains(&name))
+    {
         Verdict::Safe
     } else {
         Verdict::Unknown
@@ -389,6 +457,12 @@ pub struct Ops<R> {
     offset: u64,
 }
 
+/// A text line: its bytes, or only its length when longer than [`MAX_LINE`].
+enum Line {
+    Kept(Vec<u8>),
+    Long(u64),
+}
+
 impl<R: Read> Ops<R> {
     /// Reads opcodes from `reader`.
     pub fn new(reader: R) -> Self {
@@ -481,28 +555,38 @@ impl<R: Read> Ops<R> {
         Ok(None)
     }
 
-    fn line(&mut self) -> Result<Vec<u8>, OpError> {
+    /// A line without its newline. One longer than [`MAX_LINE`] is read past, not kept, since
+    /// `pickletools` reads on too: stopping there would let a long line hide what follows.
+    fn line(&mut self) -> Result<Line, OpError> {
         let mut line = Vec::new();
         (&mut self.reader)
             .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut line)?;
         self.offset += line.len() as u64;
-        let read = line.len();
-        if line.pop() != Some(b'\n') {
-            let reason = if read > MAX_LINE {
-                format!("a line longer than {MAX_LINE} bytes")
-            } else {
-                "the stream ends inside a line".into()
-            };
-            return Err(self.malformed(self.offset, reason));
+        let taken = line.len();
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            return Ok(Line::Kept(line));
         }
-        Ok(line)
-    }
-
-    fn text_line(&mut self) -> Result<String, OpError> {
-        let line = self.line()?;
-        String::from_utf8(line)
-            .map_err(|_| self.malformed(self.offset, "a line that is not UTF-8".into()))
+        let mut read = taken as u64;
+        if taken > MAX_LINE {
+            loop {
+                let buffer = self.reader.fill_buf()?;
+                if buffer.is_empty() {
+                    break;
+                }
+                let (used, done) = match buffer.iter().position(|&b| b == b'\n') {
+                    Some(at) => (at + 1, true),
+                    None => (buffer.len(), false),
+                };
+                self.consume(used);
+                read += used as u64;
+                if done {
+                    return Ok(Line::Long(read - 1));
+                }
+            }
+        }
+        Err(self.malformed(self.offset, "the stream ends inside a line".into()))
     }
 
     fn arg(&mut self, encoding: Encoding) -> Result<Arg, OpError> {
@@ -519,55 +603,60 @@ impl<R: Read> Ops<R> {
                 i64::try_from(n).map_or(Arg::Skipped(n), Arg::Int)
             }
             E::F8 => Arg::Float(f64::from_be_bytes(self.exact()?)),
-            E::DecimalLine => {
-                let line = self.text_line()?;
-                // `I01`/`I00` are protocol 0's True and False; `L` longs end in `L`.
-                let digits = line.trim_end_matches('L');
-                match digits.parse::<i64>() {
-                    Ok(n) => Arg::Int(n),
-                    Err(_)
-                        if !digits.is_empty()
-                            && digits
-                                .trim_start_matches('-')
-                                .bytes()
-                                .all(|c| c.is_ascii_digit()) =>
-                    {
-                        Arg::Skipped(digits.len() as u64)
-                    }
-                    Err(_) => {
-                        return Err(self
-                            .malformed(self.offset, format!("{line:?} is not a decimal integer")));
-                    }
+            E::DecimalLine => match self.line()? {
+                Line::Long(n) => Arg::Skipped(n),
+                Line::Kept(line) => decimal(&line).ok_or_else(|| {
+                    self.malformed(self.offset, format!("{} is not an integer", show(&line)))
+                })?,
+            },
+            E::FloatLine => match self.line()? {
+                Line::Long(n) => Arg::Skipped(n),
+                Line::Kept(line) => {
+                    let text: String = String::from_utf8_lossy(&line)
+                        .trim()
+                        .chars()
+                        .filter(|&c| c != '_')
+                        .collect();
+                    Arg::Float(text.parse().map_err(|_| {
+                        self.malformed(self.offset, format!("{} is not a float", show(&line)))
+                    })?)
                 }
-            }
-            E::FloatLine => {
-                let line = self.text_line()?;
-                Arg::Float(
-                    line.trim().parse().map_err(|_| {
-                        self.malformed(self.offset, format!("{line:?} is not a float"))
-                    })?,
-                )
-            }
-            E::QuotedLine => {
-                let line = self.line()?;
-                let quoted = match line.as_slice() {
-                    [q @ (b'\'' | b'"'), inner @ .., last] if last == q => inner,
-                    _ => {
-                        return Err(
-                            self.malformed(self.offset, "STRING argument not in quotes".into())
-                        );
-                    }
-                };
-                Arg::Str(unescape(quoted))
-            }
-            E::RawUnicodeLine => {
-                let line = self.line()?;
-                Arg::Str(raw_unicode_unescape(&line))
-            }
-            E::Line => Arg::Str(self.text_line()?),
+            },
+            E::QuotedLine => match self.line()? {
+                Line::Long(n) => Arg::Skipped(n),
+                Line::Kept(line) => {
+                    // As `pickletools` has it, a lone quote is an empty string.
+                    let quoted = match line.as_slice() {
+                        [b'\'' | b'"'] => &line[..0],
+                        [q @ (b'\'' | b'"'), inner @ .., last] if last == q => inner,
+                        _ => {
+                            return Err(
+                                self.malformed(self.offset, "STRING argument not in quotes".into())
+                            );
+                        }
+                    };
+                    Arg::Str(unescape(quoted))
+                }
+            },
+            E::RawUnicodeLine => match self.line()? {
+                Line::Long(n) => Arg::Skipped(n),
+                Line::Kept(line) => Arg::Str(raw_unicode_unescape(&line)),
+            },
+            E::Line => match self.line()? {
+                Line::Long(n) => Arg::Skipped(n),
+                Line::Kept(line) => Arg::Str(String::from_utf8_lossy(&line).into_owned()),
+            },
             E::LinePair => {
-                let module = self.text_line()?;
-                let name = self.text_line()?;
+                // Names that are not UTF-8 cannot be imported, but are read on (as `pickletools`
+                // does) rather than hide what follows; a name too long to keep cannot be judged.
+                let mut part = || -> Result<String, OpError> {
+                    Ok(match self.line()? {
+                        Line::Kept(line) => String::from_utf8_lossy(&line).into_owned(),
+                        Line::Long(n) => format!("unknown (a {n}-byte name)"),
+                    })
+                };
+                let module = part()?;
+                let name = part()?;
                 Arg::Global(module, name)
             }
             E::Long1 => {
@@ -621,6 +710,32 @@ impl<R: Read> Ops<R> {
     }
 }
 
+/// A line for an error message: its start, escaped.
+fn show(line: &[u8]) -> String {
+    let start = &line[..line.len().min(40)];
+    format!("{:?}", String::from_utf8_lossy(start))
+}
+
+/// A decimal line as Python's `int()` reads it (blanks around, a sign, `_` between digits), with
+/// `LONG`'s trailing `L`; protocol 0's `I01`/`I00` (True, False) are plain integers here. Too big
+/// for `i64` is [`Arg::Skipped`] (its length); not a number at all is `None`.
+fn decimal(line: &[u8]) -> Option<Arg> {
+    let text = line.trim_ascii();
+    let text = text.strip_suffix(b"L").unwrap_or(text);
+    let digits: Vec<u8> = text.iter().copied().filter(|&c| c != b'_').collect();
+    let unsigned = match digits.as_slice() {
+        [b'+' | b'-', rest @ ..] => rest,
+        all => all,
+    };
+    if unsigned.is_empty() || !unsigned.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let parsed = std::str::from_utf8(&digits)
+        .ok()
+        .and_then(|d| d.trim_start_matches('+').parse().ok());
+    Some(parsed.map_or(Arg::Skipped(digits.len() as u64), Arg::Int))
+}
+
 fn long_arg(kept: Option<Vec<u8>>, n: u64) -> Arg {
     match kept {
         Some(bytes) if bytes.len() <= 8 => {
@@ -638,31 +753,65 @@ fn long_arg(kept: Option<Vec<u8>>, n: u64) -> Arg {
     }
 }
 
-/// Python's string-escape decoding, as far as module and attribute names need it.
+/// Python's `codecs.escape_decode`, which `STRING` arguments go through (and `pickletools`, but
+/// not the unpickler, puts `GLOBAL` lines through): each byte as latin-1.
 fn unescape(quoted: &[u8]) -> String {
     let mut out = String::new();
-    let mut bytes = quoted.iter();
-    while let Some(&c) = bytes.next() {
+    let mut i = 0;
+    while let Some(&c) = quoted.get(i) {
+        i += 1;
         if c != b'\\' {
             out.push(c as char);
             continue;
         }
-        match bytes.next() {
-            Some(b'n') => out.push('\n'),
-            Some(b't') => out.push('\t'),
-            Some(b'r') => out.push('\r'),
-            Some(b'x') => {
-                let hex: Vec<u8> = bytes.by_ref().take(2).copied().collect();
-                match std::str::from_utf8(&hex)
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(v) => out.push(v as char),
-                    None => out.push('?'),
+        let Some(&e) = quoted.get(i) else {
+            out.push('\\');
+            break;
+        };
+        i += 1;
+        let simple = match e {
+            b'\\' => Some('\\'),
+            b'\'' => Some('\''),
+            b'"' => Some('"'),
+            b'a' => Some('\x07'),
+            b'b' => Some('\x08'),
+            b'f' => Some('\x0c'),
+            b'n' => Some('\n'),
+            b'r' => Some('\r'),
+            b't' => Some('\t'),
+            b'v' => Some('\x0b'),
+            _ => None,
+        };
+        if let Some(ch) = simple {
+            out.push(ch);
+        } else if (b'0'..=b'7').contains(&e) {
+            let mut value = u32::from(e - b'0');
+            for _ in 0..2 {
+                match quoted.get(i) {
+                    Some(&d @ b'0'..=b'7') => {
+                        value = value * 8 + u32::from(d - b'0');
+                        i += 1;
+                    }
+                    _ => break,
                 }
             }
-            Some(&other) => out.push(other as char),
-            None => out.push('\\'),
+            out.push(char::from((value & 0xff) as u8));
+        } else if e == b'x' {
+            let hex = quoted
+                .get(i..i + 2)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match hex {
+                Some(v) => {
+                    out.push(char::from(v));
+                    i += 2;
+                }
+                None => out.push_str("\\x"),
+            }
+        } else {
+            // Python keeps an unknown escape as it is.
+            out.push('\\');
+            out.push(e as char);
         }
     }
     out
@@ -702,7 +851,7 @@ fn raw_unicode_unescape(line: &[u8]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Global {
     /// Its module (`posix`, `torch._utils`); `unknown` when `STACK_GLOBAL`'s operand could not be
-    /// resolved to a string.
+    /// resolved to a string, or an `EXT*` code (the copyreg extension registry is the loader's).
     pub module: String,
     /// Its name in the module.
     pub name: String,
@@ -710,10 +859,11 @@ pub struct Global {
     pub opcode: &'static str,
     /// The byte offset of that opcode (in its stream, or zip member).
     pub offset: u64,
-    /// Whether the pickle calls it (`REDUCE`, `NEWOBJ`, `NEWOBJ_EX`, `OBJ`, `INST`), rather than
-    /// only naming it.
+    /// Whether the pickle calls it (`REDUCE`, `NEWOBJ`, `NEWOBJ_EX`, `OBJ`, `INST`) or sets its
+    /// state (`BUILD`), rather than only naming it.
     pub invoked: bool,
-    /// How safe importing it is.
+    /// How safe importing it is: [`verdict`] of its names, or worse where the way it is imported
+    /// is itself a warning sign (see [`analyze`]).
     pub verdict: Verdict,
 }
 
@@ -724,18 +874,24 @@ pub struct Analysis {
     pub protocol: Option<u8>,
     /// Every global imported, once each, in the order first imported.
     pub globals: Vec<Global>,
-    /// Why the stream could not be walked to its end (the globals before that point are listed).
+    /// Why the stream is not a well-formed pickle, with the byte offset (the globals read up to
+    /// there and past stack errors are listed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub malformed: Option<String>,
-    /// Complete pickles in the stream (legacy `torch.save` writes several in a row).
+    /// Which of the analysis's caps the stream reached (memo entries, distinct globals), so that
+    /// part of it was not followed; the stream itself may be fine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
+    /// Well-formed pickles in the stream (legacy `torch.save` writes several in a row).
     pub pickles: u32,
     /// Opcodes read.
     pub opcodes: u64,
 }
 
 impl Analysis {
-    /// The worst verdict of its globals; a malformed stream is at least [`Verdict::Unknown`], since
-    /// what follows the break was not judged.
+    /// The worst verdict of its globals; a malformed or incomplete analysis is at least
+    /// [`Verdict::Unknown`], since part of the stream was not judged. (It is not dangerous for that
+    /// alone: truncated downloads are common, and what was read is judged.)
     pub fn verdict(&self) -> Verdict {
         let worst = self
             .globals
@@ -743,9 +899,10 @@ impl Analysis {
             .map(|g| g.verdict)
             .max()
             .unwrap_or(Verdict::Safe);
-        match self.malformed {
-            Some(_) => worst.max(Verdict::Unknown),
-            None => worst,
+        if self.malformed.is_some() || self.incomplete.is_some() {
+            worst.max(Verdict::Unknown)
+        } else {
+            worst
         }
     }
 }
@@ -754,66 +911,139 @@ impl Analysis {
 /// them) matter.
 #[derive(Debug, Clone)]
 enum Value {
-    Mark,
-    Str(String),
+    Str {
+        text: String,
+        /// Pushed by a Python 2 string opcode (`STRING`, `BINSTRING`, `SHORT_BINSTRING`).
+        py2: bool,
+        /// The number of the opcode that pushed it (see [`Machine::recent`]).
+        by: u64,
+    },
     Global(usize),
     Other,
 }
 
+/// The stack and memo of one pickle, and what the stream imports.
+#[derive(Default)]
 struct Machine {
     analysis: Analysis,
     stack: Vec<Value>,
+    /// The stack's length at each open `MARK`, innermost last: pops stop there, as the
+    /// unpickler's do.
+    marks: Vec<usize>,
     memo: HashMap<i64, Value>,
-    next_memo: i64,
+    memo_text: usize,
+    /// Set once an entry could not be kept: `MEMOIZE` indices (the memo's length) are unknown
+    /// from then on, so nothing read from the memo is trusted.
+    memo_lost: bool,
+    /// `globals` by (module, name).
+    index: HashMap<(String, String), usize>,
+    /// Globals listed, not dangerous and dangerous.
+    listed: [usize; 2],
+    /// The numbers of the last two opcodes other than memo writes: `STACK_GLOBAL`'s operands
+    /// must have been pushed by them, since that is where picklescan and modelscan look for them.
+    recent: [u64; 2],
+    /// The first problem of the current pickle.
+    problem: Option<String>,
 }
 
+/// Memo writes, which picklescan and modelscan step over when looking for `STACK_GLOBAL`'s
+/// operands.
+const MEMO_WRITES: &[&str] = &["MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"];
+
 impl Machine {
-    fn pop(&mut self) -> Result<Value, String> {
-        self.stack
-            .pop()
-            .ok_or_else(|| "pops an empty stack".to_string())
+    /// Starts a pickle: the unpickler's stack and memo are its own.
+    fn begin(&mut self) {
+        self.stack.clear();
+        self.marks.clear();
+        self.memo.clear();
+        self.memo_text = 0;
+        self.memo_lost = false;
+        self.problem = None;
     }
 
-    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
-        let at = self
-            .stack
-            .iter()
-            .rposition(|v| matches!(v, Value::Mark))
-            .ok_or("no MARK to pop to")?;
-        let mut items = self.stack.split_off(at);
-        items.remove(0);
-        Ok(items)
-    }
-
-    fn push(&mut self, value: Value) -> Result<(), String> {
-        if self.stack.len() >= MAX_STACK {
-            return Err(format!("the stack grows deeper than {MAX_STACK}"));
+    fn problem(&mut self, op: &Op, reason: &str) {
+        if self.problem.is_none() {
+            self.problem = Some(format!("at byte {}: {} {reason}", op.offset, op.name));
         }
-        self.stack.push(value);
-        Ok(())
     }
 
-    fn import(&mut self, module: String, name: String, op: &Op) -> Value {
-        let known = self
-            .analysis
-            .globals
-            .iter()
-            .position(|g| g.module == module && g.name == name);
-        match known {
-            Some(i) => Value::Global(i),
-            None if self.analysis.globals.len() < MAX_GLOBALS => {
-                self.analysis.globals.push(Global {
-                    verdict: verdict(&module, &name),
-                    module,
-                    name,
-                    opcode: op.name,
-                    offset: op.offset,
-                    invoked: false,
-                });
-                Value::Global(self.analysis.globals.len() - 1)
+    fn incomplete(&mut self, reason: String) {
+        self.analysis.incomplete.get_or_insert(reason);
+    }
+
+    fn fence(&self) -> usize {
+        self.marks.last().copied().unwrap_or(0)
+    }
+
+    /// Pops one value; past the innermost `MARK` (where the unpickler stops) it is a problem and
+    /// reads as an unknown value, so that the walk goes on as the tools' does.
+    fn pop(&mut self, op: &Op) -> Value {
+        if self.stack.len() > self.fence() {
+            self.stack.pop().unwrap_or(Value::Other)
+        } else {
+            self.problem(op, "pops an empty stack");
+            Value::Other
+        }
+    }
+
+    fn pop_mark(&mut self, op: &Op) -> Vec<Value> {
+        match self.marks.pop() {
+            Some(at) => self.stack.split_off(at.min(self.stack.len())),
+            None => {
+                self.problem(op, "has no MARK to pop to");
+                Vec::new()
             }
-            None => Value::Other,
         }
+    }
+
+    /// Requires a value (the container or object worked on) above the innermost `MARK`.
+    fn need_top(&mut self, op: &Op) {
+        if self.stack.len() <= self.fence() {
+            self.problem(op, "has nothing to work on");
+        }
+    }
+
+    fn has_room(&mut self, op: &Op) -> bool {
+        let room = self.stack.len() + self.marks.len() < MAX_STACK;
+        if !room {
+            self.problem(op, &format!("grows the stack deeper than {MAX_STACK}"));
+        }
+        room
+    }
+
+    fn push(&mut self, op: &Op, value: Value) {
+        if self.has_room(op) {
+            self.stack.push(value);
+        }
+    }
+
+    fn import(&mut self, module: String, name: String, verdict: Verdict, op: &Op) -> Value {
+        let key = (module, name);
+        if let Some(&i) = self.index.get(&key) {
+            if let Some(global) = self.analysis.globals.get_mut(i) {
+                global.verdict = global.verdict.max(verdict);
+            }
+            return Value::Global(i);
+        }
+        let class = usize::from(verdict == Verdict::Dangerous);
+        if self.listed[class] >= MAX_GLOBALS {
+            self.incomplete(format!(
+                "more than {MAX_GLOBALS} distinct globals of one kind: the rest are not listed"
+            ));
+            return Value::Other;
+        }
+        self.listed[class] += 1;
+        let i = self.analysis.globals.len();
+        self.analysis.globals.push(Global {
+            module: key.0.clone(),
+            name: key.1.clone(),
+            opcode: op.name,
+            offset: op.offset,
+            invoked: false,
+            verdict,
+        });
+        self.index.insert(key, i);
+        Value::Global(i)
     }
 
     fn invoke(&mut self, callable: &Value) {
@@ -824,237 +1054,314 @@ impl Machine {
         }
     }
 
-    fn memoize(&mut self, index: i64) -> Result<(), String> {
-        let top = self
-            .stack
-            .last()
-            .cloned()
-            .ok_or("memoizes an empty stack")?;
-        if self.memo.len() < MAX_MEMO || self.memo.contains_key(&index) {
-            self.memo.insert(index, top);
+    /// Stores the top of the stack at `index`; `None` is an index that cannot be followed.
+    fn memoize(&mut self, op: &Op, index: Option<i64>) {
+        if self.stack.len() <= self.fence() {
+            self.problem(op, "memoizes an empty stack");
+            return;
         }
-        Ok(())
+        if self.memo_lost {
+            return;
+        }
+        let Some(index) = index else {
+            self.memo_lost = true;
+            return;
+        };
+        let mut value = self.stack.last().cloned().unwrap_or(Value::Other);
+        if !self.memo.contains_key(&index) && self.memo.len() >= MAX_MEMO {
+            self.memo_lost = true;
+            self.incomplete(format!(
+                "more than {MAX_MEMO} memo entries: memo reads after that are not followed"
+            ));
+            return;
+        }
+        if let Value::Str { text, .. } = &value {
+            if self.memo_text + text.len() > MAX_MEMO_TEXT {
+                self.incomplete(format!(
+                    "more than {MAX_MEMO_TEXT} bytes of memoized strings: later ones are not kept"
+                ));
+                value = Value::Other;
+            } else {
+                self.memo_text += text.len();
+            }
+        }
+        if let Some(Value::Str { text, .. }) = self.memo.insert(index, value) {
+            self.memo_text -= text.len();
+        }
     }
 
-    /// Applies one opcode's effect on the stack and memo. `Ok(true)` at `STOP`.
-    fn step(&mut self, op: Op) -> Result<bool, String> {
+    /// `STACK_GLOBAL`'s operand as text: `unknown` unless it is a string pushed by the opcode the
+    /// tools would take it from (`by`); whether it is a Python 2 string.
+    fn operand(value: Value, by: u64) -> (String, bool) {
+        match value {
+            Value::Str { text, py2, by: at } if at == by => (text, py2),
+            _ => ("unknown".into(), false),
+        }
+    }
+
+    /// Applies one opcode's effect on the stack and memo; `true` at `STOP`. `number` counts the
+    /// opcodes of the stream from 1.
+    fn step(&mut self, op: &Op, number: u64) -> bool {
         let int = |arg: &Arg| match arg {
-            Arg::Int(n) => Ok(*n),
-            _ => Err(format!("{} needs an integer argument", op.name)),
+            Arg::Int(n) => Some(*n),
+            _ => None,
         };
+        let mut stop = false;
         match op.name {
-            "MARK" => self.push(Value::Mark)?,
+            "MARK" => {
+                if self.has_room(op) {
+                    self.marks.push(self.stack.len());
+                }
+            }
             "STOP" => {
-                self.pop()?;
-                return Ok(true);
+                self.pop(op);
+                stop = true;
             }
             "POP" => {
-                if matches!(self.stack.last(), Some(Value::Mark)) {
+                // Popping an empty mark pops the mark, as the unpickler does.
+                if self.stack.len() <= self.fence() && self.marks.pop().is_none() {
+                    self.problem(op, "pops an empty stack");
+                } else if self.stack.len() > self.fence() {
                     self.stack.pop();
-                } else {
-                    self.pop()?;
                 }
             }
             "POP_MARK" => {
-                self.pop_mark()?;
+                self.pop_mark(op);
             }
             "DUP" => {
-                let top = self.stack.last().cloned().ok_or("DUP of an empty stack")?;
-                self.push(top)?;
+                let top = if self.stack.len() > self.fence() {
+                    self.stack.last().cloned().unwrap_or(Value::Other)
+                } else {
+                    self.problem(op, "duplicates an empty stack");
+                    Value::Other
+                };
+                let top = match top {
+                    Value::Str { text, py2, .. } => Value::Str {
+                        text,
+                        py2,
+                        by: number,
+                    },
+                    other => other,
+                };
+                self.push(op, top);
             }
-            "PROTO" => {
-                let n = int(&op.arg)?;
-                if !(0..=5).contains(&n) {
-                    return Err(format!("unsupported protocol {n}"));
+            "PROTO" => match int(&op.arg) {
+                Some(n @ 0..=5) => {
+                    self.analysis.protocol.get_or_insert(n as u8);
                 }
-                self.analysis.protocol.get_or_insert(n as u8);
-            }
+                _ => self.problem(op, "declares an unsupported protocol"),
+            },
             "FRAME" | "READONLY_BUFFER" => {}
             "GLOBAL" | "INST" => {
-                let Arg::Global(module, name) = &op.arg else {
-                    return Err(format!("{} without module and name", op.name));
+                let (module, name) = match &op.arg {
+                    Arg::Global(module, name) => (module.clone(), name.clone()),
+                    _ => ("unknown".into(), "unknown".into()),
                 };
-                let global = self.import(module.clone(), name.clone(), &op);
+                // `pickletools` (and so both tools) reads these lines with escapes undone; the
+                // unpickler does not. Either reading may be the one a check sees.
+                let mut worst = verdict(&module, &name);
+                if module.contains('\\') || name.contains('\\') {
+                    worst = worst.max(verdict(
+                        &unescape(module.as_bytes()),
+                        &unescape(name.as_bytes()),
+                    ));
+                }
+                let global = self.import(module, name, worst, op);
                 if op.name == "INST" {
-                    self.pop_mark()?;
+                    self.pop_mark(op);
                     self.invoke(&global);
-                    self.push(Value::Other)?;
+                    self.push(op, Value::Other);
                 } else {
-                    self.push(global)?;
+                    self.push(op, global);
                 }
             }
             "STACK_GLOBAL" => {
-                let name = self.pop()?;
-                let module = self.pop()?;
-                let text = |v: Value| match v {
-                    Value::Str(s) => s,
-                    _ => "unknown".to_string(),
+                let [module_by, name_by] = self.recent;
+                let name = self.pop(op);
+                let module = self.pop(op);
+                let (name, name_py2) = Self::operand(name, name_by);
+                let (module, module_py2) = Self::operand(module, module_by);
+                // modelscan does not take Python 2 strings as operands (and no pickler writes
+                // them there): dangerous, as it has it, whatever they name.
+                let worst = if module_py2 || name_py2 {
+                    Verdict::Dangerous
+                } else {
+                    verdict(&module, &name)
                 };
-                let global = self.import(text(module), text(name), &op);
-                self.push(global)?;
+                let global = self.import(module, name, worst, op);
+                self.push(op, global);
             }
             "EXT1" | "EXT2" | "EXT4" => {
                 // The copyreg extension registry maps codes to globals at load time: not knowable here.
-                let code = int(&op.arg)?;
-                let global = self.import("unknown".into(), format!("extension code {code}"), &op);
-                self.push(global)?;
+                let code = int(&op.arg).unwrap_or(-1);
+                let global = self.import(
+                    "unknown".into(),
+                    format!("extension code {code}"),
+                    Verdict::Dangerous,
+                    op,
+                );
+                self.push(op, global);
             }
-            "REDUCE" => {
-                self.pop()?;
-                let callable = self.pop()?;
+            "REDUCE" | "NEWOBJ" | "NEWOBJ_EX" => {
+                self.pop(op);
+                if op.name == "NEWOBJ_EX" {
+                    self.pop(op);
+                }
+                let callable = self.pop(op);
                 self.invoke(&callable);
-                self.push(Value::Other)?;
-            }
-            "NEWOBJ" => {
-                self.pop()?;
-                let class = self.pop()?;
-                self.invoke(&class);
-                self.push(Value::Other)?;
-            }
-            "NEWOBJ_EX" => {
-                self.pop()?;
-                self.pop()?;
-                let class = self.pop()?;
-                self.invoke(&class);
-                self.push(Value::Other)?;
+                self.push(op, Value::Other);
             }
             "OBJ" => {
-                let items = self.pop_mark()?;
-                if let Some(class) = items.first() {
-                    self.invoke(class);
+                let items = self.pop_mark(op);
+                match items.first() {
+                    Some(class) => self.invoke(class),
+                    None => self.problem(op, "has no class"),
                 }
-                self.push(Value::Other)?;
+                self.push(op, Value::Other);
             }
             "BUILD" => {
-                self.pop()?;
-                if self.stack.is_empty() {
-                    return Err("BUILD with nothing to build".into());
+                self.pop(op);
+                self.need_top(op);
+                if let Some(target) = self.stack.last().cloned() {
+                    self.invoke(&target);
                 }
             }
+            "PERSID" => self.push(op, Value::Other),
             "BINPERSID" => {
-                self.pop()?;
-                self.push(Value::Other)?;
+                self.pop(op);
+                self.push(op, Value::Other);
             }
             "APPEND" => {
-                self.pop()?;
+                self.pop(op);
+                self.need_top(op);
             }
             "SETITEM" => {
-                self.pop()?;
-                self.pop()?;
+                self.pop(op);
+                self.pop(op);
+                self.need_top(op);
             }
             "APPENDS" | "SETITEMS" | "ADDITEMS" => {
-                self.pop_mark()?;
-                if self.stack.is_empty() {
-                    return Err(format!("{} with no container", op.name));
-                }
+                self.pop_mark(op);
+                self.need_top(op);
             }
             "TUPLE" | "LIST" | "DICT" | "FROZENSET" => {
-                self.pop_mark()?;
-                self.push(Value::Other)?;
+                self.pop_mark(op);
+                self.push(op, Value::Other);
             }
             "TUPLE1" | "TUPLE2" | "TUPLE3" => {
-                let n = (op.code - 0x84) as usize;
-                for _ in 0..n {
-                    self.pop()?;
+                for _ in 0..(op.code - 0x84) {
+                    self.pop(op);
                 }
-                self.push(Value::Other)?;
+                self.push(op, Value::Other);
             }
-            "PUT" | "BINPUT" | "LONG_BINPUT" => {
-                let index = int(&op.arg)?;
-                self.memoize(index)?;
-            }
+            "PUT" | "BINPUT" | "LONG_BINPUT" => self.memoize(op, int(&op.arg)),
             "MEMOIZE" => {
-                let index = self.next_memo;
-                self.memoize(index)?;
+                // The unpickler stores at the memo's length, whatever PUTs made it.
+                let index = i64::try_from(self.memo.len()).ok();
+                self.memoize(op, index);
             }
             "GET" | "BINGET" | "LONG_BINGET" => {
-                let index = int(&op.arg)?;
                 // A missing entry is an evasion or a break; either way it is not a known string.
-                let value = self.memo.get(&index).cloned().unwrap_or(Value::Other);
-                self.push(value)?;
-            }
-            _ => {
-                let value = match op.arg {
-                    Arg::Str(s) if s.len() <= MAX_NAME => Value::Str(s),
+                let value = match int(&op.arg) {
+                    Some(index) if !self.memo_lost => {
+                        self.memo.get(&index).cloned().unwrap_or(Value::Other)
+                    }
                     _ => Value::Other,
                 };
-                self.push(value)?;
+                let value = match value {
+                    Value::Str { text, py2, .. } => Value::Str {
+                        text,
+                        py2,
+                        by: number,
+                    },
+                    other => other,
+                };
+                self.push(op, value);
             }
+            "STRING" | "BINSTRING" | "SHORT_BINSTRING" | "UNICODE" | "BINUNICODE"
+            | "SHORT_BINUNICODE" | "BINUNICODE8" => {
+                let value = match &op.arg {
+                    Arg::Str(text) if text.len() <= MAX_NAME => Value::Str {
+                        text: text.clone(),
+                        py2: op.name.contains("STRING"),
+                        by: number,
+                    },
+                    _ => Value::Other,
+                };
+                self.push(op, value);
+            }
+            // Everything else pushes one value that is no string: numbers, bytes, None, booleans,
+            // empty containers, out-of-band buffers.
+            _ => self.push(op, Value::Other),
         }
-        if matches!(op.name, "MEMOIZE") {
-            self.next_memo += 1;
+        if !MEMO_WRITES.contains(&op.name) {
+            self.recent = [self.recent[1], number];
         }
-        Ok(false)
+        stop
     }
 }
 
-/// Walks the pickle stream `reader` yields and reports what it imports. Several pickles in a row are
-/// walked in turn; after the first complete one, bytes that do not open a new pickle with `PROTO`
-/// end the walk quietly (legacy `torch.save` files carry raw storage bytes after their pickles).
-/// Only reading errors are errors; a stream that breaks the format is [`Analysis::malformed`].
+/// Walks the pickle stream `reader` yields and reports what it imports; only reading errors are
+/// errors, a stream that breaks the format is [`Analysis::malformed`].
+///
+/// - Several pickles in a row are walked in turn, as `pickletools.genops` is called again by the
+///   tools. After the first, bytes that do not make a pickle end the walk quietly (legacy
+///   `torch.save` files carry raw storage bytes after their pickles), but the globals they named
+///   before breaking are still listed, as picklescan does.
+/// - A broken stack (popping an empty stack, a missing `MARK`) makes the first pickle malformed
+///   but does not stop the walk, since the tools read opcodes only and would see what follows.
+/// - `STACK_GLOBAL`'s module and name are the two strings on top of the stack, which must have
+///   been pushed by the two opcodes before it (memo writes aside) as every pickler writes them;
+///   otherwise, or when they are not strings, the operand is `unknown` and the global dangerous.
+///   This is picklescan's and modelscan's rule: an import that cannot be named statically is what
+///   an evasion looks like.
 pub fn analyze(reader: impl Read) -> io::Result<Analysis> {
-    let mut ops = Ops::new(reader);
-    let mut machine = Machine {
-        analysis: Analysis::default(),
-        stack: Vec::new(),
-        memo: HashMap::new(),
-        next_memo: 0,
-    };
-    let mut in_pickle = false;
-    loop {
-        let op = match ops.next_op() {
-            Ok(Some(op)) => op,
-            Err(OpError::Io(e)) => return Err(e),
-            // After a complete pickle, whatever follows that is not one is not this format's.
-            Ok(None) | Err(OpError::Malformed { .. })
-                if !in_pickle && machine.analysis.pickles > 0 =>
-            {
-                break;
-            }
-            Ok(None) if machine.analysis.opcodes == 0 => {
-                machine.analysis.malformed = Some("empty: no pickle opcodes".into());
-                break;
-            }
-            Ok(None) => {
-                machine.analysis.malformed = Some(format!(
-                    "the stream ends at byte {} before STOP",
-                    ops.offset()
-                ));
-                break;
-            }
-            Err(OpError::Malformed { offset, reason }) => {
-                machine.analysis.malformed = Some(format!("at byte {offset}: {reason}"));
-                break;
-            }
-        };
-        if !in_pickle && machine.analysis.pickles > 0 {
-            // Another pickle only if it opens with PROTO 2..=5, as every pickle of a legacy torch
-            // file does; its raw storage bytes follow the last one.
-            let opens = op.name == "PROTO" && matches!(op.arg, Arg::Int(2..=5));
-            if !opens {
-                break;
-            }
-            machine.stack.clear();
-            machine.memo.clear();
-            machine.next_memo = 0;
-        }
-        in_pickle = true;
-        machine.analysis.opcodes += 1;
-        let offset = op.offset;
-        let name = op.name;
-        match machine.step(op) {
-            Ok(true) => {
-                machine.analysis.pickles += 1;
-                in_pickle = false;
-            }
-            Ok(false) => {}
-            Err(reason) => {
-                machine.analysis.malformed = Some(format!("at byte {offset}: {name} {reason}"));
-                break;
-            }
-        }
+    match walk(reader) {
+        (analysis, None) => Ok(analysis),
+        (_, Some(e)) => Err(e),
     }
-    Ok(machine.analysis)
+}
+
+/// [`analyze`], returning what was read before a reading error along with it.
+fn walk(reader: impl Read) -> (Analysis, Option<io::Error>) {
+    let mut ops = Ops::new(reader);
+    let mut machine = Machine::default();
+    // Pickles read to STOP, well-formed or not; and whether one is under way.
+    let mut ended = 0u32;
+    let mut in_pickle = false;
+    let error = loop {
+        let broken = match ops.next_op() {
+            Ok(Some(op)) => {
+                if !in_pickle {
+                    machine.begin();
+                    in_pickle = true;
+                }
+                machine.analysis.opcodes += 1;
+                if machine.step(&op, machine.analysis.opcodes) {
+                    in_pickle = false;
+                    if ended == 0 {
+                        machine.analysis.malformed = machine.problem.clone();
+                    }
+                    if machine.problem.is_none() {
+                        machine.analysis.pickles += 1;
+                    }
+                    ended += 1;
+                }
+                continue;
+            }
+            Ok(None) if !in_pickle && ended == 0 => "empty: no pickle opcodes".to_string(),
+            Ok(None) if !in_pickle => break None,
+            Ok(None) => format!("the stream ends at byte {} before STOP", ops.offset()),
+            Err(OpError::Malformed { offset, reason }) => format!("at byte {offset}: {reason}"),
+            Err(OpError::Io(e)) => break Some(e),
+        };
+        // What follows the first pickle may be anything; only the first must be a pickle.
+        if ended == 0 {
+            machine.analysis.malformed = Some(machine.problem.take().unwrap_or(broken));
+        }
+        break None;
+    };
+    (machine.analysis, error)
 }
 
 /// Why a zip archive could not be read.
@@ -1068,29 +1375,133 @@ pub enum PickleError {
     Io(#[from] io::Error),
 }
 
+/// Member names picklescan reads as pickles.
+const PICKLE_EXTENSIONS: &[&str] = &[".pkl", ".pickle", ".joblib", ".dat", ".data"];
+
 /// The pickles inside a zip archive (`torch.save`'s `<archive>/data.pkl`, an `.npz` of object
-/// arrays): every member named `*.pkl` or whose content opens with `PROTO`, analyzed as a stream
-/// (never decompressed into memory whole). Members beyond [`MAX_ZIP_MEMBERS`] are not looked at.
+/// arrays), each analyzed as a stream, never decompressed into memory whole: members named like
+/// pickles (`*.pkl`, and picklescan's other extensions), members whose content opens with
+/// `PROTO`, and `.npy` members of object arrays (see [`analyze_npy`]). A member that cannot be read
+/// (compressed in a way this build does not read, encrypted, corrupt) is listed as malformed.
+/// Members beyond [`MAX_ZIP_MEMBERS`] are not looked at.
 pub fn analyze_zip<R: Read + Seek>(reader: R) -> Result<Vec<(String, Analysis)>, PickleError> {
     let mut archive = zip::ZipArchive::new(reader)?;
     let mut found = Vec::new();
     for i in 0..archive.len().min(MAX_ZIP_MEMBERS) {
-        let member = archive.by_index(i)?;
-        if member.is_dir() {
-            continue;
-        }
-        let name = member.name().to_string();
-        let mut stream = BufReader::new(member);
-        let opens_like_pickle = {
-            let start = stream.fill_buf()?;
-            start.len() >= 2 && start[0] == 0x80 && (2..=5).contains(&start[1])
+        let name = archive.name_for_index(i).unwrap_or_default().to_string();
+        let unreadable = |why: String| Analysis {
+            malformed: Some(format!("the member cannot be read: {why}")),
+            ..Analysis::default()
         };
-        if name.to_ascii_lowercase().ends_with(".pkl") || opens_like_pickle {
-            found.push((name, analyze(stream)?));
-        }
+        let member = match archive.by_index(i) {
+            Ok(member) if member.is_dir() => continue,
+            Ok(member) => member,
+            Err(e) => {
+                if is_pickle_name(&name) {
+                    found.push((name, unreadable(e.to_string())));
+                }
+                continue;
+            }
+        };
+        let mut stream = BufReader::new(member);
+        let start = match stream.fill_buf() {
+            Ok(start) => start,
+            Err(e) => {
+                found.push((name, unreadable(e.to_string())));
+                continue;
+            }
+        };
+        let pickle = is_pickle_name(&name) || matches!(start, [0x80, 0..=5, ..]);
+        let npy = name.to_ascii_lowercase().ends_with(".npy") || start.starts_with(NPY_MAGIC);
+        let analysis = if pickle {
+            walk(stream)
+        } else if npy {
+            match npy_walk(stream) {
+                (None, None) => continue,
+                (analysis, error) => (analysis.unwrap_or_default(), error),
+            }
+        } else {
+            continue;
+        };
+        found.push(match analysis {
+            (analysis, None) => (name, analysis),
+            // The member's own stream failed (a corrupt deflate stream reads as an I/O error).
+            (mut analysis, Some(e)) => {
+                analysis
+                    .malformed
+                    .get_or_insert(format!("reading the member failed: {e}"));
+                (name, analysis)
+            }
+        });
     }
     Ok(found)
 }
+
+fn is_pickle_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    PICKLE_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
+}
+
+/// How `.npy` files open.
+const NPY_MAGIC: &[u8] = b"\x93NUMPY";
+
+/// The pickle in a `.npy` array of Python objects (`dtype=object`, which `np.save` pickles after
+/// the header); `None` for an array of plain numbers, which holds no pickle. A header that cannot
+/// be read is a malformed analysis.
+pub fn analyze_npy(reader: impl Read) -> io::Result<Option<Analysis>> {
+    match npy_walk(reader) {
+        (analysis, None) => Ok(analysis),
+        (_, Some(e)) => Err(e),
+    }
+}
+
+fn npy_walk(mut reader: impl Read) -> (Option<Analysis>, Option<io::Error>) {
+    let malformed = |why: &str| {
+        Some(Analysis {
+            malformed: Some(format!("not a NumPy array: {why}")),
+            ..Analysis::default()
+        })
+    };
+    let mut start = [0u8; 8];
+    match reader.read_exact(&mut start) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return (malformed("shorter than its magic"), None);
+        }
+        Err(e) => return (None, Some(e)),
+    }
+    if !start.starts_with(NPY_MAGIC) {
+        return (malformed("no \\x93NUMPY magic"), None);
+    }
+    // Version 1 has a 2-byte header length, versions 2 and 3 a 4-byte one.
+    let width = if start[6] == 1 { 2 } else { 4 };
+    let mut length = [0u8; 4];
+    if let Err(e) = reader.read_exact(&mut length[..width]) {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof => (malformed("the header is cut short"), None),
+            _ => (None, Some(e)),
+        };
+    }
+    let length = u64::from(u32::from_le_bytes(length));
+    if length > MAX_NPY_HEADER {
+        return (malformed("a header longer than 64 KiB"), None);
+    }
+    let mut header = Vec::new();
+    if let Err(e) = (&mut reader).take(length).read_to_end(&mut header) {
+        return (None, Some(e));
+    }
+    if (header.len() as u64) < length {
+        return (malformed("the header is cut short"), None);
+    }
+    // An object dtype is `'|O'`, alone or as a field of a structured one.
+    if !header.windows(2).any(|w| w == b"|O") {
+        return (None, None);
+    }
+    let (analysis, error) = walk(reader);
+    (Some(analysis), error)
+}
+
+pub mod state_dict;
 
 #[cfg(test)]
 mod tests;

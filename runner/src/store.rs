@@ -8,11 +8,12 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use attest::lockfile::{HfSource, ModelEntry, PypiSource, Source, Unpack};
+use attest::lockfile::{HfSource, ImportFormat, ModelEntry, PypiSource, Source, Unpack};
 use attest::progress::Progress;
 use attest::verify::{self, StreamedLoad, VerifyError, VerifyReport};
 
 use crate::import::gguf::{ImportError, import_gguf};
+use crate::import::pickle::import_pickle;
 use crate::source::hf::{self, HfError, HfFile, HfRequest};
 use crate::source::oci::{self, OciError, RegistryAccess};
 use crate::source::pypi::{self, Pip, PypiError};
@@ -466,11 +467,17 @@ impl Store {
                 actual,
             });
         }
-        import_gguf(input, model).map_err(|source| PullError::Import {
+        let imported = match import.format {
+            ImportFormat::Gguf => import_gguf(input, model).map(drop),
+            // The checkpoint's directory holds the model's other files (config, tokenizer).
+            ImportFormat::Pickle => {
+                import_pickle(input.parent().unwrap_or(Path::new(".")), model).map(drop)
+            }
+        };
+        imported.map_err(|source| PullError::Import {
             model: entry.name.clone(),
             source: Box::new(source),
-        })?;
-        Ok(())
+        })
     }
 }
 

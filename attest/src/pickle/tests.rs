@@ -1,6 +1,6 @@
 //! Fixtures are real pickles written by Python's `pickle` (fixtures/make.py).
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 
 use proptest::prelude::*;
 
@@ -163,10 +163,17 @@ fn hostile_streams_stay_bounded() {
     let mut marks = b"\x80\x04".to_vec();
     marks.extend(std::iter::repeat_n(b'(', 1_000_000));
     assert!(run(&marks).malformed.unwrap().contains("deeper than"));
-    // A GLOBAL line without end.
+    // A GLOBAL line without end, and a protocol 0 STRING line longer than is kept: read past,
+    // and what follows is still judged.
     let mut line = b"c".to_vec();
     line.extend(std::iter::repeat_n(b'a', 100_000));
-    assert!(run(&line).malformed.unwrap().contains("longer than"));
+    assert!(run(&line).malformed.unwrap().contains("inside a line"));
+    let mut long = b"S'".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 100_000));
+    long.extend(b"'\n0cposix\nsystem\n(tR.");
+    let analysis = run(&long);
+    assert_eq!(analysis.malformed, None, "{analysis:?}");
+    assert_eq!(names(&analysis), ["posix.system"]);
     // A large kept-out payload is skipped, and what follows is still judged.
     let mut big = b"\x80\x04\x8e".to_vec();
     big.extend((200_000u64).to_le_bytes());
@@ -257,5 +264,72 @@ proptest! {
         let mut bytes = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00".to_vec();
         bytes.extend(tail);
         analyze(bytes.as_slice()).unwrap();
+    }
+}
+
+mod state_dicts {
+    use super::super::state_dict::{Dtype, StateDictError, read_state_dict};
+    use super::*;
+
+    fn data_pkl(zip: &[u8]) -> Vec<u8> {
+        let mut archive = zip::ZipArchive::new(Cursor::new(zip)).unwrap();
+        let mut member = archive.by_name("archive/data.pkl").unwrap();
+        let mut bytes = Vec::new();
+        member.read_to_end(&mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn a_torch_state_dict_reads_as_tensor_references() {
+        let dict = read_state_dict(fixture!("torch_data.pkl")).unwrap();
+        let names: Vec<_> = dict.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["linear.weight", "linear.bias"]);
+        let weight = &dict.tensors[0];
+        assert_eq!(weight.storage, "0");
+        assert_eq!(weight.dtype, Dtype::F32);
+        assert_eq!((weight.storage_numel, weight.offset), (4, 0));
+        assert_eq!(
+            (weight.shape.as_slice(), weight.stride.as_slice()),
+            (&[4][..], &[1][..])
+        );
+        assert!(dict.skipped.is_empty());
+        let zipped = read_state_dict(data_pkl(fixture!("torch_benign.zip")).as_slice()).unwrap();
+        assert_eq!(zipped, dict);
+    }
+
+    #[test]
+    fn any_other_global_is_refused_by_name() {
+        let evil = data_pkl(fixture!("torch_os_system.zip"));
+        match read_state_dict(evil.as_slice()) {
+            Err(StateDictError::Refused { global, .. }) => assert_eq!(global, "posix.system"),
+            other => panic!("{other:?}"),
+        }
+        for bytes in OS_SYSTEM {
+            let refused = read_state_dict(bytes);
+            assert!(
+                matches!(refused, Err(StateDictError::Refused { .. })),
+                "{refused:?}"
+            );
+        }
+        // Plain data is no state dict: refused as such, not read as one.
+        assert!(matches!(
+            read_state_dict(PLAIN[4]),
+            Err(StateDictError::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = fixture!("torch_data.pkl");
+        for cut in 0..bytes.len() {
+            assert!(read_state_dict(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = read_state_dict(bytes.as_slice());
+        }
     }
 }
