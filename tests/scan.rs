@@ -271,6 +271,17 @@ fn scan_classifies_every_file_of_the_tree() {
     let zip = file(&report, &tree.path("torch/os_system.pt"));
     assert_eq!(zip["format"], "pytorch-zip");
     assert!(dangerous_globals(zip).contains("posix.system"), "{zip}");
+    // A .npy of Python objects carries a pickle; one of numbers does not.
+    let objects = file(&report, &tree.path("numpy/objects.npy"));
+    assert_eq!(objects["format"], "numpy");
+    assert!(
+        dangerous_globals(objects).contains("posix.system"),
+        "{objects}"
+    );
+    assert_eq!(
+        file(&report, &tree.path("numpy/numbers.npy"))["standing"],
+        "unapproved"
+    );
     let renamed = file(&report, &tree.path("pickles/notes.txt"));
     assert_eq!(renamed["format"], "pickle");
     let disguised = file(&report, &tree.path("disguised/model.safetensors"));

@@ -142,7 +142,7 @@ pub fn inspect(path: &Path) -> io::Result<Option<Inspection>> {
         ContentKind::Gguf => gguf(BufReader::new(file), len),
         ContentKind::Ggml => Some(plain(Format::Ggml)),
         ContentKind::Hdf5 => Some(plain(Format::Hdf5)),
-        ContentKind::Numpy => Some(plain(Format::Numpy)),
+        ContentKind::Numpy => Some(numpy(file)?),
         ContentKind::Pickle { .. } => Some(raw_pickle(file)?),
         ContentKind::Zip => zip(file, &name),
     };
@@ -407,6 +407,18 @@ fn raw_pickle(file: File) -> io::Result<Inspection> {
         member: None,
         analysis,
     });
+    Ok(inspection)
+}
+
+/// A `.npy` array: an array of Python objects holds a pickle, which is judged like any other.
+fn numpy(file: File) -> io::Result<Inspection> {
+    let mut inspection = plain(Format::Numpy);
+    if let Some(analysis) = pickle::analyze_npy(BufReader::new(file))? {
+        inspection.header.pickles.push(PickleMember {
+            member: None,
+            analysis,
+        });
+    }
     Ok(inspection)
 }
 

@@ -80,6 +80,15 @@ write("pickles/subprocess_popen.bin", pickle.dumps(state_dict(SubprocessPopen())
 write("pickles/subprocess_check_output.pkl", pickle.dumps(SubprocessCheckOutput(), protocol=4))
 write("pickles/builtins_eval.pkl", pickle.dumps(state_dict(BuiltinsEval()), protocol=4))
 write("pickles/builtins_exec.pkl", pickle.dumps(BuiltinsExec(), protocol=3))
+# NumPy's .npy of Python objects: np.save pickles them after the header (format 1.0).
+def npy(obj, shape):
+    header = repr({"descr": "|O", "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + pickle.dumps(obj, protocol=3)
+
+
+write("numpy/objects.npy", npy([OsSystem()], (1,)))
+write("numpy/numbers.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", 118) + repr({"descr": "<f4", "fortran_order": False, "shape": (2,)}).encode().ljust(117) + b"\n" + struct.pack("<2f", 1, 2))
 # Renamed: found by content, not by name.
 write("pickles/notes.txt", pickle.dumps(OsSystem(), protocol=0))
 write("pickles/benign_state_dict.pkl", pickle.dumps(state_dict(3), protocol=2))
