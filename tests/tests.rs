@@ -11,6 +11,7 @@ mod import;
 mod inference;
 mod lockfile;
 mod oci;
+mod policy;
 mod pull;
 mod scan;
 mod serve;

@@ -20,6 +20,9 @@
 //! require_signature = true     # default: true when an approver is named
 //! ```
 //!
+//! and the rules of what may run, from where and on what ([`rules`]: `[sources]`, `[devices]`,
+//! `[formats]`, `[outputs]`, `[audit]`).
+//!
 //! Decisions are built from two small combinators, [`all_of`] and [`any_of`] (and the [`Rule`] types
 //! [`AllOf`], [`AnyOf`] over them), so that an SPDX expression such as `MIT OR CC-BY-NC-4.0` is judged
 //! as "any of its alternatives is allowed".
@@ -30,6 +33,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::keys::{KeyError, KeyHint, PublicKey};
+
+pub mod rules;
+
+pub use rules::{Rules, Violation};
+
+/// Largest policy file read: a policy is a page of settings, never megabytes.
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
 
 /// The policy file format version this build reads.
 pub const POLICY_VERSION: u32 = 1;
@@ -342,6 +352,9 @@ pub enum PolicyError {
     /// An entry in the license lists that is not an SPDX id.
     #[error("licenses: {0:?} is not an SPDX license id")]
     License(String),
+    /// A rule of what may run that cannot be right.
+    #[error(transparent)]
+    Rule(#[from] rules::InvalidRule),
     /// `require_signature = true` with no approver to sign.
     #[error("lock.require_signature is true but no [[approver]] is named: no lock could ever pass")]
     NoApprovers,
@@ -359,6 +372,16 @@ struct PolicyFile {
     licenses: LicensePolicy,
     #[serde(default)]
     lock: LockRules,
+    #[serde(default)]
+    sources: rules::SourceRules,
+    #[serde(default)]
+    devices: rules::DeviceRules,
+    #[serde(default)]
+    formats: rules::FormatRules,
+    #[serde(default)]
+    outputs: rules::OutputRules,
+    #[serde(default)]
+    audit: rules::AuditRules,
 }
 
 #[derive(Debug, Deserialize)]
@@ -386,6 +409,10 @@ pub struct Policy {
     pub licenses: LicensePolicy,
     /// Whether the lock must carry a valid signature by an approver.
     pub require_lock_signature: bool,
+    /// Whether `require_lock_signature` was set in the file (else it follows from the approvers).
+    pub require_lock_signature_set: bool,
+    /// What may run, from where and on what.
+    pub rules: Rules,
     /// The file it was read from; `None` for the built-in default.
     pub source: Option<PathBuf>,
 }
@@ -399,10 +426,26 @@ impl Policy {
 
     /// Reads a policy file; key files are relative to its directory.
     pub fn load(path: &Path) -> Result<Self, PolicyLoadError> {
-        let text = std::fs::read_to_string(path).map_err(|error| PolicyLoadError::Read {
+        let read_error = |error| PolicyLoadError::Read {
             path: path.to_owned(),
             error,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let meta = file.metadata().map_err(read_error)?;
+        if !meta.is_file() {
+            return Err(read_error(std::io::Error::other("not a regular file")));
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, MAX_POLICY_BYTES + 1),
+            &mut text,
+        )
+        .map_err(read_error)?;
+        if text.len() as u64 > MAX_POLICY_BYTES {
+            return Err(read_error(std::io::Error::other(format!(
+                "larger than {MAX_POLICY_BYTES} bytes: not a policy"
+            ))));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let mut policy =
             Self::from_toml(&text, base).map_err(|error| PolicyLoadError::Invalid {
@@ -410,6 +453,7 @@ impl Policy {
                 error,
             })?;
         policy.source = Some(path.to_owned());
+        policy.rules.policy = Some(path.to_owned());
         Ok(policy)
     }
 
@@ -460,11 +504,22 @@ impl Policy {
         if require_lock_signature && approvers.is_empty() {
             return Err(PolicyError::NoApprovers);
         }
+        let rules = Rules {
+            sources: file.sources,
+            devices: file.devices,
+            formats: file.formats,
+            outputs: file.outputs,
+            audit: file.audit,
+            policy: None,
+        };
+        rules.validate()?;
         Ok(Self {
             approvers,
             signers,
             licenses: file.licenses,
             require_lock_signature,
+            require_lock_signature_set: file.lock.require_signature.is_some(),
+            rules,
             source: None,
         })
     }

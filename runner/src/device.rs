@@ -6,6 +6,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use attest::policy::rules::DeviceKind;
+use attest::policy::{Rules, Violation};
 pub use candle_core::Device;
 
 /// The device asked for on the command line or in a config.
@@ -39,6 +41,9 @@ pub enum DeviceError {
         /// The cargo feature that adds it.
         feature: &'static str,
     },
+    /// The policy does not allow the device (`devices.allow`).
+    #[error(transparent)]
+    Policy(#[from] Violation),
     /// The backend is built in but the device could not be opened.
     #[error("cannot open {device}: {source}")]
     Open {
@@ -47,6 +52,13 @@ pub enum DeviceError {
         /// candle's reason.
         source: candle_core::Error,
     },
+}
+
+impl DeviceError {
+    /// True when the policy said no, rather than the device failing.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Policy(_))
+    }
 }
 
 impl FromStr for DeviceChoice {
@@ -79,23 +91,40 @@ impl fmt::Display for DeviceChoice {
 }
 
 impl DeviceChoice {
-    /// Opens the device. `Auto` never fails: it falls back to the CPU.
-    pub fn open(self) -> Result<Device, DeviceError> {
+    /// The device family, for the policy's `devices.allow`; None for `Auto`.
+    fn kind(self) -> Option<DeviceKind> {
+        match self {
+            Self::Auto => None,
+            Self::Cpu => Some(DeviceKind::Cpu),
+            Self::Cuda(_) => Some(DeviceKind::Cuda),
+            Self::Metal => Some(DeviceKind::Metal),
+        }
+    }
+
+    /// Opens the device, if `rules` allow it. `Auto` tries only the allowed devices and falls back
+    /// to the CPU; it fails only when the CPU is not allowed and no allowed GPU opens.
+    pub fn open(self, rules: &Rules) -> Result<Device, DeviceError> {
+        if let Some(kind) = self.kind() {
+            rules.check_device(kind, &self.to_string())?;
+        }
         match self {
             Self::Cpu => Ok(Device::Cpu),
             Self::Auto => {
                 if cfg!(feature = "cuda")
+                    && rules.allows_device(DeviceKind::Cuda)
                     && candle_core::utils::cuda_is_available()
                     && let Ok(device) = Device::new_cuda(0)
                 {
                     return Ok(device);
                 }
                 if cfg!(feature = "metal")
+                    && rules.allows_device(DeviceKind::Metal)
                     && candle_core::utils::metal_is_available()
                     && let Ok(device) = Device::new_metal(0)
                 {
                     return Ok(device);
                 }
+                rules.check_device(DeviceKind::Cpu, "the CPU (no allowed GPU could be opened)")?;
                 Ok(Device::Cpu)
             }
             Self::Cuda(ordinal) => {
@@ -171,12 +200,45 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_names_the_feature() {
-        let err = DeviceChoice::Cuda(0).open().unwrap_err();
+        let err = DeviceChoice::Cuda(0).open(&Rules::default()).unwrap_err();
         assert!(err.to_string().contains("--features cuda"), "{err}");
     }
 
     #[test]
     fn auto_opens_something() {
-        assert!(DeviceChoice::Auto.open().is_ok());
+        assert!(DeviceChoice::Auto.open(&Rules::default()).is_ok());
+    }
+
+    fn allowing(devices: &[DeviceKind]) -> Rules {
+        Rules {
+            devices: attest::policy::rules::DeviceRules {
+                allow: Some(devices.to_vec()),
+            },
+            ..Rules::default()
+        }
+    }
+
+    #[test]
+    fn the_policy_decides_which_devices_open() {
+        let cpu_only = allowing(&[DeviceKind::Cpu]);
+        assert!(DeviceChoice::Cpu.open(&cpu_only).is_ok());
+        assert!(matches!(
+            DeviceChoice::Auto.open(&cpu_only),
+            Ok(Device::Cpu)
+        ));
+        for asked in [DeviceChoice::Cuda(1), DeviceChoice::Metal] {
+            let err = DeviceChoice::open(asked, &cpu_only).unwrap_err();
+            assert!(
+                matches!(&err, DeviceError::Policy(v) if v.rule == "devices.allow"),
+                "{err}"
+            );
+        }
+        let gpu_only = allowing(&[DeviceKind::Cuda, DeviceKind::Metal]);
+        let err = DeviceChoice::Cpu.open(&gpu_only).unwrap_err();
+        assert!(err.to_string().contains("devices.allow"), "{err}");
+        if !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available() {
+            let err = DeviceChoice::Auto.open(&gpu_only).unwrap_err();
+            assert!(err.to_string().contains("devices.allow"), "{err}");
+        }
     }
 }

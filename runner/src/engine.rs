@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use attest::lockfile::{Lockfile, ModelEntry, Task, UnknownModel};
+use attest::policy::Violation;
 use attest::progress::Progress;
 use attest::stamp::{OutputRecord, Stamp};
 use attest::statement::{
@@ -48,13 +49,16 @@ pub enum EngineError {
     /// Building the network failed.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The policy refuses the model's origin format or the format its weights would run in.
+    #[error(transparent)]
+    Policy(#[from] Violation),
 }
 
 impl EngineError {
     /// True when a check said no (not approved, a digest mismatch), not a failure.
     pub fn is_refusal(&self) -> bool {
         match self {
-            Self::NotApproved(_) | Self::Verify(_) => true,
+            Self::NotApproved(_) | Self::Verify(_) | Self::Policy(_) => true,
             Self::Pull(e) => e.is_refusal(),
             Self::Load(e) => e.is_refusal(),
             Self::WrongTask { .. } => false,
@@ -127,9 +131,11 @@ impl Engine {
         &self.store
     }
 
-    /// The lock entry of `name`, refused unless it is approved for `task`.
+    /// The lock entry of `name`, refused unless it is approved for `task` and the policy allows
+    /// the format it was converted from (`formats.files`).
     pub fn entry(&self, name: &str, task: Task) -> Result<&ModelEntry, EngineError> {
         let entry = self.lock.model(name)?;
+        self.pull.rules.check_model_format(entry)?;
         if entry.task != task {
             let advice = match entry.task {
                 Task::Chat => "use `sanctum run`, `sanctum chat` or a chat/generate route",
@@ -161,7 +167,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Opens and loads a chat model.
+    /// Opens and loads a chat model, refused when the policy does not allow the format its weights
+    /// run in (`formats.weights`): before loading when `--quant` names it, else once the automatic
+    /// choice is known, before anything is generated.
     pub fn load_chat(
         &self,
         name: &str,
@@ -169,10 +177,15 @@ impl Engine {
         progress: &dyn Progress,
     ) -> Result<Loaded<ChatModel>, EngineError> {
         let entry = self.entry(name, Task::Chat)?;
+        let rules = &self.pull.rules;
+        if let Some(quant) = options.quant {
+            rules.check_weights(name, quant.name())?;
+        }
         self.ensure_pulled(entry, progress)?;
         let started = Instant::now();
         let opened = self.store.open(entry, progress)?;
         let model = ChatModel::load(opened, options)?;
+        rules.check_weights(name, model.quant().name())?;
         Ok(Loaded {
             model,
             load_time: started.elapsed(),
@@ -187,6 +200,7 @@ impl Engine {
         progress: &dyn Progress,
     ) -> Result<Loaded<Embedder>, EngineError> {
         let entry = self.entry(name, Task::Embed)?;
+        self.pull.rules.check_weights(name, Quant::F32.name())?;
         self.ensure_pulled(entry, progress)?;
         let started = Instant::now();
         let opened = self.store.open(entry, progress)?;

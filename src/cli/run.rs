@@ -184,10 +184,12 @@ pub struct Loaded {
 }
 
 impl RuntimeArgs {
-    /// Sets the thread count for candle (before it starts any thread) and opens the device.
-    pub fn start(&self) -> anyhow::Result<Runtime> {
+    /// Sets the thread count for candle (before it starts any thread) and opens the device, if the
+    /// policy allows it.
+    pub fn start(&self, ctx: &Context) -> anyhow::Result<Runtime> {
         let threads = set_threads(self.threads.map(usize::from));
-        Ok(Runtime::new(self.device.open()?, threads))
+        let device = self.device.open(&ctx.policy()?.rules)?;
+        Ok(Runtime::new(device, threads))
     }
 }
 
@@ -229,6 +231,7 @@ pub fn open_beside_load(
     name: &str,
     args: &ModelArgs,
 ) -> anyhow::Result<(OutputStamper, Loaded)> {
+    OutputStamper::check_policy(ctx, output)?;
     let (stamper, loaded) = std::thread::scope(|s| {
         let stamper = s.spawn(|| OutputStamper::open(ctx, output));
         let loaded = load_chat(ctx, name, args);
@@ -240,7 +243,7 @@ pub fn open_beside_load(
 
 /// Loads a chat model as the flags say; `--verbose` details go to stderr.
 pub fn load_chat(ctx: &Context, name: &str, args: &ModelArgs) -> anyhow::Result<Loaded> {
-    let runtime = args.runtime.start()?;
+    let runtime = args.runtime.start(ctx)?;
     let engine = ctx.engine()?;
     note_pull(ctx, &engine, name, Task::Chat)?;
     let options = args.load_options(&runtime);

@@ -83,7 +83,9 @@ pub fn scan(ctx: &Context, args: ScanArgs) -> anyhow::Result<ExitCode> {
             });
         }
     }
+    let policy = ctx.policy()?;
     let mut options = ScanOptions::new(roots, lock.as_ref());
+    options.rules = Some(&policy.rules);
     options.listeners = !args.no_listeners;
     if let Some(threads) = args.threads {
         options.threads = threads;

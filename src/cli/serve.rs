@@ -72,7 +72,7 @@ pub fn run(args: ServeArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         Some(path) => Some(read_secret(path, "API key file")?),
         None => None,
     };
-    let runtime = args.runtime.start()?;
+    let runtime = args.runtime.start(ctx)?;
     let stamper = OutputStamper::open(
         ctx,
         &OutputArgs {

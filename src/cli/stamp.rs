@@ -45,6 +45,7 @@ impl OutputStamper {
     /// prompting, and hashes the running binary. Call before generating, so a missing passphrase stops
     /// the command before any work.
     pub fn open(ctx: &Context, args: &OutputArgs) -> anyhow::Result<Self> {
+        Self::check_policy(ctx, args)?;
         let lock = ctx.trusted_lock()?;
         let key = signer_key(ctx)?;
         let stamper = Stamper::new(
@@ -62,6 +63,12 @@ impl OutputStamper {
             lock,
             attest_prompt: args.attest_prompt,
         })
+    }
+
+    /// Refuses an output the policy's `outputs.require_git` does not allow (printed, or written
+    /// outside a git work tree), before any model is loaded.
+    pub fn check_policy(ctx: &Context, args: &OutputArgs) -> anyhow::Result<()> {
+        Ok(ctx.policy()?.rules.check_output(args.out.as_deref())?)
     }
 
     /// The signer, for a front end that places its own bundles (the server).

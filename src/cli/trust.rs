@@ -71,20 +71,49 @@ impl LockFile {
     }
 }
 
+/// How the policy file was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyFound {
+    /// `--policy` or `$SANCTUM_POLICY`.
+    Named,
+    /// The nearest `sanctum-policy.toml` in the current directory or above.
+    Nearest,
+    /// `$SANCTUM_HOME/policy.toml`.
+    InHome,
+}
+
+impl PolicyFound {
+    /// How `sanctum policy check` says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Named => "named by --policy or $SANCTUM_POLICY",
+            Self::Nearest => "the nearest sanctum-policy.toml at or above the current directory",
+            Self::InHome => "$SANCTUM_HOME/policy.toml",
+        }
+    }
+}
+
 impl Context {
     /// The policy: `--policy`/`$SANCTUM_POLICY`, else the nearest `sanctum-policy.toml` in the current
     /// directory or above, else `$SANCTUM_HOME/policy.toml`, else the built-in default (no trusted keys,
-    /// unsigned locks allowed, non-commercial licenses denied).
+    /// unsigned locks allowed, non-commercial licenses denied, nothing else restricted).
     pub fn policy(&self) -> anyhow::Result<Policy> {
-        match self.policy_path()? {
-            Some(path) => Ok(Policy::load(&path)?),
-            None => Ok(Policy::builtin()),
-        }
+        Ok(self.policy_found()?.0)
     }
 
-    fn policy_path(&self) -> anyhow::Result<Option<PathBuf>> {
+    /// [`Self::policy`] with how its file was found (None: the built-in default).
+    pub fn policy_found(&self) -> anyhow::Result<(Policy, Option<PolicyFound>)> {
+        let Some((path, found)) = self.policy_path()? else {
+            return Ok((Policy::builtin(), None));
+        };
+        let mut policy = Policy::load(&path)?;
+        canonical_weight_names(&mut policy, &path)?;
+        Ok((policy, Some(found)))
+    }
+
+    fn policy_path(&self) -> anyhow::Result<Option<(PathBuf, PolicyFound)>> {
         if let Some(path) = self.policy_flag() {
-            return Ok(Some(path.to_owned()));
+            return Ok(Some((path.to_owned(), PolicyFound::Named)));
         }
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
         if let Some(found) = cwd
@@ -92,10 +121,10 @@ impl Context {
             .map(|d| d.join(POLICY_FILE))
             .find(|p| p.is_file())
         {
-            return Ok(Some(found));
+            return Ok(Some((found, PolicyFound::Nearest)));
         }
         let in_home = self.home()?.join(HOME_POLICY_FILE);
-        Ok(in_home.is_file().then_some(in_home))
+        Ok(in_home.is_file().then_some((in_home, PolicyFound::InHome)))
     }
 
     /// The lockfile read and parsed, not judged by the policy.
@@ -142,4 +171,25 @@ pub fn read_optional(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+/// `formats.weights` must name formats this build knows (a misspelt one would refuse every
+/// model); aliases (`q4_k`) become the names weights report (`q4k`).
+#[cfg(feature = "inference")]
+fn canonical_weight_names(policy: &mut Policy, path: &Path) -> anyhow::Result<()> {
+    if let Some(weights) = policy.rules.formats.weights.as_mut() {
+        for name in weights.iter_mut() {
+            let quant: runner::quant::Quant = name
+                .parse()
+                .with_context(|| format!("policy {}: formats.weights", path.display()))?;
+            *name = quant.name().to_owned();
+        }
+    }
+    Ok(())
+}
+
+/// Without the engine there are no weight formats to check the names against.
+#[cfg(not(feature = "inference"))]
+fn canonical_weight_names(_: &mut Policy, _: &Path) -> anyhow::Result<()> {
+    Ok(())
 }

@@ -8,6 +8,11 @@
 //!   O(log n) instead of a read of the whole log. Only a cache: nothing is trusted from it, and
 //!   lines beyond it (a crash between the append and its update) are replayed at the next append.
 //! - `lock`: appends from concurrent processes (a server and a CLI) take it in turn.
+//! - `pruned`: the leaf hashes (32 bytes each) of entries `0..k` removed by retention
+//!   ([`AuditLog::prune`]). The tree still covers them, so the log verifies, old checkpoints stay
+//!   consistent and a pruned entry kept elsewhere (a SIEM) can still be proven; only its content is
+//!   gone. A prune writes `pruned` first, then rewrites `log.jsonl` without those lines: a kill in
+//!   between leaves lines that `pruned` also holds, and they must hash to it.
 //!
 //! A kill at any point leaves a log that verifies: a torn last line (no newline) is ignored by
 //! [`AuditLog::verify`] and cut off by the next append; a checkpoint that lags the log covers a
@@ -16,7 +21,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -155,13 +160,20 @@ pub struct Verified {
     pub torn_tail: bool,
     /// Size of the earlier checkpoint the log was shown consistent with, when one was given.
     pub consistent_with: Option<u64>,
+    /// Entries pruned by retention: only their leaf hashes are kept (counted in `entries`).
+    pub pruned: u64,
 }
 
 /// The audit log in one directory.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     dir: PathBuf,
+    retention: Option<Duration>,
 }
+
+/// How far past the retention the oldest entry may get before an append prunes: pruning rewrites
+/// the log, so it runs in daily batches rather than at every append.
+pub const PRUNE_SLACK: Duration = Duration::from_secs(24 * 3600);
 
 /// The `tree` cache: the right edge of the tree over the first `bytes` bytes of the log.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -172,12 +184,61 @@ struct TreeCache {
     peaks: Vec<String>,
 }
 
-const ZERO_LEAF: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
 impl AuditLog {
     /// The log kept in `dir` (created at the first append).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            retention: None,
+        }
+    }
+
+    /// Keeps entries for `retention`: an append prunes the ones older than that once the oldest
+    /// is [`PRUNE_SLACK`] past it.
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    fn pruned_path(&self) -> PathBuf {
+        self.dir.join("pruned")
+    }
+
+    fn tree_path(&self) -> PathBuf {
+        self.dir.join("tree")
+    }
+
+    /// How many entries retention pruned (they are `0..n`).
+    pub fn pruned(&self) -> Result<u64, AuditError> {
+        Ok(self.pruned_leaves()?.len() as u64)
+    }
+
+    /// The leaf hashes of the pruned entries, in order.
+    fn pruned_leaves(&self) -> Result<Vec<Hash>, AuditError> {
+        let path = self.pruned_path();
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Self::io(&path)(e)),
+        };
+        if bytes.len() % 32 != 0 {
+            return Err(AuditError::Tampered {
+                path,
+                index: (bytes.len() / 32) as u64,
+                reason: format!(
+                    "{} bytes is not a whole number of 32-byte leaf hashes: the file was cut or edited",
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes
+            .chunks_exact(32)
+            .map(|c| {
+                let mut leaf = [0; 32];
+                leaf.copy_from_slice(c);
+                leaf
+            })
+            .collect())
     }
 
     /// The entries file.
@@ -199,6 +260,21 @@ impl AuditLog {
 
     /// Appends `event` and signs the new checkpoint with `key`. Returns the entry's index.
     pub fn append(&self, event: &Event, key: &SigningKey) -> Result<u64, AuditError> {
+        let _lock = self.lock()?;
+        let index = self.append_locked(event, key)?;
+        if let Some(retention) = self.retention
+            && let Some(cutoff) = SystemTime::now().checked_sub(retention)
+            && self
+                .oldest_time()?
+                .is_some_and(|oldest| oldest + PRUNE_SLACK < cutoff)
+        {
+            self.prune_locked(cutoff)?;
+        }
+        Ok(index)
+    }
+
+    /// Takes the log's lock (released when the file is dropped).
+    fn lock(&self) -> Result<File, AuditError> {
         create_private_dir(&self.dir).map_err(Self::io(&self.dir))?;
         let lock_path = self.dir.join("lock");
         let lock = private_options()
@@ -208,7 +284,10 @@ impl AuditLog {
             .open(&lock_path)
             .map_err(Self::io(&lock_path))?;
         lock.lock().map_err(Self::io(&lock_path))?;
+        Ok(lock)
+    }
 
+    fn append_locked(&self, event: &Event, key: &SigningKey) -> Result<u64, AuditError> {
         let log_path = self.path();
         let mut log = private_options()
             .create(true)
@@ -240,15 +319,7 @@ impl AuditLog {
         frontier.push(leaf);
         last_leaf = leaf;
 
-        let cache = TreeCache {
-            bytes: covered + line.len() as u64,
-            size: frontier.size(),
-            last_leaf: hex::encode(last_leaf),
-            peaks: frontier.peaks().iter().map(hex::encode).collect(),
-        };
-        let tree_path = self.dir.join("tree");
-        write_atomic(&tree_path, &serde_json::to_vec(&cache).unwrap_or_default())
-            .map_err(Self::io(&tree_path))?;
+        self.write_tree(&frontier, &last_leaf, covered + line.len() as u64)?;
         let checkpoint = Checkpoint {
             origin: key_name(key.public()),
             size: frontier.size(),
@@ -263,6 +334,112 @@ impl AuditLog {
         write_atomic(&self.checkpoint_path(), note.as_bytes())
             .map_err(Self::io(&self.checkpoint_path()))?;
         Ok(entry.index)
+    }
+
+    /// Writes the `tree` cache: the tree's right edge over the first `bytes` bytes of the log.
+    fn write_tree(
+        &self,
+        frontier: &Frontier,
+        last_leaf: &Hash,
+        bytes: u64,
+    ) -> Result<(), AuditError> {
+        let cache = TreeCache {
+            bytes,
+            size: frontier.size(),
+            last_leaf: hex::encode(last_leaf),
+            peaks: frontier.peaks().iter().map(hex::encode).collect(),
+        };
+        let tree_path = self.tree_path();
+        write_atomic(&tree_path, &serde_json::to_vec(&cache).unwrap_or_default())
+            .map_err(Self::io(&tree_path))
+    }
+
+    /// The time of the oldest entry still in the log (None for an empty one).
+    fn oldest_time(&self) -> Result<Option<SystemTime>, AuditError> {
+        let path = self.path();
+        let file = File::open(&path).map_err(Self::io(&path))?;
+        let mut line = Vec::new();
+        read_line(&mut BufReader::new(file), &mut line).map_err(Self::io(&path))?;
+        if line.last() != Some(&b'\n') {
+            return Ok(None);
+        }
+        Ok(parse_entry(&line[..line.len() - 1])
+            .ok()
+            .and_then(|e| entry_time(&e)))
+    }
+
+    /// Removes the entries older than `cutoff` from the log, keeping their leaf hashes; returns how
+    /// many were pruned. The tree, and so every checkpoint, stays the same.
+    pub fn prune(&self, cutoff: SystemTime) -> Result<u64, AuditError> {
+        let _lock = self.lock()?;
+        self.prune_locked(cutoff)
+    }
+
+    fn prune_locked(&self, cutoff: SystemTime) -> Result<u64, AuditError> {
+        let log_path = self.path();
+        let mut expired = Vec::new();
+        let mut stop = false;
+        let (mut pruned, _) = self.walk(|_, line, _| {
+            if !stop {
+                let old = parse_entry(line)
+                    .ok()
+                    .and_then(|e| entry_time(&e))
+                    .is_some_and(|time| time <= cutoff);
+                if old {
+                    expired.push(merkle::leaf_hash(line));
+                } else {
+                    stop = true;
+                }
+            }
+            Ok(())
+        })?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let count = expired.len() as u64;
+        pruned.extend(expired);
+        let pruned_bytes: Vec<u8> = pruned.iter().flatten().copied().collect();
+        write_atomic(&self.pruned_path(), &pruned_bytes).map_err(Self::io(&self.pruned_path()))?;
+        // The cache counts bytes of the log about to be rewritten.
+        match fs::remove_file(self.tree_path()) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(Self::io(&self.tree_path())(e));
+            }
+            _ => {}
+        }
+        let mut rewritten = tempfile::Builder::new()
+            .prefix(".sanctum-")
+            .tempfile_in(&self.dir)
+            .map_err(Self::io(&self.dir))?;
+        let mut bytes = 0u64;
+        let mut last_leaf = pruned.last().copied().unwrap_or([0; 32]);
+        let mut leaves = Frontier::of(&pruned);
+        let mut failed = None;
+        // `walk` now reads the longer `pruned`: it hands over only the lines kept.
+        self.walk(|_, line, _| {
+            if failed.is_none() {
+                let write = rewritten
+                    .write_all(line)
+                    .and_then(|()| rewritten.write_all(b"\n"));
+                failed = write.err();
+                bytes += line.len() as u64 + 1;
+                last_leaf = merkle::leaf_hash(line);
+                leaves.push(last_leaf);
+            }
+            Ok(())
+        })?;
+        if let Some(e) = failed {
+            return Err(Self::io(&self.dir)(e));
+        }
+        rewritten
+            .as_file()
+            .sync_all()
+            .map_err(Self::io(&self.dir))?;
+        rewritten
+            .persist(&log_path)
+            .map_err(|e| Self::io(&log_path)(e.error))?;
+        self.write_tree(&leaves, &last_leaf, bytes)?;
+        Ok(count)
     }
 
     /// The tree over the log's complete lines, from the cache plus the lines written after it; a
@@ -293,7 +470,11 @@ impl AuditLog {
                 });
             }
             Some(state) => state,
-            None => (Frontier::default(), [0; 32], 0),
+            None => {
+                let pruned = self.pruned_leaves()?;
+                let last = pruned.last().copied().unwrap_or([0; 32]);
+                (Frontier::of(&pruned), last, 0)
+            }
         };
         log.seek(SeekFrom::Start(start))
             .map_err(Self::io(&log_path))?;
@@ -306,10 +487,15 @@ impl AuditLog {
             if n == 0 || line.last() != Some(&b'\n') {
                 break;
             }
-            let leaf = merkle::leaf_hash(&line[..line.len() - 1]);
+            let body = &line[..n - 1];
+            complete += n as u64;
+            // Without the cache, lines a prune cut short of removing are already leaves.
+            if start == 0 && parse_entry(body).is_ok_and(|e| e.index < frontier.size()) {
+                continue;
+            }
+            let leaf = merkle::leaf_hash(body);
             frontier.push(leaf);
             last_leaf = leaf;
-            complete += n as u64;
         }
         if complete < len {
             log.set_len(complete).map_err(Self::io(&log_path))?;
@@ -322,7 +508,7 @@ impl AuditLog {
     /// `export`); a torn last line is left out.
     pub fn entries(&self) -> Result<Vec<(Entry, Vec<u8>)>, AuditError> {
         let mut entries = Vec::new();
-        self.walk(|index, line| {
+        self.walk(|index, line, _| {
             let entry = parse_entry(line).map_err(|reason| (index, reason))?;
             entries.push((entry, line.to_vec()));
             Ok(())
@@ -330,46 +516,79 @@ impl AuditLog {
         Ok(entries)
     }
 
-    /// Calls `f` with each complete line (without its newline); returns whether a torn last line
-    /// was left.
+    /// Reads the log: returns the pruned entries' leaf hashes and whether a torn last line was
+    /// left, and calls `f` with each complete line kept (its index, the line without its newline,
+    /// and the leaf hash of the entry before it: zeros for entry 0).
+    /// The first line must continue where `pruned` ends, or overlap it (a prune cut short) with
+    /// lines that hash to what `pruned` holds.
     fn walk(
         &self,
-        mut f: impl FnMut(u64, &[u8]) -> Result<(), (u64, String)>,
-    ) -> Result<bool, AuditError> {
+        mut f: impl FnMut(u64, &[u8], &Hash) -> Result<(), (u64, String)>,
+    ) -> Result<(Vec<Hash>, bool), AuditError> {
         let path = self.path();
+        // Opened before `pruned` is read: a prune in between only makes `pruned` overlap this file.
         let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(Self::io(&path)(e)),
         };
+        let pruned = self.pruned_leaves()?;
+        let Some(file) = file else {
+            return Ok((pruned, false));
+        };
+        let kept_from = pruned.len() as u64;
         let mut reader = BufReader::new(file);
         let mut line = Vec::new();
-        let mut index = 0;
+        let mut next: Option<u64> = None;
+        let mut prev_leaf: Hash = [0; 32];
+        let tampered = |(index, reason)| AuditError::Tampered {
+            path: path.clone(),
+            index,
+            reason,
+        };
         loop {
             line.clear();
             let n = read_line(&mut reader, &mut line).map_err(Self::io(&path))?;
             if n == 0 {
-                return Ok(false);
+                return Ok((pruned, false));
             }
             if line.last() != Some(&b'\n') {
-                return Ok(true);
+                return Ok((pruned, true));
             }
-            f(index, &line[..n - 1]).map_err(|(index, reason)| AuditError::Tampered {
-                path: path.clone(),
-                index,
-                reason,
-            })?;
-            index += 1;
+            let body = &line[..n - 1];
+            let index = match next {
+                Some(index) => index,
+                None => first_index(body, kept_from).map_err(tampered)?,
+            };
+            let leaf = merkle::leaf_hash(body);
+            if index < kept_from {
+                if leaf != pruned[index as usize] {
+                    return Err(tampered((
+                        index,
+                        "it differs from the hash kept when it was pruned: it was altered".into(),
+                    )));
+                }
+            } else {
+                let prev = match index.checked_sub(1) {
+                    None => [0; 32],
+                    Some(before) if before < kept_from => pruned[before as usize],
+                    Some(_) => prev_leaf,
+                };
+                f(index, body, &prev).map_err(tampered)?;
+            }
+            prev_leaf = leaf;
+            next = Some(index + 1);
         }
     }
 
-    /// All leaf hashes (complete lines).
+    /// All leaf hashes: the pruned ones, then the complete lines'.
     fn leaves(&self) -> Result<Vec<Hash>, AuditError> {
-        let mut leaves = Vec::new();
-        self.walk(|_, line| {
-            leaves.push(merkle::leaf_hash(line));
+        let mut kept = Vec::new();
+        let (mut leaves, _) = self.walk(|_, line, _| {
+            kept.push(merkle::leaf_hash(line));
             Ok(())
         })?;
+        leaves.extend(kept);
         Ok(leaves)
     }
 
@@ -409,8 +628,8 @@ impl AuditLog {
             index,
             reason,
         };
-        let mut leaves: Vec<Hash> = Vec::new();
-        let torn_tail = self.walk(|index, line| {
+        let mut kept: Vec<Hash> = Vec::new();
+        let (pruned, torn_tail) = self.walk(|index, line, prev| {
             let entry = parse_entry(line).map_err(|reason| (index, reason))?;
             if entry.index != index {
                 return Err((
@@ -421,10 +640,7 @@ impl AuditLog {
                     ),
                 ));
             }
-            let prev = leaves
-                .last()
-                .map_or_else(|| ZERO_LEAF.to_owned(), hex::encode);
-            if entry.prev != prev {
+            if entry.prev != hex::encode(prev) {
                 let bad = index.saturating_sub(1);
                 return Err((
                     bad,
@@ -433,9 +649,12 @@ impl AuditLog {
                     ),
                 ));
             }
-            leaves.push(merkle::leaf_hash(line));
+            kept.push(merkle::leaf_hash(line));
             Ok(())
         })?;
+        let pruned_count = pruned.len() as u64;
+        let mut leaves = pruned;
+        leaves.extend(kept);
         let entries = leaves.len() as u64;
         let Some(checkpoint) = stored else {
             if entries > 0 {
@@ -452,6 +671,7 @@ impl AuditLog {
                 checkpoint: None,
                 torn_tail,
                 consistent_with: None,
+                pruned: pruned_count,
             });
         };
         for signed in std::iter::once(&checkpoint).chain(earlier.as_ref()) {
@@ -511,6 +731,7 @@ impl AuditLog {
             checkpoint: Some(checkpoint),
             torn_tail,
             consistent_with,
+            pruned: pruned_count,
         })
     }
 
@@ -573,6 +794,37 @@ fn open_checkpoint(path: &Path, bytes: &[u8], key: &PublicKey) -> Result<Checkpo
         });
     }
     Ok(checkpoint)
+}
+
+/// The index of the log's first line, which must be at most `pruned` (the entries before it
+/// pruned, or overlapping the pruned ones).
+fn first_index(line: &[u8], pruned: u64) -> Result<u64, (u64, String)> {
+    let entry = parse_entry(line).map_err(|reason| (pruned, reason))?;
+    if entry.index > pruned {
+        let missing = if pruned == 0 {
+            format!(
+                "the log starts at entry {}: entries 0..{} were removed",
+                entry.index,
+                entry.index - 1
+            )
+        } else {
+            format!(
+                "the log starts at entry {} but only entries 0..{} were pruned: entries {pruned}..{} were removed",
+                entry.index,
+                pruned - 1,
+                entry.index - 1
+            )
+        };
+        return Err((pruned, missing));
+    }
+    Ok(entry.index)
+}
+
+/// When an entry was appended.
+fn entry_time(entry: &Entry) -> Option<SystemTime> {
+    let time = chrono::DateTime::parse_from_rfc3339(&entry.time).ok()?;
+    let seconds = u64::try_from(time.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
 fn parse_entry(line: &[u8]) -> Result<Entry, String> {
@@ -703,7 +955,7 @@ mod tests {
         ));
         let entries = log.entries().unwrap();
         assert_eq!(entries[3].0.model.as_deref(), Some("model-3"));
-        assert_eq!(entries[0].0.prev, ZERO_LEAF);
+        assert_eq!(entries[0].0.prev, "0".repeat(64));
     }
 
     #[test]
@@ -802,6 +1054,123 @@ mod tests {
         assert!(matches!(
             log.verify(other.public(), None),
             Err(AuditError::Checkpoint { .. })
+        ));
+    }
+
+    /// Writes a log whose entries carry the given ages (days), as the key holder could: lines
+    /// chained by hand and a checkpoint signed over them.
+    fn aged_log(ages: &[u64]) -> (tempfile::TempDir, AuditLog, SigningKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(dir.path().join("audit"));
+        let key = SigningKey::generate().unwrap();
+        fs::create_dir_all(&log.dir).unwrap();
+        let mut leaves = Vec::new();
+        let mut text = String::new();
+        for (index, age) in ages.iter().enumerate() {
+            let time = SystemTime::now() - Duration::from_secs(age * 24 * 3600);
+            let entry = Entry {
+                index: index as u64,
+                time: rfc3339(time),
+                user: "u".into(),
+                event: "run".into(),
+                command: "sanctum run".into(),
+                model: None,
+                model_digest: None,
+                output_digest: None,
+                bundle_digest: None,
+                outcome: Outcome::Ok,
+                detail: None,
+                prev: hex::encode(leaves.last().copied().unwrap_or([0u8; 32])),
+            };
+            let line = serde_json::to_string(&entry).unwrap();
+            leaves.push(merkle::leaf_hash(line.as_bytes()));
+            text.push_str(&line);
+            text.push('\n');
+        }
+        fs::write(log.path(), text).unwrap();
+        let checkpoint = Checkpoint {
+            origin: key_name(key.public()),
+            size: leaves.len() as u64,
+            root: merkle::root(&leaves),
+        };
+        fs::write(log.checkpoint_path(), checkpoint.sign(&key).unwrap()).unwrap();
+        (dir, log, key)
+    }
+
+    #[test]
+    fn an_append_prunes_past_the_retention_and_the_log_still_verifies() {
+        let (_dir, log, key) = aged_log(&[40, 35, 32, 10, 1]);
+        let exported = fs::read(log.checkpoint_path()).unwrap();
+        let kept = log.with_retention(Some(Duration::from_secs(30 * 24 * 3600)));
+        assert_eq!(kept.append(&event(5), &key).unwrap(), 5);
+        assert_eq!(kept.pruned().unwrap(), 3);
+        let indices: Vec<u64> = kept
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|(e, _)| e.index)
+            .collect();
+        assert_eq!(indices, [3, 4, 5]);
+        let verified = kept
+            .verify(key.public(), Some((Path::new("e"), &exported)))
+            .unwrap();
+        assert_eq!((verified.entries, verified.pruned), (6, 3));
+        assert_eq!(verified.consistent_with, Some(5));
+        // A pruned entry kept elsewhere can still be proven; the next append builds on the tree.
+        assert!(kept.prove(1, key.public()).is_ok());
+        fs::remove_file(kept.tree_path()).unwrap();
+        assert_eq!(kept.append(&event(6), &key).unwrap(), 6);
+        kept.verify(key.public(), None).unwrap();
+
+        // Within the slack nothing is rewritten.
+        let (_dir, log, key) = aged_log(&[30, 1]);
+        let log = log.with_retention(Some(Duration::from_secs(29 * 24 * 3600 + 3600)));
+        log.append(&event(2), &key).unwrap();
+        assert_eq!(log.pruned().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_prune_cut_short_verifies_and_pruned_entries_cannot_be_altered() {
+        let (_dir, log, key) = log_with(6);
+        let good = lines(&log);
+        // `pruned` written, the log not yet rewritten, the cache gone: a kill mid-prune.
+        let leaves: Vec<u8> = good[..3]
+            .iter()
+            .flat_map(|l| merkle::leaf_hash(l.as_bytes()))
+            .collect();
+        fs::write(log.pruned_path(), &leaves).unwrap();
+        fs::remove_file(log.tree_path()).unwrap();
+        let verified = log.verify(key.public(), None).unwrap();
+        assert_eq!((verified.entries, verified.pruned), (6, 3));
+        assert_eq!(log.entries().unwrap()[0].0.index, 3);
+        assert_eq!(log.append(&event(6), &key).unwrap(), 6);
+        let good = lines(&log);
+
+        let mut edited = good.clone();
+        edited[1] = edited[1].replace("model-1", "model-9");
+        write_lines(&log, &edited);
+        assert_eq!(bad_index(&log, &key, None), 1);
+
+        // Lines dropped beyond what was pruned.
+        write_lines(&log, &good[5..]);
+        assert_eq!(bad_index(&log, &key, None), 3);
+
+        write_lines(&log, &good);
+        log.verify(key.public(), None).unwrap();
+        assert_eq!(
+            log.prune(SystemTime::now() + Duration::from_secs(60))
+                .unwrap(),
+            4
+        );
+        assert!(lines(&log).is_empty());
+        let verified = log.verify(key.public(), None).unwrap();
+        assert_eq!((verified.entries, verified.pruned), (7, 7));
+
+        // A cut `pruned` file is named, not misread.
+        fs::write(log.pruned_path(), &leaves[..40]).unwrap();
+        assert!(matches!(
+            log.verify(key.public(), None),
+            Err(AuditError::Tampered { .. })
         ));
     }
 }

@@ -614,6 +614,11 @@ fn bundle_predicate_type(bundle: &[u8]) -> Option<String> {
     Some(statement.get("predicateType")?.as_str()?.to_owned())
 }
 
+/// The registry (`host` or `host:port`) an `oci` source's repository is in.
+pub fn registry_of(source: &OciSource) -> Result<String, OciError> {
+    Ok(parse_reference(&source.repository)?.registry().to_owned())
+}
+
 /// Fetches the model `files` of the artifact `source` pins into `dest`, each file checked for
 /// size and sha256 as it arrives.
 pub fn fetch(

@@ -17,14 +17,60 @@ pub struct Pip {
     pub program: String,
     /// Arguments placed before pip's own (e.g. `-m pip`).
     pub args: Vec<String>,
+    /// The package index, when sanctum's configuration names one; else pip's own (`PIP_INDEX_URL`,
+    /// pip.conf) applies.
+    pub index_url: Option<String>,
+    /// Whether pip runs `--isolated` (no environment variables or config files) with
+    /// `--index-url`, so nothing but `index_url` can say where wheels come from.
+    pub isolated: bool,
 }
+
+/// pip's index when nothing configures another.
+pub const DEFAULT_INDEX: &str = "https://pypi.org/simple";
 
 impl Default for Pip {
     fn default() -> Self {
         Self {
             program: "python3".into(),
             args: vec!["-m".into(), "pip".into()],
+            index_url: None,
+            isolated: false,
         }
+    }
+}
+
+impl Pip {
+    /// The index pip will download from: the configured one, else `PIP_INDEX_URL`, else PyPI.
+    /// (A pip.conf is not read; [`Self::pinned_to_index`] makes pip ignore it.)
+    pub fn index(&self) -> String {
+        self.index_url
+            .clone()
+            .or_else(|| {
+                std::env::var("PIP_INDEX_URL")
+                    .ok()
+                    .filter(|i| !i.is_empty())
+            })
+            .unwrap_or_else(|| DEFAULT_INDEX.to_owned())
+    }
+
+    /// This pip held to [`Self::index`] alone: `--isolated --index-url`, no extra indexes.
+    pub fn pinned_to_index(&self) -> Self {
+        Self {
+            index_url: Some(self.index()),
+            isolated: true,
+            ..self.clone()
+        }
+    }
+
+    fn index_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.isolated {
+            args.push("--isolated".to_owned());
+        }
+        if let Some(index) = &self.index_url {
+            args.extend(["--index-url".to_owned(), index.clone()]);
+        }
+        args
     }
 }
 
@@ -131,6 +177,7 @@ pub fn download_wheel(
             "--only-binary=:all:",
             "--require-hashes",
         ])
+        .args(pip.index_args())
         .args([
             "--disable-pip-version-check",
             "--no-input",
