@@ -691,13 +691,7 @@ fn every_output_is_stamped_and_verifies() {
     let _guard = one_at_a_time();
     let tiny = TinyChat::new();
     let repo = tiny.home.path().join("repo");
-    fs::create_dir_all(&repo).unwrap();
-    let git = std::process::Command::new("git")
-        .args(["init", "-q"])
-        .arg(&repo)
-        .status()
-        .unwrap();
-    assert!(git.success());
+    crate::support::git_init(&repo);
     let reply = [
         "run",
         "tiny",

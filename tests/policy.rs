@@ -284,13 +284,7 @@ fn outputs_require_git_keeps_outputs_in_a_work_tree() {
     assert!(!outside.exists());
 
     let repo = work.path().join("repo");
-    fs::create_dir_all(&repo).unwrap();
-    let git = std::process::Command::new("git")
-        .args(["init", "-q"])
-        .arg(&repo)
-        .status()
-        .unwrap();
-    assert!(git.success());
+    crate::support::git_init(&repo);
     let inside = repo.join("vectors.json");
     embed(Some(&inside)).assert().success();
     assert!(inside.exists());

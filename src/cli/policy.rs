@@ -120,44 +120,54 @@ fn settings(policy: &Policy) -> Vec<Setting> {
         (value.unwrap_or(default_value), from(set, default))
     };
     let list = |items: &Option<Vec<String>>| items.as_ref().map(|v| json!(v));
-    let mut settings = vec![
-        Setting {
-            key: "approver",
-            value: keys(&policy.approvers),
-            from: from(
-                !policy.approvers.is_empty(),
-                "none, no lock signature is trusted",
+    let trust_settings: [(&'static str, (Value, String)); 5] = [
+        (
+            "approver",
+            (
+                keys(&policy.approvers),
+                from(
+                    !policy.approvers.is_empty(),
+                    "none, no lock signature is trusted",
+                ),
             ),
-        },
-        Setting {
-            key: "signer",
-            value: keys(&policy.signers),
-            from: from(
-                !policy.signers.is_empty(),
-                "none, no output attestation is trusted",
+        ),
+        (
+            "signer",
+            (
+                keys(&policy.signers),
+                from(
+                    !policy.signers.is_empty(),
+                    "none, no output attestation is trusted",
+                ),
             ),
-        },
-        Setting {
-            key: "licenses.allow",
-            value: json!(policy.licenses.allow),
-            from: from(
-                !policy.licenses.allow.is_empty(),
-                "any license but non-commercial ones",
+        ),
+        (
+            "licenses.allow",
+            (
+                json!(policy.licenses.allow),
+                from(
+                    !policy.licenses.allow.is_empty(),
+                    "any license but non-commercial ones",
+                ),
             ),
-        },
-        Setting {
-            key: "licenses.deny",
-            value: json!(policy.licenses.deny),
-            from: from(
-                !policy.licenses.deny.is_empty(),
-                "none beyond non-commercial",
+        ),
+        (
+            "licenses.deny",
+            (
+                json!(policy.licenses.deny),
+                from(
+                    !policy.licenses.deny.is_empty(),
+                    "none beyond non-commercial",
+                ),
             ),
-        },
-        Setting {
-            key: "lock.require_signature",
-            value: json!(policy.require_lock_signature),
-            from: from(policy.require_lock_signature_set, signature_default),
-        },
+        ),
+        (
+            "lock.require_signature",
+            (
+                json!(policy.require_lock_signature),
+                from(policy.require_lock_signature_set, signature_default),
+            ),
+        ),
     ];
     let rule_settings: [(&'static str, (Value, String)); 8] = [
         (
@@ -213,10 +223,9 @@ fn settings(policy: &Policy) -> Vec<Setting> {
             ),
         ),
     ];
-    settings.extend(
-        rule_settings
-            .into_iter()
-            .map(|(key, (value, from))| Setting { key, value, from }),
-    );
-    settings
+    trust_settings
+        .into_iter()
+        .chain(rule_settings)
+        .map(|(key, (value, from))| Setting { key, value, from })
+        .collect()
 }

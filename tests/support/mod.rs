@@ -149,6 +149,17 @@ pub fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Makes `dir` (and its parents) a new git work tree.
+pub fn git_init(dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    let status = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "git init {}", dir.display());
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
