@@ -94,11 +94,6 @@ fn apply_format_rule(rules: &Rules, files: &mut [FileFinding], models: &mut [Mod
         }
     }
     for model in models.iter_mut() {
-        model.standing = model
-            .files
-            .iter()
-            .filter_map(|&i| files.get(i))
-            .map(|f| f.standing)
-            .fold(model.standing, Standing::max);
+        model.standing = standing::worst(model.standing, &model.files, files);
     }
 }

@@ -385,9 +385,15 @@ fn model_finding(
         Group::Cache(name) => finding.name = name,
         Group::Alone(path) => finding.name = path.display().to_string(),
     }
-    finding.standing = members
-        .iter()
-        .map(|&i| files[i].standing)
-        .fold(finding.standing, Standing::max);
+    finding.standing = worst(finding.standing, &members, files);
     finding
+}
+
+/// The worst of `standing` and the standings of the `members` of `files`.
+pub(crate) fn worst(standing: Standing, members: &[usize], files: &[FileFinding]) -> Standing {
+    members
+        .iter()
+        .filter_map(|&i| files.get(i))
+        .map(|f| f.standing)
+        .fold(standing, Standing::max)
 }

@@ -12,9 +12,10 @@ use anyhow::{Context as _, bail};
 use attest::audit::{AuditLog, Entry, Event, syslog};
 use attest::keys::PublicKey;
 use chrono::{DateTime, Utc};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use super::Context;
+use super::TableOrJson as Format;
 use super::context::{display_path, hostname};
 use super::keys::{public_path, read_public_or_private, signer_key, signer_key_path};
 
@@ -61,12 +62,6 @@ pub struct ShowArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Format {
-    Table,
-    Json,
 }
 
 #[derive(Debug, Args)]

@@ -24,6 +24,10 @@ pub struct Context {
     #[cfg_attr(not(feature = "inference"), allow(dead_code))]
     quiet: bool,
     policy: Option<PathBuf>,
+    /// The policy once read, with how its file was found: every command reads it in several
+    /// places (pull, device, outputs, audit), and all of them judge by the same reading.
+    pub(super) loaded_policy:
+        std::sync::OnceLock<(attest::policy::Policy, Option<super::trust::PolicyFound>)>,
 }
 
 /// `$SANCTUM_HOME/config.toml`.
@@ -49,6 +53,7 @@ impl Context {
             home: store,
             quiet,
             policy: None,
+            loaded_policy: std::sync::OnceLock::new(),
         }
     }
 

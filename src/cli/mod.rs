@@ -39,7 +39,7 @@ mod trust;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 pub use context::Context;
 
@@ -121,6 +121,13 @@ enum Command {
     /// The policy in force: check prints each setting, its value and where it came from.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+}
+
+/// `--format` of the commands that print a table for people or JSON for scripts.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TableOrJson {
+    Table,
+    Json,
 }
 
 /// Parses the command line and runs it.

@@ -8,11 +8,12 @@ use anyhow::Context as _;
 use attest::audit::Event;
 use attest::lockfile::{Lockfile, ModelEntry};
 use attest::verify::{VerifyError, VerifyReport};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use runner::store::{ModelState, PullOutcome};
 use serde_json::json;
 
 use super::Context;
+use super::TableOrJson as Format;
 use super::context::display_path;
 use super::trust::Refused;
 
@@ -61,12 +62,6 @@ pub struct ListArgs {
 pub struct VerifyArgs {
     /// Model names; all pulled models when omitted.
     names: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Format {
-    Table,
-    Json,
 }
 
 pub fn run(cmd: ModelsCommand, ctx: &Context) -> anyhow::Result<ExitCode> {

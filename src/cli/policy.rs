@@ -6,11 +6,12 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use attest::policy::{KeyRing, Policy};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::Context;
+use super::TableOrJson as Format;
 use super::trust::PolicyFound;
 
 #[derive(Debug, Subcommand)]
@@ -24,12 +25,6 @@ pub struct CheckArgs {
     /// How to print it.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Format {
-    Table,
-    Json,
 }
 
 /// One setting as `policy check` prints it.

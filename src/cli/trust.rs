@@ -103,12 +103,20 @@ impl Context {
 
     /// [`Self::policy`] with how its file was found (None: the built-in default).
     pub fn policy_found(&self) -> anyhow::Result<(Policy, Option<PolicyFound>)> {
-        let Some((path, found)) = self.policy_path()? else {
-            return Ok((Policy::builtin(), None));
+        if let Some(loaded) = self.loaded_policy.get() {
+            return Ok(loaded.clone());
+        }
+        let loaded = match self.policy_path()? {
+            None => (Policy::builtin(), None),
+            Some((path, found)) => {
+                let mut policy = Policy::load(&path)?;
+                canonical_weight_names(&mut policy, &path)?;
+                (policy, Some(found))
+            }
         };
-        let mut policy = Policy::load(&path)?;
-        canonical_weight_names(&mut policy, &path)?;
-        Ok((policy, Some(found)))
+        // A thread that read it at the same time keeps its own, identical, copy.
+        let _ = self.loaded_policy.set(loaded.clone());
+        Ok(loaded)
     }
 
     fn policy_path(&self) -> anyhow::Result<Option<(PathBuf, PolicyFound)>> {

@@ -379,14 +379,14 @@ impl AuditLog {
         let log_path = self.path();
         let mut expired = Vec::new();
         let mut stop = false;
-        let (mut pruned, _) = self.walk(|_, line, _| {
+        let (mut pruned, _) = self.walk(|_, line, leaf, _| {
             if !stop {
                 let old = parse_entry(line)
                     .ok()
                     .and_then(|e| entry_time(&e))
                     .is_some_and(|time| time <= cutoff);
                 if old {
-                    expired.push(merkle::leaf_hash(line));
+                    expired.push(*leaf);
                 } else {
                     stop = true;
                 }
@@ -416,14 +416,14 @@ impl AuditLog {
         let mut leaves = Frontier::of(&pruned);
         let mut failed = None;
         // `walk` now reads the longer `pruned`: it hands over only the lines kept.
-        self.walk(|_, line, _| {
+        self.walk(|_, line, leaf, _| {
             if failed.is_none() {
                 let write = rewritten
                     .write_all(line)
                     .and_then(|()| rewritten.write_all(b"\n"));
                 failed = write.err();
                 bytes += line.len() as u64 + 1;
-                last_leaf = merkle::leaf_hash(line);
+                last_leaf = *leaf;
                 leaves.push(last_leaf);
             }
             Ok(())
@@ -459,6 +459,9 @@ impl AuditLog {
                 let frontier = Frontier::from_parts(c.size, peaks)?;
                 Some((frontier, parse_hash(&c.last_leaf)?, c.bytes))
             });
+        // Without the cache, the first lines may be ones a prune cut short of removing: already
+        // leaves, to skip until the first line beyond them.
+        let mut may_overlap = false;
         let (mut frontier, mut last_leaf, start) = match cache {
             Some((frontier, _, bytes)) if bytes > len => {
                 return Err(AuditError::Tampered {
@@ -472,6 +475,7 @@ impl AuditLog {
             Some(state) => state,
             None => {
                 let pruned = self.pruned_leaves()?;
+                may_overlap = !pruned.is_empty();
                 let last = pruned.last().copied().unwrap_or([0; 32]);
                 (Frontier::of(&pruned), last, 0)
             }
@@ -489,9 +493,11 @@ impl AuditLog {
             }
             let body = &line[..n - 1];
             complete += n as u64;
-            // Without the cache, lines a prune cut short of removing are already leaves.
-            if start == 0 && parse_entry(body).is_ok_and(|e| e.index < frontier.size()) {
-                continue;
+            if may_overlap {
+                if parse_entry(body).is_ok_and(|e| e.index < frontier.size()) {
+                    continue;
+                }
+                may_overlap = false;
             }
             let leaf = merkle::leaf_hash(body);
             frontier.push(leaf);
@@ -508,7 +514,7 @@ impl AuditLog {
     /// `export`); a torn last line is left out.
     pub fn entries(&self) -> Result<Vec<(Entry, Vec<u8>)>, AuditError> {
         let mut entries = Vec::new();
-        self.walk(|index, line, _| {
+        self.walk(|index, line, _, _| {
             let entry = parse_entry(line).map_err(|reason| (index, reason))?;
             entries.push((entry, line.to_vec()));
             Ok(())
@@ -517,13 +523,13 @@ impl AuditLog {
     }
 
     /// Reads the log: returns the pruned entries' leaf hashes and whether a torn last line was
-    /// left, and calls `f` with each complete line kept (its index, the line without its newline,
-    /// and the leaf hash of the entry before it: zeros for entry 0).
+    /// left, and calls `f` with each complete line kept: its index, the line without its newline,
+    /// its leaf hash, and the leaf hash of the entry before it (zeros for entry 0).
     /// The first line must continue where `pruned` ends, or overlap it (a prune cut short) with
     /// lines that hash to what `pruned` holds.
     fn walk(
         &self,
-        mut f: impl FnMut(u64, &[u8], &Hash) -> Result<(), (u64, String)>,
+        mut f: impl FnMut(u64, &[u8], &Hash, &Hash) -> Result<(), (u64, String)>,
     ) -> Result<(Vec<Hash>, bool), AuditError> {
         let path = self.path();
         // Opened before `pruned` is read: a prune in between only makes `pruned` overlap this file.
@@ -574,7 +580,7 @@ impl AuditLog {
                     Some(before) if before < kept_from => pruned[before as usize],
                     Some(_) => prev_leaf,
                 };
-                f(index, body, &prev).map_err(tampered)?;
+                f(index, body, &leaf, &prev).map_err(tampered)?;
             }
             prev_leaf = leaf;
             next = Some(index + 1);
@@ -584,8 +590,8 @@ impl AuditLog {
     /// All leaf hashes: the pruned ones, then the complete lines'.
     fn leaves(&self) -> Result<Vec<Hash>, AuditError> {
         let mut kept = Vec::new();
-        let (mut leaves, _) = self.walk(|_, line, _| {
-            kept.push(merkle::leaf_hash(line));
+        let (mut leaves, _) = self.walk(|_, _, leaf, _| {
+            kept.push(*leaf);
             Ok(())
         })?;
         leaves.extend(kept);
@@ -629,7 +635,7 @@ impl AuditLog {
             reason,
         };
         let mut kept: Vec<Hash> = Vec::new();
-        let (pruned, torn_tail) = self.walk(|index, line, prev| {
+        let (pruned, torn_tail) = self.walk(|index, line, leaf, prev| {
             let entry = parse_entry(line).map_err(|reason| (index, reason))?;
             if entry.index != index {
                 return Err((
@@ -649,7 +655,7 @@ impl AuditLog {
                     ),
                 ));
             }
-            kept.push(merkle::leaf_hash(line));
+            kept.push(*leaf);
             Ok(())
         })?;
         let pruned_count = pruned.len() as u64;
