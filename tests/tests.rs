@@ -6,6 +6,7 @@ mod attacks;
 mod attestation;
 mod audit;
 mod bench;
+mod hostile;
 mod hub;
 mod import;
 mod inference;

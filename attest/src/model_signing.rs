@@ -16,7 +16,7 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -106,7 +106,7 @@ impl Manifest {
                         let Some((name, path)) = files.get(i) else {
                             break;
                         };
-                        let digest = File::open(path)
+                        let digest = crate::files::open_regular(path)
                             .and_then(Sha256Digest::of_reader)
                             .map(|(d, _)| d)
                             .map_err(|error| ManifestError::Read {

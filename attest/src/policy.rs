@@ -430,22 +430,7 @@ impl Policy {
             path: path.to_owned(),
             error,
         };
-        let file = std::fs::File::open(path).map_err(read_error)?;
-        let meta = file.metadata().map_err(read_error)?;
-        if !meta.is_file() {
-            return Err(read_error(std::io::Error::other("not a regular file")));
-        }
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut std::io::Read::take(file, MAX_POLICY_BYTES + 1),
-            &mut text,
-        )
-        .map_err(read_error)?;
-        if text.len() as u64 > MAX_POLICY_BYTES {
-            return Err(read_error(std::io::Error::other(format!(
-                "larger than {MAX_POLICY_BYTES} bytes: not a policy"
-            ))));
-        }
+        let text = crate::files::read_bounded_text(path, MAX_POLICY_BYTES).map_err(read_error)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut policy =
             Self::from_toml(&text, base).map_err(|error| PolicyLoadError::Invalid {
@@ -469,12 +454,13 @@ impl Policy {
                 let pem = match (entry.key, entry.pem) {
                     (Some(path), None) => {
                         let path = base_dir.join(path);
-                        std::fs::read(&path).map_err(|error| PolicyError::KeyFile {
-                            role,
-                            name: entry.name.clone(),
-                            path,
-                            error,
-                        })?
+                        crate::files::read_bounded(&path, crate::files::MAX_DOCUMENT_BYTES)
+                            .map_err(|error| PolicyError::KeyFile {
+                                role,
+                                name: entry.name.clone(),
+                                path,
+                                error,
+                            })?
                     }
                     (None, Some(pem)) => pem.into_bytes(),
                     _ => {

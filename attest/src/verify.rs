@@ -64,8 +64,8 @@ pub enum FileProblem {
     #[error("missing (the lock lists it)")]
     Missing,
     /// A directory, device or other non-regular file where a file belongs.
-    #[error("not a regular file")]
-    NotRegularFile,
+    #[error("not a regular file but {0}")]
+    NotRegularFile(&'static str),
     /// A symbolic link; the store never creates them, and they could point anywhere.
     #[error(
         "is a symlink (to {target}); symlinks are refused because they can lead out of the model directory"
@@ -576,7 +576,7 @@ fn check_dir(
                 DiskEntry::Symlink => FileProblem::Symlink {
                     target: link_target(&full),
                 },
-                DiskEntry::Other => FileProblem::NotRegularFile,
+                DiskEntry::Other(kind) => FileProblem::NotRegularFile(kind),
                 DiskEntry::File => FileProblem::Unlisted {
                     format: forbidden_weight_format(Path::new(&path)),
                     content: sniff(&read_prefix(&full)),
@@ -660,14 +660,29 @@ fn open_listed(dir: &Path, file: &LockedFile) -> Result<File, Problem> {
                     },
                 ));
             }
+            Ok(m) if !m.is_dir() && !m.is_file() => {
+                return Err((
+                    None,
+                    FileProblem::NotRegularFile(crate::files::kind_of(m.file_type())),
+                ));
+            }
             Ok(_) => {}
         }
     }
-    let handle = File::open(dir.join(&file.path)).map_err(|e| (None, e.into()))?;
+    // Opened without blocking and judged by its handle: a FIFO put in the file's place can neither
+    // hang the open nor be read.
+    let path = dir.join(&file.path);
+    let handle = crate::files::open_regular(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::InvalidInput {
+            let kind = fs::symlink_metadata(&path).map_or("a file of another type", |m| {
+                crate::files::kind_of(m.file_type())
+            });
+            (None, FileProblem::NotRegularFile(kind))
+        } else {
+            (None, e.into())
+        }
+    })?;
     let meta = handle.metadata().map_err(|e| (None, e.into()))?;
-    if !meta.is_file() {
-        return Err((None, FileProblem::NotRegularFile));
-    }
     if meta.len() != file.size {
         return Err((
             Some(meta.len()),
@@ -744,7 +759,8 @@ fn read_listed(
 enum DiskEntry {
     File,
     Symlink,
-    Other,
+    /// A FIFO, socket or device, named for the message.
+    Other(&'static str),
 }
 
 /// Lists every non-directory entry under `dir`, with `/`-separated relative paths. Symlinks are listed,
@@ -767,7 +783,7 @@ fn list_files(dir: &Path, prefix: &str, out: &mut Vec<(String, DiskEntry)>) -> i
         } else if kind.is_file() {
             out.push((rel, DiskEntry::File));
         } else {
-            out.push((rel, DiskEntry::Other));
+            out.push((rel, DiskEntry::Other(crate::files::kind_of(kind))));
         }
     }
     Ok(())
@@ -780,7 +796,7 @@ fn link_target(path: &Path) -> String {
 /// The first bytes of a file, enough to recognize its format.
 fn read_prefix(path: &Path) -> Vec<u8> {
     let mut prefix = Vec::with_capacity(64);
-    if let Ok(f) = File::open(path) {
+    if let Ok(f) = crate::files::open_regular(path) {
         // An unreadable prefix only makes the message less specific; the file is refused regardless.
         let _ = f.take(64).read_to_end(&mut prefix);
     }

@@ -177,7 +177,8 @@ impl Catalog {
         if !link.is_file() {
             return Err(refused("not a regular file".into()));
         }
-        let handle = File::open(&path).map_err(|e| io_refused("cannot open", e))?;
+        let handle =
+            attest::files::open_regular(&path).map_err(|e| io_refused("cannot open", e))?;
         let meta = handle
             .metadata()
             .map_err(|e| io_refused("cannot stat", e))?;

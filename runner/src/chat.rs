@@ -177,6 +177,17 @@ pub enum GenerateError {
     /// A batched step failed for every sequence in it.
     #[error("inference failed: {0}")]
     Batch(String),
+    /// The model computed a NaN or infinite logit: its weights or config are broken, and
+    /// nothing it says from here can be trusted (or stamped).
+    #[error(
+        "the model computed a non-finite logit (token id {token}, after {generated} generated tokens): its weights or config.json are broken"
+    )]
+    NonFinite {
+        /// The first vocabulary entry with a non-finite logit.
+        token: usize,
+        /// Tokens generated before it.
+        generated: usize,
+    },
     /// The batch scheduler has stopped (the server is shutting down).
     #[error("the model is shutting down")]
     Stopped,
@@ -276,11 +287,7 @@ impl ChatModel {
                 });
             }
         };
-        let config: llama::Config = models::json_file(&model, "config.json")?;
-        config.check().map_err(|problem| LoadError::Unsupported {
-            model: name.clone(),
-            problem,
-        })?;
+        let config: llama::Config = models::config::read(&model)?;
         let eos: EosFields = models::json_file(&model, "config.json")?;
         let generation: Option<EosFields> =
             models::optional_json(&model, "generation_config.json")?;
@@ -664,6 +671,12 @@ impl Decoder {
     ) -> Result<Step, GenerateError> {
         if self.max_tokens == Some(0) {
             return Ok(Step::Finished(StopReason::MaxTokens));
+        }
+        if let Some(token) = logits.iter().position(|l| !l.is_finite()) {
+            return Err(GenerateError::NonFinite {
+                token,
+                generated: self.tokens.len(),
+            });
         }
         let next = self.sampler.sample(logits, &self.history);
         if model.stop_tokens.contains(&next) {

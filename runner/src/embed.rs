@@ -50,6 +50,33 @@ pub enum EmbedError {
     /// The network failed.
     #[error("inference failed: {0}")]
     Model(#[from] candle_core::Error),
+    /// A text is longer than the model's input and truncation was not allowed.
+    #[error("text {text} is longer than the model's {max} tokens: shorten it, or allow truncation")]
+    TooLong {
+        /// Index of the text, from 0.
+        text: usize,
+        /// The model's input length in tokens.
+        max: usize,
+    },
+    /// An embedding holds NaN or infinity: the weights or config are broken.
+    #[error(
+        "the model computed a non-finite embedding (text {text}): its weights or config.json are broken"
+    )]
+    NonFinite {
+        /// Index of the text, from 0.
+        text: usize,
+    },
+}
+
+/// Embeddings of several texts, with what they cost and which were cut.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// One vector per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens the texts made (special tokens included, padding not), after truncation.
+    pub tokens: usize,
+    /// Per text: whether it was cut to the model's input length.
+    pub truncated: Vec<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,7 +142,7 @@ impl Embedder {
                 wanted: "use `sanctum run` or `sanctum chat` for it",
             });
         }
-        let config: bert::Config = models::json_file(&model, "config.json")?;
+        let config: bert::Config = models::config::read(&model)?;
         let (pooling, normalize) = sentence_transformers_head(&model)?;
         let st_config: SentenceBertConfig =
             models::optional_json(&model, "sentence_bert_config.json")?.unwrap_or_default();
@@ -208,28 +235,37 @@ impl Embedder {
         self.max_tokens
     }
 
-    /// Embeds `texts`, in order. Texts are batched by similar length to keep padding small.
+    /// Embeds `texts`, in order, truncating any longer than [`Embedder::max_tokens`]. Texts are
+    /// batched by similar length to keep padding small.
     pub fn embed<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        Ok(self.embed_counted(texts)?.0)
+        Ok(self.embed_counted(texts, true)?.vectors)
     }
 
-    /// [`Embedder::embed`], also returning how many tokens the texts made (special tokens included,
-    /// padding not), for usage reports and attestations.
+    /// [`Embedder::embed`], also saying how many tokens the texts made (special tokens included,
+    /// padding not), for usage reports and attestations, and which texts were cut to fit. With
+    /// `truncate` false, a text that does not fit is an error instead (as Ollama's `truncate`).
     pub fn embed_counted<S: AsRef<str>>(
         &self,
         texts: &[S],
-    ) -> Result<(Vec<Vec<f32>>, usize), EmbedError> {
-        let lengths: Vec<usize> = texts
+        truncate: bool,
+    ) -> Result<Embedded, EmbedError> {
+        let encodings: Vec<(usize, bool)> = texts
             .iter()
             .map(|t| {
                 self.tokenizer
                     .encode(t.as_ref(), true)
-                    .map(|e| e.len())
+                    .map(|e| (e.len(), !e.get_overflowing().is_empty()))
                     .map_err(|e| EmbedError::Tokenize(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
+        if !truncate && let Some(text) = encodings.iter().position(|&(_, cut)| cut) {
+            return Err(EmbedError::TooLong {
+                text,
+                max: self.max_tokens,
+            });
+        }
         let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| lengths[i]);
+        order.sort_by_key(|&i| encodings[i].0);
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
         for batch in order.chunks(BATCH) {
             let batch_texts: Vec<&str> = batch.iter().map(|&i| texts[i].as_ref()).collect();
@@ -238,7 +274,14 @@ impl Embedder {
                 out[i] = v;
             }
         }
-        Ok((out, lengths.iter().sum()))
+        if let Some(text) = out.iter().position(|v| v.iter().any(|x| !x.is_finite())) {
+            return Err(EmbedError::NonFinite { text });
+        }
+        Ok(Embedded {
+            vectors: out,
+            tokens: encodings.iter().map(|&(n, _)| n).sum(),
+            truncated: encodings.iter().map(|&(_, cut)| cut).collect(),
+        })
     }
 
     /// One forward pass over up to a batch of texts.

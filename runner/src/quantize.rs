@@ -72,11 +72,7 @@ pub fn quantize_model(
         }
         .into());
     }
-    let config: llama::Config = models::json_file(&model, "config.json")?;
-    config.check().map_err(|problem| LoadError::Unsupported {
-        model: name.clone(),
-        problem,
-    })?;
+    let config: llama::Config = models::config::read(&model)?;
     let mut tying = HeadTying::new(&model, &config)?;
 
     let staging = staging_dir(out_dir, ".sanctum-quantize-")?;

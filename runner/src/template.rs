@@ -45,6 +45,14 @@ pub enum TemplateError {
     /// The template's syntax is wrong, or it needs something not available.
     #[error("{0:#}")]
     Jinja(#[from] minijinja::Error),
+    /// Rendering took more than [`RENDER_FUEL`] instructions (a template that loops without end).
+    #[error(
+        "rendering took more than {RENDER_FUEL} template instructions; the chat template loops without end"
+    )]
+    OutOfFuel,
+    /// Rendering produced more than [`MAX_RENDERED_BYTES`].
+    #[error("the rendered prompt is larger than {MAX_RENDERED_BYTES} bytes")]
+    TooLarge,
     /// `tokenizer_config.json`'s `chat_template` has a shape not understood.
     #[error("chat_template is neither a string nor a list of named templates with a \"default\"")]
     Shape,
@@ -149,6 +157,13 @@ pub enum ParseError {
     Template(TemplateError),
 }
 
+/// Instructions one render may run. Real templates take about a hundred per message; a template
+/// with nested loops over large ranges would otherwise render forever.
+pub const RENDER_FUEL: u64 = 10_000_000;
+
+/// Largest rendered prompt: far beyond any context (a million tokens is about 4 MB of text).
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -165,6 +180,7 @@ impl ChatTemplate {
             .lstrip_blocks(true)
             .build()?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
@@ -189,7 +205,37 @@ impl ChatTemplate {
             unk_token => opt(&self.special.unk),
             pad_token => opt(&self.special.pad),
         };
-        Ok(template.render(ctx)?)
+        let mut out = CappedText::default();
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.text).map_err(|_| {
+                minijinja::Error::new(ErrorKind::BadSerialization, "not UTF-8").into()
+            }),
+            Err(_) if out.overflowed => Err(TemplateError::TooLarge),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TemplateError::OutOfFuel),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The rendered text, refusing to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct CappedText {
+    text: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + bytes.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered prompt too large"));
+        }
+        self.text.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -301,6 +347,28 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
         assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "ok");
+    }
+
+    /// Issue 13: nested loops rendered forever; huge output grew without bound.
+    #[test]
+    fn endless_or_huge_renders_are_stopped() {
+        let user = [Message::new("user", "x")];
+        let endless = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        let err = endless.render(&user, false).unwrap_err();
+        assert!(matches!(err, TemplateError::OutOfFuel), "{err}");
+        assert!(err.to_string().contains("loops without end"), "{err}");
+
+        let huge = ChatTemplate::new(
+            "{% for a in range(20) %}{{ 'x' * 1000000 }}{% endfor %}",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        let err = huge.render(&user, false).unwrap_err();
+        assert!(matches!(err, TemplateError::TooLarge), "{err}");
     }
 
     #[test]

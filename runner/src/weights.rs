@@ -680,6 +680,13 @@ impl Builder {
             self.rows_buf.clear();
             to_f32(self.header.dtype, bytes, &mut self.rows_buf);
         }
+        // Quantizing would turn a NaN into a zero (and an infinity into a saturated block), so a
+        // broken tensor is refused here, where its values pass by, instead of running silently.
+        if self.rows_buf.iter().any(|v| !v.is_finite()) {
+            return Err(
+                format!("tensor {:?} holds NaN or infinite values", self.header.name).into(),
+            );
+        }
         match &mut self.target {
             Target::Skip => {}
             Target::Dense(values) => values.extend_from_slice(&self.rows_buf),

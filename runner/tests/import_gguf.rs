@@ -67,6 +67,8 @@ struct Spec {
     pre: Option<&'static str>,
     untied: bool,
     skip_tensor: Option<&'static str>,
+    /// `general.alignment`, when set (candle's writer still aligns to 32).
+    alignment: Option<u32>,
 }
 
 impl Default for Spec {
@@ -76,6 +78,7 @@ impl Default for Spec {
             pre: Some("smollm"),
             untied: true,
             skip_tensor: None,
+            alignment: None,
         }
     }
 }
@@ -218,6 +221,9 @@ fn synthetic_gguf(spec: &Spec) -> Vec<u8> {
     ];
     if let Some(pre) = spec.pre {
         metadata.push(("tokenizer.ggml.pre", Value::String(pre.into())));
+    }
+    if let Some(alignment) = spec.alignment {
+        metadata.push(("general.alignment", Value::U32(alignment)));
     }
     let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -640,6 +646,42 @@ fn refuses_non_gguf_and_truncated_files() {
     let mut left = file_names(tmp.path());
     left.retain(|n| !n.ends_with(".gguf") && n != "notes.txt");
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Issue 13: a GGUF is checked as strictly as a Safetensors file before candle (which divides by
+/// the alignment and trusts every offset) reads it.
+#[test]
+fn refuses_zero_alignment_and_overlapping_tensors() {
+    let msg = expect_refusal(
+        &Spec {
+            alignment: Some(0),
+            ..Spec::default()
+        },
+        |e| matches!(e, ImportError::Malformed { .. }),
+    );
+    assert!(msg.contains("general.alignment is 0"), "{msg}");
+
+    // output_norm.weight moved onto token_embd.weight's bytes (offset 0).
+    let mut bytes = synthetic_gguf(&Spec::default());
+    let name = b"output_norm.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("tensor name in the header")
+        + name.len();
+    let offset_at = at + 4 + 8 + 4; // rank, one dimension, type
+    bytes[offset_at..offset_at + 8].copy_from_slice(&0u64.to_le_bytes());
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("overlap.gguf");
+    fs::write(&input, &bytes).unwrap();
+    let err = import_gguf(&input, &tmp.path().join("model")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ImportError::Malformed { .. }), "{err:?}");
+    assert!(
+        msg.contains("overlap.gguf") && msg.contains("overlap tensor"),
+        "{msg}"
+    );
+    assert_eq!(file_names(tmp.path()), ["overlap.gguf"]);
 }
 
 #[test]

@@ -918,18 +918,27 @@ fn batching_and_padding_do_not_change_embeddings() {
         "the man is riding a horse .",
         "food",
     ];
-    let (batch, tokens) = e.embed_counted(&texts).unwrap();
+    let embedded = e.embed_counted(&texts, true).unwrap();
+    let (batch, tokens) = (embedded.vectors, embedded.tokens);
     assert_eq!(batch.len(), texts.len());
     // "a man" is [CLS] a man [SEP]: 4 tokens; the batch counts each text once, without padding.
-    assert_eq!(e.embed_counted(&["a man"]).unwrap().1, 4);
+    assert_eq!(e.embed_counted(&["a man"], true).unwrap().tokens, 4);
     assert!(tokens > 4 * texts.len(), "{tokens}");
     for (text, v) in texts.iter().zip(&batch) {
         let alone = e.embed(&[text]).unwrap();
         assert!(close(&alone[0], v), "{text}");
     }
-    // Long inputs are truncated to max_seq_length rather than failing.
+    // Long inputs are truncated to max_seq_length and say so, or refused when truncation is off.
     let long = vec!["a man"; 40].join(" ");
-    assert_eq!(e.embed(&[long]).unwrap()[0].len(), 32);
+    assert_eq!(e.embed(&[&long]).unwrap()[0].len(), 32);
+    let cut = e.embed_counted(&["food", &long], true).unwrap();
+    assert_eq!(cut.truncated, [false, true]);
+    assert_eq!(cut.tokens, 3 + 16);
+    let err = e.embed_counted(&["food", &long], false).unwrap_err();
+    assert!(
+        matches!(err, runner::embed::EmbedError::TooLong { text: 1, max: 16 }),
+        "{err}"
+    );
     assert!(e.embed::<&str>(&[]).unwrap().is_empty());
 }
 

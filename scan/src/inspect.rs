@@ -15,12 +15,6 @@ use serde::Serialize;
 /// found from the end.
 const SNIFF_LEN: usize = 64;
 
-/// GGUF metadata strings and arrays longer than this are skipped, not kept.
-const GGUF_KEPT_STRING: u64 = 4096;
-
-/// More tensors than this in a GGUF header is not a model anyone ships; the header is judged malformed.
-const GGUF_MAX_TENSORS: u64 = 1 << 20;
-
 /// A model-file format, as the scan reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -157,7 +151,7 @@ impl Inspection {
 /// Recognizes and inspects the file at `path` by its content. `Ok(None)` for a file that is not a
 /// model format (text, configs, tokenizers, ordinary binaries).
 pub fn inspect(path: &Path) -> io::Result<Option<Inspection>> {
-    let mut file = File::open(path)?;
+    let mut file = attest::files::open_regular(path)?;
     let len = file.metadata()?.len();
     let mut start = Vec::with_capacity(SNIFF_LEN);
     (&mut file).take(SNIFF_LEN as u64).read_to_end(&mut start)?;
@@ -227,22 +221,6 @@ fn safetensors(file: File, len: u64) -> Option<Inspection> {
     Some(inspection)
 }
 
-/// Values per block and bytes per block of the ggml types sanctum's quantized Safetensors layout
-/// names (docs/quantized-safetensors.md).
-const GGML_BLOCKS: &[(&str, u64, u64)] = &[
-    ("q4_0", 32, 18),
-    ("q4_1", 32, 20),
-    ("q5_0", 32, 22),
-    ("q5_1", 32, 24),
-    ("q8_0", 32, 34),
-    ("q2_k", 256, 84),
-    ("q3_k", 256, 110),
-    ("q4_k", 256, 144),
-    ("q5_k", 256, 176),
-    ("q6_k", 256, 210),
-    ("q8_k", 256, 292),
-];
-
 /// The sum of element counts over a validated header, counting a tensor of ggml blocks as the
 /// values they hold.
 fn safetensors_parameters(start: &[u8]) -> Option<u64> {
@@ -267,7 +245,7 @@ fn safetensors_parameters(start: &[u8]) -> Option<u64> {
         let ggml = metadata
             .and_then(|m| m.get(format!("sanctum.ggml_type.{name}")))
             .and_then(|t| t.as_str());
-        if let Some((_, values, bytes)) = GGML_BLOCKS.iter().find(|(n, ..)| Some(*n) == ggml) {
+        if let Some((values, bytes)) = ggml.and_then(attest::gguf::block_shape) {
             count = count / bytes * values;
         }
         total = total.checked_add(count)?;
@@ -275,163 +253,23 @@ fn safetensors_parameters(start: &[u8]) -> Option<u64> {
     Some(total)
 }
 
-/// GGUF's metadata value types (`gguf_type` in ggml's gguf.h).
-mod gguf_type {
-    pub const STRING: u32 = 8;
-    pub const ARRAY: u32 = 9;
-}
-
-fn gguf(mut reader: BufReader<File>, len: u64) -> Option<Inspection> {
+fn gguf(reader: BufReader<File>, len: u64) -> Option<Inspection> {
     let mut inspection = plain(Format::Gguf);
-    if let Err(reason) = read_gguf_header(&mut reader, len, &mut inspection.header) {
-        inspection.malformed = Some(reason);
+    match attest::gguf::read_header(reader, len) {
+        Ok(header) => {
+            inspection.header.architecture = header.architecture;
+            inspection.header.name = header.name;
+            inspection.header.tensors = Some(header.tensors.len() as u64);
+            inspection.header.parameters = Some(
+                header
+                    .tensors
+                    .iter()
+                    .fold(0u64, |n, t| n.saturating_add(t.elements())),
+            );
+        }
+        Err(e) => inspection.malformed = Some(e.to_string()),
     }
     Some(inspection)
-}
-
-/// Reads a GGUF header (version 2 or 3): the metadata keys the report uses and every tensor's
-/// dimensions. Lengths are checked against the file's size before anything is skipped or kept, so
-/// a hostile header cannot make it allocate or read without bound.
-fn read_gguf_header(
-    reader: &mut BufReader<File>,
-    len: u64,
-    header: &mut Header,
-) -> Result<(), String> {
-    let mut gguf = GgufReader { reader, len };
-    gguf.skip(4)?; // magic
-    let version = gguf.u32()?;
-    if !(2..=3).contains(&version) {
-        return Err(format!("GGUF version {version} (2 and 3 are known)"));
-    }
-    let tensors = gguf.u64()?;
-    let kvs = gguf.u64()?;
-    if tensors > GGUF_MAX_TENSORS {
-        return Err(format!("{tensors} tensors declared"));
-    }
-    for _ in 0..kvs {
-        let key = gguf.string()?;
-        let kind = gguf.u32()?;
-        let value = if kind == gguf_type::STRING {
-            Some(gguf.string()?)
-        } else {
-            gguf.skip_value(kind)?;
-            None
-        };
-        match (key.as_deref(), value.flatten()) {
-            (Some("general.architecture"), Some(v)) => header.architecture = Some(v),
-            (Some("general.name"), Some(v)) => header.name = Some(v),
-            _ => {}
-        }
-    }
-    let mut parameters: u64 = 0;
-    for _ in 0..tensors {
-        gguf.string()?;
-        let dims = gguf.u32()?;
-        if dims > 8 {
-            return Err(format!("a tensor with {dims} dimensions"));
-        }
-        let mut count: u64 = 1;
-        for _ in 0..dims {
-            count = count.saturating_mul(gguf.u64()?);
-        }
-        gguf.skip(4 + 8)?; // type, offset
-        parameters = parameters.saturating_add(count);
-    }
-    header.tensors = Some(tensors);
-    header.parameters = Some(parameters);
-    Ok(())
-}
-
-struct GgufReader<'a> {
-    reader: &'a mut BufReader<File>,
-    len: u64,
-}
-
-impl GgufReader<'_> {
-    fn position(&mut self) -> Result<u64, String> {
-        self.reader.stream_position().map_err(|e| e.to_string())
-    }
-
-    fn fill<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut bytes = [0; N];
-        self.reader.read_exact(&mut bytes).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                "the header ends early".to_string()
-            } else {
-                e.to_string()
-            }
-        })?;
-        Ok(bytes)
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        self.fill().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        self.fill().map(u64::from_le_bytes)
-    }
-
-    /// Skips `n` bytes, refusing to go past the end of the file.
-    fn skip(&mut self, n: u64) -> Result<(), String> {
-        let at = self.position()?;
-        if at.checked_add(n).is_none_or(|end| end > self.len) {
-            return Err("the header ends early".to_string());
-        }
-        self.reader
-            .seek_relative(i64::try_from(n).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())
-    }
-
-    /// A length-prefixed string: kept when short and UTF-8, skipped otherwise.
-    fn string(&mut self) -> Result<Option<String>, String> {
-        let n = self.u64()?;
-        if n > GGUF_KEPT_STRING {
-            self.skip(n)?;
-            return Ok(None);
-        }
-        let mut bytes = Vec::new();
-        (&mut *self.reader)
-            .take(n)
-            .read_to_end(&mut bytes)
-            .map_err(|e| e.to_string())?;
-        if bytes.len() as u64 != n {
-            return Err("the header ends early".to_string());
-        }
-        Ok(String::from_utf8(bytes).ok())
-    }
-
-    fn skip_value(&mut self, kind: u32) -> Result<(), String> {
-        match kind {
-            gguf_type::STRING => self.string().map(drop),
-            gguf_type::ARRAY => {
-                let item = self.u32()?;
-                let n = self.u64()?;
-                match scalar_size(item) {
-                    Some(size) => self.skip(n.checked_mul(size).ok_or("array too long")?),
-                    None if item == gguf_type::STRING => {
-                        // Each string is at least its 8-byte length: more than the file holds is a lie.
-                        if n > self.len / 8 {
-                            return Err(format!("an array of {n} strings"));
-                        }
-                        (0..n).try_for_each(|_| self.string().map(drop))
-                    }
-                    None => Err(format!("an array of type {item}")),
-                }
-            }
-            _ => self.skip(scalar_size(kind).ok_or(format!("metadata type {kind}"))?),
-        }
-    }
-}
-
-fn scalar_size(kind: u32) -> Option<u64> {
-    match kind {
-        0 | 1 | 7 => Some(1),
-        2 | 3 => Some(2),
-        4..=6 => Some(4),
-        10..=12 => Some(8),
-        _ => None,
-    }
 }
 
 fn raw_pickle(file: File) -> io::Result<Inspection> {

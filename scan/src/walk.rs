@@ -3,7 +3,7 @@
 //! content, and the model files hashed, in parallel and in bounded chunks.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -168,7 +168,7 @@ pub(crate) fn examine(
 
 /// The sha256 of a file, read in bounded chunks, each chunk's length passed to `advance`.
 pub(crate) fn hash(path: &Path, advance: &(dyn Fn(u64) + Sync)) -> io::Result<Sha256Digest> {
-    let mut file = File::open(path)?;
+    let mut file = attest::files::open_regular(path)?;
     let mut hasher = attest::digest::Sha256Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     loop {

@@ -28,6 +28,7 @@ use crate::log::{AccessLog, Deferred};
 use crate::openai::{async_stream, with_attestation};
 use crate::state::{
     AppState, LoadedModel, Prepared, PromptInput, Stamped, blocking, finish_reason,
+    truncated_indexes,
 };
 use crate::{body_error, random_seed};
 
@@ -532,6 +533,13 @@ struct EmbedRequest {
     prompt: Option<String>,
     #[serde(default)]
     dimensions: Option<usize>,
+    /// Cut texts longer than the model's input (Ollama's default); false makes them a 400.
+    #[serde(default = "yes")]
+    truncate: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /api/embed` and (with `prompt`, answering `embedding`) the older `/api/embeddings`.
@@ -569,8 +577,14 @@ async fn embed_request(state: Arc<AppState>, body: &[u8], legacy: bool) -> Resul
         stream: false,
         id: None,
     };
-    let (vectors, tokens, stamped) = state.embed(Arc::clone(&slot), texts, record).await?;
-    let attestation = json!({"attestation": stamped.bundle});
+    let (embedded, stamped) = state
+        .embed(Arc::clone(&slot), texts, request.truncate, record)
+        .await?;
+    let (vectors, tokens) = (&embedded.vectors, embedded.tokens);
+    let attestation = json!({
+        "attestation": stamped.bundle,
+        "truncated": truncated_indexes(&embedded.truncated),
+    });
     let body = if legacy {
         json!({"embedding": vectors.first(), "sanctum": attestation})
     } else {

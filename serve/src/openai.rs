@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ApiError, parse_body};
 use crate::log::{AccessLog, Deferred};
-use crate::state::{AppState, Prepared, PromptInput, Stamped, finish_reason};
+use crate::state::{AppState, Prepared, PromptInput, Stamped, finish_reason, truncated_indexes};
 use crate::{ATTESTATION_HEADER, body_error, random_seed};
 
 /// Errors of these routes, in OpenAI's shape.
@@ -596,8 +596,12 @@ pub async fn embeddings(
         stream: false,
         id: None,
     };
-    let (vectors, tokens, stamped) = state.embed(Arc::clone(&slot), texts, record).await?;
-    let data: Vec<Value> = vectors
+    // Texts longer than the model's input are cut, as sentence-transformers cuts them; the
+    // response names them under `sanctum.truncated`.
+    let (embedded, stamped) = state.embed(Arc::clone(&slot), texts, true, record).await?;
+    let tokens = embedded.tokens;
+    let data: Vec<Value> = embedded
+        .vectors
         .iter()
         .enumerate()
         .map(|(index, v)| {
@@ -615,7 +619,10 @@ pub async fn embeddings(
         "data": data,
         "model": slot.entry.name,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        "sanctum": {"attestation": stamped.bundle},
+        "sanctum": {
+            "attestation": stamped.bundle,
+            "truncated": truncated_indexes(&embedded.truncated),
+        },
     });
     let log = AccessLog::embedding(&slot.entry.name, tokens, &stamped);
     Ok(with_attestation(

@@ -15,7 +15,7 @@ use attest::{Sha256Digest, progress::NoProgress};
 use axum::response::IntoResponse as _;
 use runner::batch::{Batcher, Event, Job, Limits};
 use runner::chat::{GenerateError, GenerateOptions, Generation, LoadOptions, StopReason};
-use runner::embed::Embedder;
+use runner::embed::{EmbedError, Embedded, Embedder};
 use runner::engine::{Embeddings, Engine, EngineError, Reply, Runtime};
 use runner::kernels::Activations;
 use runner::models::llama::KvPrecision;
@@ -627,6 +627,15 @@ pub fn finish_reason(stop: StopReason) -> &'static str {
     }
 }
 
+/// The indexes of the texts that were cut to fit, for a response's `sanctum.truncated`.
+pub fn truncated_indexes(truncated: &[bool]) -> Vec<usize> {
+    truncated
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &cut)| cut.then_some(i))
+        .collect()
+}
+
 /// An embedding request's output as an attestation covers it: the vectors as little-endian f32,
 /// one after the other (the bytes `encoding_format: "base64"` carries per vector).
 pub fn embedding_bytes(vectors: &[Vec<f32>]) -> Vec<u8> {
@@ -638,32 +647,38 @@ pub fn embedding_bytes(vectors: &[Vec<f32>]) -> Vec<u8> {
 }
 
 impl AppState {
-    /// Embeds `texts` on a worker thread and stamps the result.
+    /// Embeds `texts` on a worker thread and stamps the result. A text longer than the model's
+    /// input is cut to fit (and says so in [`Embedded::truncated`]), or with `truncate` false
+    /// answered 400.
     pub async fn embed(
         &self,
         slot: Arc<EmbedSlot>,
         texts: Vec<String>,
+        truncate: bool,
         request: RequestRecord,
-    ) -> Result<(Vec<Vec<f32>>, usize, Stamped), ApiError> {
+    ) -> Result<(Embedded, Stamped), ApiError> {
         if texts.is_empty() {
             return Err(ApiError::bad_field("input", "input is empty"));
         }
         let started = SystemTime::now();
         let worker = Arc::clone(&slot);
         let inputs = texts.clone();
-        let (vectors, tokens) = blocking(move || {
+        let embedded = blocking(move || {
             worker
                 .embedder
-                .embed_counted(&inputs)
-                .map_err(|e| ApiError::internal(e.to_string()))
+                .embed_counted(&inputs, truncate)
+                .map_err(|e| match e {
+                    EmbedError::TooLong { .. } => ApiError::bad_field("truncate", e.to_string()),
+                    e => ApiError::internal(e.to_string()),
+                })
         })
         .await?;
-        let bytes = embedding_bytes(&vectors);
+        let bytes = embedding_bytes(&embedded.vectors);
         let texts = texts.join("\n");
         let embeddings = Embeddings {
             bytes: &bytes,
             texts: &texts,
-            tokens,
+            tokens: embedded.tokens,
             started,
             request: Some(&request),
         };
@@ -671,6 +686,6 @@ impl AppState {
             name: "response",
             ..embeddings.record(&slot.entry, &self.config.runtime)
         })?;
-        Ok((vectors, tokens, stamped))
+        Ok((embedded, stamped))
     }
 }

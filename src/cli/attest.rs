@@ -180,7 +180,7 @@ fn verify(args: VerifyArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         );
     }
     for path in bundle_files {
-        let bytes = std::fs::read(&path)
+        let bytes = ::attest::files::read_bounded(&path, ::attest::files::MAX_DOCUMENT_BYTES)
             .with_context(|| format!("cannot read bundle {}", path.display()))?;
         let artifact = match &strict {
             Some((label, digest)) => Artifact::Strict {

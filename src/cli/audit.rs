@@ -237,7 +237,7 @@ fn verify(log: &AuditLog, args: VerifyArgs, ctx: &Context) -> anyhow::Result<Exi
         .checkpoint
         .as_ref()
         .map(|path| {
-            std::fs::read(path)
+            ::attest::files::read_bounded(path, ::attest::files::MAX_DOCUMENT_BYTES)
                 .with_context(|| format!("cannot read the checkpoint {}", path.display()))
                 .map(|bytes| (path.as_path(), bytes))
         })

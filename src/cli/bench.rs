@@ -589,7 +589,7 @@ fn summarize(report: &Report, say: &dyn Fn(&str)) -> anyhow::Result<ExitCode> {
 }
 
 fn read_api_key(path: &Path) -> anyhow::Result<ApiKey> {
-    let text = std::fs::read_to_string(path)
+    let text = ::attest::files::read_bounded_text(path, ::attest::files::MAX_DOCUMENT_BYTES)
         .with_context(|| format!("cannot read the API key file {}", path.display()))?;
     let token = text.trim();
     if token.is_empty() {
@@ -806,7 +806,7 @@ fn check_profile(
     machine: &HardwareProfile,
     force: bool,
 ) -> anyhow::Result<(ProfileUse, ProfileRecord)> {
-    let text = std::fs::read_to_string(path)
+    let text = ::attest::files::read_bounded_text(path, ::attest::files::MAX_DOCUMENT_BYTES)
         .with_context(|| format!("cannot read hardware profile {}", path.display()))?;
     let profile = HardwareProfile::parse(&text, path)?;
     let mismatches = hardware::mismatches(&profile, machine);
@@ -970,7 +970,7 @@ fn run_compare(args: CompareArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         );
     }
     let read = |path: &Path| -> anyhow::Result<(Vec<u8>, Vec<TestResult>)> {
-        let bytes = std::fs::read(path)
+        let bytes = ::attest::files::read_bounded(path, ::attest::files::MAX_DOCUMENT_BYTES)
             .with_context(|| format!("cannot read benchmark results {}", path.display()))?;
         let results = bench::parse_results(&bytes).with_context(|| {
             format!(
@@ -1043,13 +1043,15 @@ fn verify_results<'a>(
                 path.display()
             )
         })?;
-        let bundle = std::fs::read(&placement.bundle).with_context(|| {
-            format!(
-                "{} has no attestation at {} (made by `sanctum bench --attest --out`)",
-                path.display(),
-                placement.bundle.display()
-            )
-        })?;
+        let bundle =
+            ::attest::files::read_bounded(&placement.bundle, ::attest::files::MAX_DOCUMENT_BYTES)
+                .with_context(|| {
+                format!(
+                    "{} has no attestation at {} (made by `sanctum bench --attest --out`)",
+                    path.display(),
+                    placement.bundle.display()
+                )
+            })?;
         let verified = verifier
             .verify_bench(&bundle, &Sha256Digest::of(bytes))
             .map_err(|e| Refused(format!("{}: {e}", display_path(&placement.bundle))))?;

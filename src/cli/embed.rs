@@ -23,6 +23,10 @@ pub struct EmbedArgs {
     /// `json`: one object holding every embedding; `jsonl`: one object per text and line.
     #[arg(long, value_enum, default_value_t = Format::Json)]
     format: Format,
+    /// Cut texts longer than the model's input to fit (each one cut is named on stderr and marked
+    /// `truncated` in the output); `--truncate false` makes such a text an error instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    truncate: bool,
     /// Print load and speed details on stderr.
     #[arg(long, short)]
     verbose: bool,
@@ -53,8 +57,15 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let (embedder, load_time) = (loaded.model, loaded.load_time);
 
     let started = Instant::now();
-    let (vectors, tokens) = embedder.embed_counted(&texts)?;
+    let embedded = embedder.embed_counted(&texts, args.truncate)?;
+    let (vectors, tokens, truncated) = (embedded.vectors, embedded.tokens, embedded.truncated);
     let took = started.elapsed().as_secs_f64();
+    for (index, _) in truncated.iter().enumerate().filter(|(_, cut)| **cut) {
+        eprintln!(
+            "sanctum: text {index} was cut to the model's {} tokens (--truncate false refuses it)",
+            embedder.max_tokens()
+        );
+    }
     if args.verbose {
         eprintln!(
             "{}: loaded and verified in {:.2} s; {} texts in {took:.2} s ({:.1}/s); {} pooling{}, {} dimensions; {}, {} threads",
@@ -77,11 +88,8 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let mut out = Vec::new();
     match args.format {
         Format::Json => {
-            let items: Vec<_> = texts
-                .iter()
-                .zip(&vectors)
-                .enumerate()
-                .map(|(index, (text, v))| json!({"index": index, "text": text, "embedding": v}))
+            let items: Vec<_> = (0..texts.len())
+                .map(|index| item(index, &texts, &vectors, &truncated))
                 .collect();
             let doc = json!({
                 "model": embedder.name(),
@@ -96,11 +104,8 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
             writeln!(out)?;
         }
         Format::Jsonl => {
-            for (index, (text, v)) in texts.iter().zip(&vectors).enumerate() {
-                serde_json::to_writer(
-                    &mut out,
-                    &json!({"index": index, "text": text, "embedding": v}),
-                )?;
+            for index in 0..texts.len() {
+                serde_json::to_writer(&mut out, &item(index, &texts, &vectors, &truncated))?;
                 writeln!(out)?;
             }
         }
@@ -124,6 +129,21 @@ pub fn run(args: EmbedArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         embeddings.record(stamper.model(&args.model)?, &runtime),
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One text's entry in the output.
+fn item(
+    index: usize,
+    texts: &[String],
+    vectors: &[Vec<f32>],
+    truncated: &[bool],
+) -> serde_json::Value {
+    json!({
+        "index": index,
+        "text": texts[index],
+        "embedding": vectors[index],
+        "truncated": truncated[index],
+    })
 }
 
 /// One text per line of stdin (blank lines skipped).

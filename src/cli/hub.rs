@@ -77,7 +77,7 @@ fn push(args: PushArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     }
     if let Some(path) = &args.model_signature {
         signatures.push(
-            std::fs::read(path)
+            ::attest::files::read_bounded(path, ::attest::files::MAX_DOCUMENT_BYTES)
                 .with_context(|| format!("cannot read the model signature {}", path.display()))?,
         );
     }

@@ -177,7 +177,8 @@ fn show(args: ShowArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
 /// A public key from a `.pub` file, or from a private key file (its `.pub` sibling when there is one,
 /// else by opening the private key).
 pub fn read_public_or_private(path: &Path) -> anyhow::Result<PublicKey> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = ::attest::files::read_bounded(path, ::attest::files::MAX_DOCUMENT_BYTES)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     match PublicKey::from_pem(&bytes) {
         Ok(key) => Ok(key),
         Err(KeyError::WrongKind { .. }) => {
@@ -193,7 +194,8 @@ pub fn read_public_or_private(path: &Path) -> anyhow::Result<PublicKey> {
 
 /// Reads a public key file.
 pub fn read_public(path: &Path) -> anyhow::Result<PublicKey> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = ::attest::files::read_bounded(path, ::attest::files::MAX_DOCUMENT_BYTES)
+        .with_context(|| format!("cannot read {}", path.display()))?;
     PublicKey::from_pem(&bytes).with_context(|| format!("public key {}", path.display()))
 }
 
@@ -201,7 +203,8 @@ pub fn read_public(path: &Path) -> anyhow::Result<PublicKey> {
 /// else the empty passphrase, else (with `prompt` and a terminal) a typed one.
 pub fn load_signing_key(path: &Path, prompt: bool) -> anyhow::Result<SigningKey> {
     let pem = Zeroizing::new(
-        std::fs::read(path).with_context(|| format!("cannot read key {}", path.display()))?,
+        ::attest::files::read_bounded(path, ::attest::files::MAX_DOCUMENT_BYTES)
+            .with_context(|| format!("cannot read key {}", path.display()))?,
     );
     let format = PrivateKeyFormat::of(&pem).with_context(|| format!("key {}", path.display()))?;
     if format == PrivateKeyFormat::Plain {

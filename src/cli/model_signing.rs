@@ -133,7 +133,7 @@ pub fn verify_signature(args: VerifySignatureArgs, ctx: &Context) -> anyhow::Res
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
-    let bytes = std::fs::read(&signature)
+    let bytes = ::attest::files::read_bounded(&signature, ::attest::files::MAX_DOCUMENT_BYTES)
         .with_context(|| format!("cannot read signature {}", signature.display()))?;
     let extra: Vec<String> = inside(&dir, &signature).into_iter().collect();
     let mut out = std::io::stdout().lock();

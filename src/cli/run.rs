@@ -231,7 +231,7 @@ pub fn open_beside_load(
     name: &str,
     args: &ModelArgs,
 ) -> anyhow::Result<(OutputStamper, Loaded)> {
-    OutputStamper::check_policy(ctx, output)?;
+    OutputStamper::check_output(ctx, output)?;
     let (stamper, loaded) = std::thread::scope(|s| {
         let stamper = s.spawn(|| OutputStamper::open(ctx, output));
         let loaded = load_chat(ctx, name, args);

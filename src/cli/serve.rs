@@ -117,7 +117,7 @@ pub fn run(args: ServeArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
 
 /// The first line of a secret's file (an API key, a token), refused when empty.
 pub(super) fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
+    let text = ::attest::files::read_bounded_text(path, ::attest::files::MAX_DOCUMENT_BYTES)
         .with_context(|| format!("cannot read the {what} {}", path.display()))?;
     let secret = text.lines().next().unwrap_or_default().trim().to_owned();
     if secret.is_empty() {

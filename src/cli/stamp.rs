@@ -45,7 +45,7 @@ impl OutputStamper {
     /// prompting, and hashes the running binary. Call before generating, so a missing passphrase stops
     /// the command before any work.
     pub fn open(ctx: &Context, args: &OutputArgs) -> anyhow::Result<Self> {
-        Self::check_policy(ctx, args)?;
+        Self::check_output(ctx, args)?;
         let lock = ctx.trusted_lock()?;
         let key = signer_key(ctx)?;
         let stamper = Stamper::new(
@@ -65,10 +65,16 @@ impl OutputStamper {
         })
     }
 
-    /// Refuses an output the policy's `outputs.require_git` does not allow (printed, or written
-    /// outside a git work tree), before any model is loaded.
-    pub fn check_policy(ctx: &Context, args: &OutputArgs) -> anyhow::Result<()> {
-        Ok(ctx.policy()?.rules.check_output(args.out.as_deref())?)
+    /// Refuses, before any model is loaded, an output the policy's `outputs.require_git` does not
+    /// allow (printed, or written outside a git work tree) and an `--out` whose attestation cannot
+    /// be placed (its directory missing, a symlink on the bundle's path).
+    pub fn check_output(ctx: &Context, args: &OutputArgs) -> anyhow::Result<()> {
+        ctx.policy()?.rules.check_output(args.out.as_deref())?;
+        if let Some(out) = &args.out {
+            layout::placement_for_output(out)
+                .with_context(|| format!("cannot place the attestation of {}", out.display()))?;
+        }
+        Ok(())
     }
 
     /// The signer, for a front end that places its own bundles (the server).
@@ -130,7 +136,8 @@ impl OutputStamper {
                 let stamp = stamp(&placement.subject_name)?;
                 layout::write_atomic(out, bytes)
                     .with_context(|| format!("cannot write {}", out.display()))?;
-                layout::write_atomic(&placement.bundle, &stamp.json)
+                placement
+                    .write_bundle(&stamp.json)
                     .with_context(|| format!("cannot write {}", placement.bundle.display()))?;
                 placement.bundle
             }

@@ -138,7 +138,7 @@ impl Context {
     /// The lockfile read and parsed, not judged by the policy.
     pub fn lock_file(&self) -> anyhow::Result<LockFile> {
         let path = self.lock_path()?;
-        let bytes = std::fs::read(&path)
+        let bytes = ::attest::files::read_bounded(&path, ::attest::files::MAX_DOCUMENT_BYTES)
             .with_context(|| format!("cannot read lockfile {}", path.display()))?;
         let text = std::str::from_utf8(&bytes)
             .with_context(|| format!("lockfile {}: not UTF-8", path.display()))?;
@@ -174,7 +174,7 @@ impl Context {
 
 /// The content of `path`, or None when it does not exist.
 pub fn read_optional(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
-    match std::fs::read(path) {
+    match ::attest::files::read_bounded(path, ::attest::files::MAX_DOCUMENT_BYTES) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),

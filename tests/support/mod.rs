@@ -208,9 +208,19 @@ pub const HF_SOURCE: &str =
 
 impl TinyModel {
     pub fn new(files: &[(&str, &[u8])]) -> Self {
+        Self::of_task(files, "embed", "bert")
+    }
+
+    /// A model approved with this task and architecture in its lock entry.
+    pub fn of_task(files: &[(&str, &[u8])], task: &str, architecture: &str) -> Self {
         let home = TempDir::new().unwrap();
         let lock = home.path().join("models.lock");
-        let text = lock_text("tiny", files, HF_SOURCE);
+        let text = lock_text("tiny", files, HF_SOURCE)
+            .replace("task = \"embed\"", &format!("task = \"{task}\""))
+            .replace(
+                "architecture = \"bert\"",
+                &format!("architecture = \"{architecture}\""),
+            );
         fs::write(&lock, &text).unwrap();
         let parsed = attest::lockfile::Lockfile::parse(&text).unwrap();
         let model_dir = home

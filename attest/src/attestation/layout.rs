@@ -48,28 +48,98 @@ pub fn placement_for_output(output: &Path) -> io::Result<Placement> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let dir = parent.canonicalize()?;
+    let dir = parent.canonicalize().map_err(|e| {
+        io::Error::new(e.kind(), format!("its directory {}: {e}", parent.display()))
+    })?;
     let absolute = dir.join(file_name);
-    if let Some(root) = repo_root(&dir) {
+    let placement = if let Some(root) = repo_root(&dir) {
         let relative = absolute
             .strip_prefix(&root)
             .map_err(|_| io::Error::other("output is not below its repository root"))?;
         let subject_name = slash_path(relative);
         let mut bundle = root.join(REPO_DIR).join(relative).into_os_string();
         bundle.push(BUNDLE_SUFFIX);
-        return Ok(Placement {
+        Placement {
             bundle: PathBuf::from(bundle),
             subject_name,
             repo_root: Some(root),
-        });
+        }
+    } else {
+        let mut bundle = absolute.clone().into_os_string();
+        bundle.push(BUNDLE_SUFFIX);
+        Placement {
+            bundle: PathBuf::from(bundle),
+            subject_name: file_name.to_string_lossy().into_owned(),
+            repo_root: None,
+        }
+    };
+    placement.walk(false)?;
+    Ok(placement)
+}
+
+impl Placement {
+    /// Writes the bundle atomically, creating the directories of the repository convention one
+    /// at a time. Nothing on the way is followed: a committed `.attestations` that is a symlink
+    /// (or any symlink below it, or at the bundle's own path) is refused, naming it.
+    pub fn write_bundle(&self, json: &[u8]) -> io::Result<()> {
+        self.walk(true)?;
+        write_atomic(&self.bundle, json)
     }
-    let mut bundle = absolute.clone().into_os_string();
-    bundle.push(BUNDLE_SUFFIX);
-    Ok(Placement {
-        bundle: PathBuf::from(bundle),
-        subject_name: file_name.to_string_lossy().into_owned(),
-        repo_root: None,
-    })
+
+    /// Checks every existing step from the repository root (or the output's own, canonical,
+    /// directory) to the bundle: directories, never symlinks. With `create`, makes the missing ones.
+    fn walk(&self, create: bool) -> io::Result<()> {
+        let parent = self.bundle.parent().unwrap_or(Path::new("."));
+        let (mut at, below) = match &self.repo_root {
+            Some(root) => (
+                root.clone(),
+                parent
+                    .strip_prefix(root)
+                    .unwrap_or(Path::new(""))
+                    .to_path_buf(),
+            ),
+            None => (parent.to_path_buf(), PathBuf::new()),
+        };
+        for component in below.components() {
+            at.push(component);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => return Err(symlink_refused(&at)),
+                Ok(m) if !m.is_dir() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{} is not a directory", at.display()),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    match std::fs::create_dir(&at) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                        // Made here, or by a racing writer: either way it is checked again.
+                        _ if std::fs::symlink_metadata(&at)?.is_dir() => {}
+                        _ => return Err(symlink_refused(&at)),
+                    }
+                }
+                // Nothing further exists, so nothing further can be a symlink.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        match std::fs::symlink_metadata(&self.bundle) {
+            Ok(m) if m.file_type().is_symlink() => Err(symlink_refused(&self.bundle)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn symlink_refused(path: &Path) -> io::Error {
+    let target = std::fs::read_link(path).map_or_else(|_| "?".into(), |t| t.display().to_string());
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is a symlink (to {target}); sanctum never writes through one",
+            path.display()
+        ),
+    )
 }
 
 /// The nearest directory at or above `dir` holding `.git` (a directory, or a file in worktrees).

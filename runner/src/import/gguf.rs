@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use attest::Sha256Digest;
@@ -26,6 +26,7 @@ use safetensors::Dtype;
 use serde::Serialize;
 
 use super::gguf_tokenizer;
+use crate::models::config::ModelConfig;
 use crate::weights::{Stored, StoredTensor, block_type_name, safetensors_header};
 
 /// Name of the weights file written by the import.
@@ -225,11 +226,11 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ 
 pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportError> {
     check_out_dir(out_dir)?;
 
-    let file = File::open(input).map_err(io_err(input))?;
+    let file = attest::files::open_regular(input).map_err(io_err(input))?;
     let (input_sha256, file_len) =
         Sha256Digest::of_reader(BufReader::new(&file)).map_err(io_err(input))?;
     let mut reader = BufReader::new(file);
-    let content = read_content(input, &mut reader)?;
+    let content = read_content(input, &mut reader, file_len)?;
     let Content {
         metadata,
         tensor_infos,
@@ -250,7 +251,6 @@ pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportErr
     }
     let hp = Hparams::read(&meta)?;
     let plan = plan_tensors(input, &hp, &tensor_infos)?;
-    check_tensor_data(input, &plan, &tensor_infos, tensor_data_offset, file_len)?;
     let vocab_size = plan[0].shape[0]; // model.embed_tokens: [vocab, hidden]
     let tie_word_embeddings = !plan.iter().any(|t| t.hf == "lm_head.weight");
 
@@ -277,6 +277,7 @@ pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportErr
         vocab_size,
     });
     drop(metadata);
+    check_config(input, &config)?;
 
     // Everything is known to be convertible; now write.
     let staging = staging_dir(out_dir, ".sanctum-import-")?;
@@ -308,6 +309,18 @@ pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportErr
     })
 }
 
+/// Refuses to write a `config.json` that loading would refuse (the same [`ModelConfig`] rules).
+fn check_config(input: &Path, config: &[u8]) -> Result<(), ImportError> {
+    let parsed: Result<crate::models::llama::Config, String> =
+        serde_json::from_slice(config).map_err(|e| e.to_string());
+    parsed
+        .and_then(|c| c.validate().map_err(|e| e.to_string()))
+        .map_err(|problem| ImportError::Malformed {
+            path: input.to_path_buf(),
+            problem: format!("the config.json it converts to is invalid: {problem}"),
+        })
+}
+
 /// Refuses an `out_dir` that exists and is not an empty directory.
 pub(crate) fn check_out_dir(out_dir: &Path) -> Result<(), ImportError> {
     match fs::read_dir(out_dir) {
@@ -326,31 +339,38 @@ pub(crate) fn check_out_dir(out_dir: &Path) -> Result<(), ImportError> {
     }
 }
 
-/// Checks the magic, then parses the header with candle.
-fn read_content(input: &Path, reader: &mut BufReader<File>) -> Result<Content, ImportError> {
-    let mut magic = [0u8; 4];
-    reader.seek(SeekFrom::Start(0)).map_err(io_err(input))?;
-    match reader.read_exact(&mut magic) {
-        Ok(()) if &magic == b"GGUF" => {}
-        Ok(()) => {
-            return Err(ImportError::NotGguf {
-                path: input.to_path_buf(),
-                problem: format!("it starts with {magic:02x?}, not \"GGUF\""),
-            });
-        }
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            return Err(ImportError::NotGguf {
-                path: input.to_path_buf(),
-                problem: "shorter than the 4-byte magic".into(),
-            });
-        }
-        Err(e) => return Err(io_err(input)(e)),
+/// Checks the header's structure ([`attest::gguf::read_header`]: counts, lengths, alignment, each
+/// tensor's bytes inside the file and apart from the others), then parses it with candle, which
+/// trusts what it reads.
+fn read_content(
+    input: &Path,
+    reader: &mut BufReader<File>,
+    file_len: u64,
+) -> Result<Content, ImportError> {
+    if file_len < 4 {
+        return Err(ImportError::NotGguf {
+            path: input.to_path_buf(),
+            problem: "shorter than the 4-byte magic".into(),
+        });
     }
     reader.seek(SeekFrom::Start(0)).map_err(io_err(input))?;
-    Content::read(reader).map_err(|e| ImportError::Malformed {
+    let malformed = |problem: String| ImportError::Malformed {
         path: input.to_path_buf(),
-        problem: e.to_string(),
-    })
+        problem,
+    };
+    match attest::gguf::read_header(&mut *reader, file_len) {
+        Ok(_) => {}
+        Err(attest::gguf::GgufError::Magic) => {
+            return Err(ImportError::NotGguf {
+                path: input.to_path_buf(),
+                problem: "it does not start with \"GGUF\"".into(),
+            });
+        }
+        Err(attest::gguf::GgufError::Io(e)) => return Err(io_err(input)(e)),
+        Err(e) => return Err(malformed(e.to_string())),
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(io_err(input))?;
+    Content::read(reader).map_err(|e| malformed(e.to_string()))
 }
 
 /// Typed access to the GGUF metadata, with errors naming the file and key.
@@ -736,46 +756,6 @@ fn plan_tensors(
         });
     }
     Ok(plan)
-}
-
-/// Checks up front that every tensor's bytes lie inside the file, so a truncated file is refused
-/// before anything is written.
-fn check_tensor_data(
-    input: &Path,
-    plan: &[PlannedTensor],
-    infos: &HashMap<String, TensorInfo>,
-    data_offset: u64,
-    file_len: u64,
-) -> Result<(), ImportError> {
-    for t in plan {
-        let info = &infos[&t.gguf];
-        let elems = info.shape.elem_count();
-        let block = info.ggml_dtype.block_size();
-        let tensor_err = |problem: String| ImportError::Tensor {
-            path: input.to_path_buf(),
-            tensor: t.gguf.clone(),
-            problem,
-        };
-        if !elems.is_multiple_of(block) {
-            return Err(tensor_err(format!(
-                "{elems} elements are not a whole number of {:?} blocks of {block}",
-                info.ggml_dtype
-            )));
-        }
-        let size = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
-        let start = data_offset.saturating_add(info.offset);
-        let end = start.saturating_add(size);
-        if end > file_len {
-            return Err(ImportError::Malformed {
-                path: input.to_path_buf(),
-                problem: format!(
-                    "tensor {} needs bytes {start}..{end}, but the file has only {file_len} bytes",
-                    t.gguf
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The open GGUF, read one tensor at a time while `model.safetensors` is written.

@@ -121,10 +121,11 @@ pub fn import_pickle(input: &Path, out_dir: &Path) -> Result<PickleImport, Impor
             problem: "no PyTorch checkpoint (.bin, .pt, .pth, .ckpt in torch.save's zip layout) to convert".into(),
         });
     }
-    let architecture = fs::read(dir.join("config.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .and_then(|config| config.get("model_type")?.as_str().map(str::to_owned));
+    let architecture =
+        attest::files::read_bounded(&dir.join("config.json"), attest::files::MAX_DOCUMENT_BYTES)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|config| config.get("model_type")?.as_str().map(str::to_owned));
     files.sort_by(|a, b| a.path.cmp(&b.path));
     publish(staging, out_dir)?;
     Ok(PickleImport {
@@ -175,7 +176,7 @@ fn directory_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ImportError> {
 fn head(path: &Path) -> Result<Vec<u8>, ImportError> {
     let len = file_len(path)?;
     let mut start = Vec::new();
-    let file = File::open(path).map_err(io_err(path))?;
+    let file = attest::files::open_regular(path).map_err(io_err(path))?;
     let mut reader = BufReader::new(file);
     (&mut reader)
         .take(format::start_len(&[], len).max(8))
@@ -195,7 +196,7 @@ fn file_len(path: &Path) -> Result<u64, ImportError> {
 
 fn sniff(path: &Path) -> Result<ContentKind, ImportError> {
     let mut start = Vec::new();
-    File::open(path)
+    attest::files::open_regular(path)
         .and_then(|f| f.take(64).read_to_end(&mut start))
         .map_err(io_err(path))?;
     Ok(format::sniff(&start))
@@ -248,10 +249,10 @@ fn convert(
     dir: &Path,
     output: &str,
 ) -> Result<ConvertedCheckpoint, ImportError> {
-    let (input_sha256, _) = File::open(path)
+    let (input_sha256, _) = attest::files::open_regular(path)
         .and_then(|f| Sha256Digest::of_reader(BufReader::new(f)))
         .map_err(io_err(path))?;
-    let file = File::open(path).map_err(io_err(path))?;
+    let file = attest::files::open_regular(path).map_err(io_err(path))?;
     let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
         ImportError::Unsupported {
             path: path.to_path_buf(),

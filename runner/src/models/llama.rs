@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use serde::Deserialize;
 
+use super::config::{self, ConfigError, ModelConfig};
 use crate::kernels::ops::{self, AttentionShape, CacheValue};
 use crate::kernels::{self, Activations, PackedMatrix, Scratch};
 use crate::quant::{self, Choice, Matrix, Quant, Role};
@@ -96,6 +97,104 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: Option<f64>,
 }
 
+impl ModelConfig for Config {
+    /// The ranges this implementation runs: every width, count and constant that the loader and
+    /// the rotary embedding divide by, allocate from or exponentiate.
+    fn validate(&self) -> std::result::Result<(), ConfigError> {
+        if let Some(act) = &self.hidden_act
+            && act != "silu"
+        {
+            return Err(ConfigError::new(
+                "hidden_act",
+                format!("{act:?}"),
+                "only silu is supported",
+            ));
+        }
+        config::count("hidden_size", self.hidden_size, 1..=config::MAX_WIDTH)?;
+        config::count(
+            "intermediate_size",
+            self.intermediate_size,
+            1..=config::MAX_WIDTH,
+        )?;
+        config::count(
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            1..=config::MAX_COUNT,
+        )?;
+        config::count("vocab_size", self.vocab_size, 1..=config::MAX_POSITIONS)?;
+        let heads = self.num_attention_heads;
+        config::count("num_attention_heads", heads, 1..=config::MAX_COUNT)?;
+        config::divides(
+            "num_key_value_heads",
+            self.kv_heads(),
+            "num_attention_heads",
+            heads,
+        )?;
+        match self.head_dim {
+            Some(d) => config::count("head_dim", d, 2..=config::MAX_COUNT)?,
+            None => config::divides(
+                "num_attention_heads",
+                heads,
+                "hidden_size",
+                self.hidden_size,
+            )?,
+        }
+        let head_dim = self.head_dim();
+        if !head_dim.is_multiple_of(2) || head_dim == 0 {
+            return Err(ConfigError::new(
+                "head_dim",
+                head_dim,
+                "it must be even and positive (rotary embedding pairs)",
+            ));
+        }
+        if let Some(max) = self.max_position_embeddings {
+            config::count("max_position_embeddings", max, 1..=config::MAX_POSITIONS)?;
+        }
+        config::positive("rms_norm_eps", self.rms_norm_eps, 1.0)?;
+        config::positive("rope_theta", self.rope_theta, f64::MAX)?;
+        if let Some(s) = &self.rope_scaling {
+            match s.rope_type.as_str() {
+                "default" => {}
+                "linear" => config::positive("rope_scaling.factor", s.factor, f64::MAX)?,
+                "llama3" => {
+                    config::positive("rope_scaling.factor", s.factor, f64::MAX)?;
+                    config::positive("rope_scaling.low_freq_factor", s.low_freq_factor, f64::MAX)?;
+                    config::positive(
+                        "rope_scaling.high_freq_factor",
+                        s.high_freq_factor,
+                        f64::MAX,
+                    )?;
+                    if s.high_freq_factor <= s.low_freq_factor {
+                        return Err(ConfigError::new(
+                            "rope_scaling.high_freq_factor",
+                            s.high_freq_factor,
+                            format!(
+                                "it must be above rope_scaling.low_freq_factor ({})",
+                                s.low_freq_factor
+                            ),
+                        ));
+                    }
+                    if let Some(original) = s.original_max_position_embeddings {
+                        config::positive(
+                            "rope_scaling.original_max_position_embeddings",
+                            original,
+                            config::MAX_POSITIONS as f64,
+                        )?;
+                    }
+                }
+                other => {
+                    return Err(ConfigError::new(
+                        "rope_scaling.rope_type",
+                        format!("{other:?}"),
+                        "it must be llama3, linear or default",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -114,39 +213,6 @@ impl Config {
     /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-
-    /// Checks what this implementation supports; the message says what is not.
-    pub fn check(&self) -> std::result::Result<(), String> {
-        if let Some(act) = &self.hidden_act
-            && act != "silu"
-        {
-            return Err(format!("hidden_act {act:?} is not supported (only silu)"));
-        }
-        let (heads, kv) = (self.num_attention_heads, self.kv_heads());
-        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
-            return Err(format!(
-                "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
-            ));
-        }
-        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
-            return Err(format!(
-                "head_dim {} must be even and positive",
-                self.head_dim()
-            ));
-        }
-        if self.num_hidden_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
-            return Err("hidden_size, num_hidden_layers and vocab_size must be positive".into());
-        }
-        if let Some(s) = &self.rope_scaling
-            && !matches!(s.rope_type.as_str(), "llama3" | "linear" | "default")
-        {
-            return Err(format!(
-                "rope_scaling type {:?} is not supported",
-                s.rope_type
-            ));
-        }
-        Ok(())
     }
 
     /// Inverse frequencies of the rotary embedding, after scaling.
@@ -497,8 +563,8 @@ impl Llama {
         device: &Device,
         context: usize,
     ) -> Result<(Self, Vec<Choice>)> {
-        if let Err(problem) = config.check() {
-            candle_core::bail!("{problem}");
+        if let Err(problem) = config.validate() {
+            candle_core::bail!("config.json: {problem}");
         }
         let (hidden, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
@@ -1645,6 +1711,8 @@ mod tests {
                 "rms_norm_eps":1e-5,"vocab_size":10,"hidden_act":"gelu"}"#,
         )
         .unwrap();
-        assert!(cfg.check().unwrap_err().contains("gelu"));
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(e.field, "hidden_act");
+        assert!(e.to_string().contains("gelu"), "{e}");
     }
 }

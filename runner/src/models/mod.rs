@@ -4,6 +4,7 @@
 //! streamed from the verified read; nothing is opened from disk.
 
 pub mod bert;
+pub mod config;
 pub mod llama;
 
 use attest::verify::ModelFiles;
@@ -62,6 +63,14 @@ pub enum LoadError {
         found: &'static str,
         /// What was needed, as advice.
         wanted: &'static str,
+    },
+    /// A field of `config.json` is out of range.
+    #[error("model {model:?}: config.json: {source}")]
+    Config {
+        /// Model name.
+        model: String,
+        /// The field and its range.
+        source: config::ConfigError,
     },
     /// A setting of the model that this build does not support.
     #[error("model {model:?}: {problem}")]

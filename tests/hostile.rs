@@ -1,0 +1,215 @@
+//! Issue 13: an approved model is still input. Real models whose config or weights were made
+//! hostile, then pinned in a lock of their own (an approver can be fooled), must be refused with
+//! the file and field named, never panic, and never have garbage stamped as their output.
+
+use std::fs;
+use std::path::Path;
+
+use predicates::prelude::*;
+use predicates::str::contains;
+
+use crate::support::{TinyModel, real_store};
+
+const MINILM: &str = "all-minilm-l6-v2";
+const SMOLLM: &str = "smollm2-135m-instruct";
+
+/// Every file of the real model `name`, by path inside its directory.
+fn real_files(name: &str) -> Option<Vec<(String, Vec<u8>)>> {
+    let models = real_store()?.join("models").join(name);
+    let dir = fs::read_dir(&models)
+        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/test", models.display()))
+        .next()
+        .expect("one pulled version")
+        .unwrap()
+        .path();
+    let mut files = Vec::new();
+    collect(&dir, &dir, &mut files);
+    files.sort();
+    Some(files)
+}
+
+fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            collect(root, &path, out);
+        } else {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            out.push((rel, fs::read(&path).unwrap()));
+        }
+    }
+}
+
+/// The real model `name` with `change` applied to its files, approved as `tiny` in a lock.
+fn approved_altered(name: &str, change: impl Fn(&str, &mut Vec<u8>)) -> Option<TinyModel> {
+    let mut files = real_files(name)?;
+    for (path, bytes) in &mut files {
+        change(path, bytes);
+    }
+    let borrowed: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    Some(if name == SMOLLM {
+        TinyModel::of_task(&borrowed, "chat", "llama")
+    } else {
+        TinyModel::new(&borrowed)
+    })
+}
+
+/// Sets `field` of `config.json` to `value`.
+fn set_config(field: &'static str, value: serde_json::Value) -> impl Fn(&str, &mut Vec<u8>) {
+    move |path, bytes| {
+        if path == "config.json" {
+            let mut config: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            config[field] = value.clone();
+            *bytes = serde_json::to_vec_pretty(&config).unwrap();
+        }
+    }
+}
+
+/// Sets every value of the f32 Safetensors tensor `tensor` to `value`.
+fn fill_tensor(tensor: &'static str, value: f32) -> impl Fn(&str, &mut Vec<u8>) {
+    move |path, bytes| {
+        if path != "model.safetensors" {
+            return;
+        }
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let offsets = &header[tensor]["data_offsets"];
+        let (begin, end) = (
+            offsets[0].as_u64().unwrap() as usize,
+            offsets[1].as_u64().unwrap() as usize,
+        );
+        for v in bytes[8 + header_len + begin..8 + header_len + end].chunks_exact_mut(4) {
+            v.copy_from_slice(&value.to_le_bytes());
+        }
+    }
+}
+
+/// Bundles written anywhere under the store.
+fn bundles(model: &TinyModel) -> usize {
+    fn count(dir: &Path) -> usize {
+        fs::read_dir(dir).map_or(0, |entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .map(|p| {
+                    if p.is_dir() {
+                        count(&p)
+                    } else {
+                        usize::from(p.to_string_lossy().ends_with(".sigstore.json"))
+                    }
+                })
+                .sum()
+        })
+    }
+    count(model.home.path())
+}
+
+#[test]
+fn config_values_that_break_arithmetic_are_refused_by_field() {
+    for (field, value, expected) in [
+        (
+            "num_attention_heads",
+            serde_json::json!(0),
+            "num_attention_heads is 0",
+        ),
+        (
+            "layer_norm_eps",
+            serde_json::json!(-1e-12),
+            "layer_norm_eps is -0.000000000001",
+        ),
+        (
+            "hidden_size",
+            serde_json::json!(1u64 << 40),
+            "hidden_size is 1099511627776",
+        ),
+    ] {
+        let Some(model) = approved_altered(MINILM, set_config(field, value)) else {
+            return;
+        };
+        model
+            .sanctum()
+            .args(["embed", "tiny", "a sentence"])
+            .assert()
+            .code(2)
+            .stderr(contains("config.json").and(contains(expected)));
+        assert_eq!(bundles(&model), 0);
+    }
+    for (field, value, expected) in [
+        ("rope_theta", serde_json::json!(0), "rope_theta is 0"),
+        (
+            "num_key_value_heads",
+            serde_json::json!(2),
+            "must divide num_attention_heads (9)",
+        ),
+        ("rms_norm_eps", serde_json::json!(f64::MAX), "rms_norm_eps"),
+    ] {
+        let Some(model) = approved_altered(SMOLLM, set_config(field, value)) else {
+            return;
+        };
+        model
+            .sanctum()
+            .args(["run", "tiny", "Hello", "--max-tokens", "2"])
+            .assert()
+            .code(2)
+            .stderr(contains("config.json").and(contains(expected)));
+        assert_eq!(bundles(&model), 0);
+    }
+}
+
+#[test]
+fn nan_weights_are_refused_at_load() {
+    for (name, tensor, command) in [
+        (MINILM, "embeddings.LayerNorm.weight", "embed"),
+        (SMOLLM, "model.norm.weight", "run"),
+    ] {
+        let Some(model) = approved_altered(name, fill_tensor(tensor, f32::NAN)) else {
+            return;
+        };
+        model
+            .sanctum()
+            .args([command, "tiny", "Hello"])
+            .assert()
+            .code(2)
+            .stdout("")
+            .stderr(contains(format!(
+                "model.safetensors: cannot be loaded: tensor \"{tensor}\" holds NaN or infinite values"
+            )));
+        assert_eq!(bundles(&model), 0);
+    }
+}
+
+/// Finite weights so large that the network overflows: the output is refused, not stamped.
+#[test]
+fn overflowing_outputs_are_an_error_never_a_stamped_output() {
+    let Some(model) =
+        approved_altered(MINILM, fill_tensor("embeddings.LayerNorm.weight", f32::MAX))
+    else {
+        return;
+    };
+    model
+        .sanctum()
+        .args(["embed", "tiny", "a sentence"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .stderr(contains("non-finite embedding"));
+    assert_eq!(bundles(&model), 0);
+
+    let Some(model) = approved_altered(SMOLLM, fill_tensor("model.norm.weight", f32::MAX)) else {
+        return;
+    };
+    model
+        .sanctum()
+        .args(["run", "tiny", "Hello", "--max-tokens", "2"])
+        .assert()
+        .code(2)
+        .stdout("")
+        .stderr(contains("non-finite logit"));
+    assert_eq!(bundles(&model), 0);
+}
