@@ -500,5 +500,5 @@ fn invalid_policies_are_refused_naming_the_setting() {
     under(&path, home.path(), &repo_lock(), &["policy", "check"])
         .assert()
         .code(2)
-        .stderr(contains("not a policy"));
+        .stderr(contains("larger than the 1048576 bytes accepted"));
 }
