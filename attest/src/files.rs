@@ -1,8 +1,8 @@
 //! Opening files that may be hostile: a FIFO in place of a model file must not hang the open, a
 //! device such as `/dev/zero` must not be read until memory runs out, and a symlink where sanctum
 //! writes must not send the bytes elsewhere. Every read of a lockfile, policy, bundle, key or model
-//! file goes through [`open_regular`] or [`read_bounded`]; every placement of an output through
-//! [`create_new_no_follow`].
+//! file goes through [`open_regular`] or [`read_bounded`]. (Placing a bundle without following
+//! symlinks is `attestation::layout::Placement::write_bundle`.)
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};

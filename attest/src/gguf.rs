@@ -219,18 +219,10 @@ pub fn read_header(reader: impl Read + Seek, len: u64) -> Result<GgufHeader, Ggu
                     "general.alignment has type {other}, not uint32"
                 )));
             }
-            ("general.architecture" | "general.name", value_type::STRING) => {
-                let value = r.string(if key == "general.name" {
-                    "general.name"
-                } else {
-                    "general.architecture"
-                })?;
-                if key == "general.name" {
-                    header.name = value;
-                } else {
-                    header.architecture = value;
-                }
+            ("general.architecture", value_type::STRING) => {
+                header.architecture = r.string("general.architecture")?;
             }
+            ("general.name", value_type::STRING) => header.name = r.string("general.name")?,
             (_, kind) => r.skip_value(kind, &mut array_items)?,
         }
     }
