@@ -11,7 +11,7 @@ fn main() -> ExitCode {
             if cli::is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("sanctum: error: {err:#}");
+            eprintln!("sanctum: error: {}", cli::describe(&err));
             ExitCode::from(cli::exit_code_for(&err))
         }
     }

@@ -325,7 +325,9 @@ fn the_runner_refuses_unsigned_and_untrusted_locks_when_the_policy_requires_a_si
         .args(["models", "list"])
         .assert()
         .code(1)
-        .stderr(contains("step 2 (trusted approver)"));
+        .stderr(contains(
+            "step 2 (trusted signer): the lock is signed by key",
+        ));
 
     // Without approvers in the policy, an unsigned lock is fine (the default).
     fs::remove_file(repo.path("models.lock.sigstore.json")).unwrap();
@@ -562,13 +564,13 @@ fn sanctum_model_signatures_verify_and_refuse_tampering() {
         ])
         .assert()
         .code(1)
-        .stdout(contains("step 2 (key)"));
+        .stdout(contains("step 2 (trusted signer): the signature names key"));
     fs::write(dir.join("extra.bin"), b"smuggled").unwrap();
     repo.sanctum()
         .args(["models", "verify-signature", "mymodel", "--key", "keys/approver.pub"])
         .assert()
         .code(1)
-        .stdout(contains("step 5 (files): the model directory differs from the signed files: not signed: extra.bin"));
+        .stdout(contains("step 9 (model files): the model directory differs from the signed files: not signed: extra.bin"));
 }
 
 #[test]

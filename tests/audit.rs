@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use std::{fs, thread};
 
 use predicates::prelude::*;
@@ -241,23 +241,13 @@ fn kill_9_during_appends_never_leaves_a_log_that_fails_to_verify() {
         child.wait().unwrap();
     }
     let lifetime = started.elapsed().as_millis() as u64;
-    let mut seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-        | 1;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut jitter = crate::support::Jitter::from_clock();
     let (mut killed, mut finished, mut torn) = (0, 0, 0);
     let mut size = entries(home).len();
     for _ in 0..25 {
         let children = spawn();
         thread::sleep(Duration::from_millis(
-            lifetime / 2 + next() % (lifetime * 3 / 4 + 1),
+            lifetime / 2 + jitter.below(lifetime * 3 / 4 + 1),
         ));
         for mut child in children {
             let _ = child.kill();

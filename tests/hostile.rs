@@ -216,3 +216,188 @@ fn overflowing_outputs_are_an_error_never_a_stamped_output() {
         &["non-finite logit"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files that are not what they seem, and messages that must say so once
+
+/// How long a command that must refuse at once may take before it counts as a hang.
+const NO_HANG: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn mkfifo(path: &Path) {
+    fs::remove_file(path).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+fn stderr_of(assert: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8_lossy(&assert.get_output().stderr).into_owned()
+}
+
+#[test]
+fn a_fifo_in_place_of_the_weights_is_refused_without_hanging() {
+    let Some(copy) = crate::support::StoreCopy::of(MINILM) else {
+        return;
+    };
+    mkfifo(&copy.file("model.safetensors"));
+    copy.sanctum()
+        .args(["models", "verify", MINILM])
+        .timeout(NO_HANG)
+        .assert()
+        .code(1)
+        .stdout(predicates::str::contains(
+            "model.safetensors: not a regular file but a FIFO",
+        ));
+    copy.sanctum()
+        .args(["embed", MINILM, "a sentence"])
+        .timeout(NO_HANG)
+        .assert()
+        .code(1)
+        .stdout("")
+        .stderr(predicates::str::contains(
+            "model.safetensors: not a regular file but a FIFO",
+        ));
+    // A damaged model makes the verifying listing fail as `models verify` does.
+    copy.sanctum()
+        .args(["models", "list", "--verify"])
+        .timeout(NO_HANG)
+        .assert()
+        .code(1)
+        .stdout(predicates::str::contains(
+            "damaged: model.safetensors: not a regular file",
+        ));
+}
+
+#[test]
+fn a_symlinked_model_directory_is_named_as_one_and_said_once() {
+    let Some(copy) = crate::support::StoreCopy::of(MINILM) else {
+        return;
+    };
+    let elsewhere = copy.home.path().join("elsewhere");
+    fs::rename(&copy.model_dir, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &copy.model_dir).unwrap();
+    let assert = copy
+        .sanctum()
+        .args(["embed", MINILM, "a sentence"])
+        .assert()
+        .code(1);
+    let stderr = stderr_of(&assert);
+    assert_eq!(
+        stderr.matches("not a directory").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+    assert!(stderr.contains("not a directory but a symlink"), "{stderr}");
+    copy.sanctum()
+        .args(["models", "list"])
+        .assert()
+        .success()
+        .stdout(predicates::str::contains(
+            "damaged: the model directory is a symlink",
+        ));
+}
+
+#[test]
+fn a_device_as_lockfile_is_refused_without_reading_it() {
+    crate::support::sanctum()
+        .args(["--lock", "/dev/zero", "models", "list"])
+        .timeout(NO_HANG)
+        .assert()
+        .code(2)
+        .stderr(predicates::str::contains(
+            "cannot read lockfile /dev/zero: not a regular file but a character device",
+        ));
+}
+
+/// `--out` is placed before any model loads: into a missing directory it fails with the
+/// directory named, never with the model's own problem (here NaN weights, met only at load).
+#[test]
+fn out_into_a_missing_directory_fails_before_the_model_loads() {
+    let Some(model) = approved_altered(SMOLLM, fill_tensor("model.norm.weight", f32::NAN)) else {
+        return;
+    };
+    let repo = model.home.path().join("repo");
+    crate::support::git_init(&repo);
+    let out = repo.join("missing/reply.txt");
+    let assert = model
+        .sanctum()
+        .args(["run", "tiny", "Hello", "--max-tokens", "2", "--out"])
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stdout("");
+    let stderr = stderr_of(&assert);
+    assert!(stderr.contains("missing"), "{stderr}");
+    assert!(
+        !stderr.contains("NaN"),
+        "the model was loaded first: {stderr}"
+    );
+    assert_eq!(bundles(&model), 0);
+}
+
+/// A committed `.attestations` symlink pointing outside the repository: placement refuses it,
+/// naming it, and writes nothing through it.
+#[test]
+fn out_never_writes_through_a_symlinked_attestations_directory() {
+    let Some(model) = approved_altered(SMOLLM, |_, _| {}) else {
+        return;
+    };
+    let repo = model.home.path().join("repo");
+    crate::support::git_init(&repo);
+    let outside = model.home.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, repo.join(".attestations")).unwrap();
+    let assert = model
+        .sanctum()
+        .args(["run", "tiny", "Hello", "--max-tokens", "2", "--out"])
+        .arg(repo.join("reply.txt"))
+        .assert()
+        .failure();
+    let stderr = stderr_of(&assert);
+    assert!(
+        stderr.contains(".attestations") && stderr.contains("symlink"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    assert!(!repo.join("reply.txt").exists());
+}
+
+/// Values are checked against their range with the flag named, and printed as given.
+#[test]
+fn generation_settings_are_refused_by_range_and_printed_as_given() {
+    let Some(model) = approved_altered(SMOLLM, |_, _| {}) else {
+        return;
+    };
+    // A negative number is a value, not a flag.
+    refused_unstamped(
+        &model,
+        &["run", "tiny", "Hello", "--temperature", "-1"],
+        &["temperature must be 0 or more, got -1"],
+    );
+    refused_unstamped(
+        &model,
+        &["run", "tiny", "Hello", "--ctx", "0"],
+        &["a context of 0 tokens is out of range: the model takes 1 to 8192"],
+    );
+    let out = model
+        .sanctum()
+        .args(["run", "tiny", "Hello", "--max-tokens", "1", "--json"])
+        .args(["--top-p", "0.9", "--min-p", "0.05", "--temperature", "0.7"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let reply: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let sampling = &reply["sampling"];
+    // 0.9 as an f32 widened to f64 is 0.8999999761581421: the decimal given must come back.
+    for (setting, given) in [("top_p", 0.9), ("min_p", 0.05), ("temperature", 0.7)] {
+        assert_eq!(
+            sampling[setting].as_f64(),
+            Some(given),
+            "{setting} in {sampling}"
+        );
+    }
+}

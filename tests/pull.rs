@@ -5,18 +5,18 @@ use std::fs;
 use predicates::str::contains;
 
 use crate::support::hf_server::HfServer;
-use crate::support::{lock_text, sanctum};
+use crate::support::{lock_text, process, sanctum};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-struct Hub {
-    server: HfServer,
-    home: tempfile::TempDir,
+pub(crate) struct Hub {
+    pub(crate) server: HfServer,
+    pub(crate) home: tempfile::TempDir,
     lock: std::path::PathBuf,
 }
 
 /// A served repo `org/tiny` with a few-MB weights file and a nested config, and a lock pinning it.
-fn hub() -> Hub {
+pub(crate) fn hub() -> Hub {
     let big: Vec<u8> = {
         let data: Vec<u8> = (0..(3 << 20) as u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
@@ -49,7 +49,12 @@ fn hub() -> Hub {
 
 impl Hub {
     fn sanctum(&self) -> assert_cmd::Command {
-        let mut cmd = sanctum();
+        assert_cmd::Command::from(self.process())
+    }
+
+    /// `sanctum` on this hub's store and lock, as a plain process.
+    pub(crate) fn process(&self) -> std::process::Command {
+        let mut cmd = process();
         cmd.arg("--store")
             .arg(self.home.path().join("store"))
             .arg("--lock")
@@ -258,4 +263,37 @@ fn hf_source_with_gguf_import_reproduces_the_locked_files() {
         .assert()
         .success()
         .stderr(contains("pulled and verified"));
+}
+
+/// Staging left by a killed pull is swept by the next pull; staging a live pull owns (its
+/// `.owner` locked, here by this test) is left alone.
+#[test]
+fn the_next_pull_sweeps_staging_of_killed_pulls_only() {
+    let hub = hub();
+    let tmp = hub.home.path().join("store/tmp");
+    let dead = tmp.join("pull-tiny-killed");
+    fs::create_dir_all(dead.join("fetched")).unwrap();
+    fs::write(dead.join(".owner"), b"").unwrap();
+    fs::write(dead.join("fetched/model.safetensors"), vec![7u8; 1 << 20]).unwrap();
+    let live = tmp.join("pull-tiny-running");
+    fs::create_dir_all(&live).unwrap();
+    let owner = fs::File::create(live.join(".owner")).unwrap();
+    owner.lock().unwrap();
+
+    hub.sanctum()
+        .args(["models", "pull", "tiny"])
+        .assert()
+        .success();
+
+    assert!(!dead.exists(), "a killed pull's staging is swept");
+    assert!(
+        live.join(".owner").exists(),
+        "a live pull's staging is kept"
+    );
+    let left: Vec<_> = fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("pull-tiny-running")]);
+    drop(owner);
 }

@@ -6,6 +6,7 @@ mod attacks;
 mod attestation;
 mod audit;
 mod bench;
+mod crash;
 mod hostile;
 mod hub;
 mod import;

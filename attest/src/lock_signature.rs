@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::attestation::Step;
 use crate::bundle::{Bundle, BundleError, CheckedBundle};
 use crate::digest::Sha256Digest;
 use crate::dsse::IN_TOTO_PAYLOAD_TYPE;
@@ -87,25 +88,30 @@ pub fn sign_lock(
 #[non_exhaustive]
 pub enum LockSignatureError {
     /// Step 1.
-    #[error("step 1 (well-formed bundle): {0}")]
+    #[error("{step}: {0}", step = Step::WellFormed)]
     Malformed(#[from] BundleError),
     /// Step 2.
     #[error(
-        "step 2 (trusted approver): the lock is signed by key {0}, which is not an approver in the policy"
+        "{step}: the lock is signed by key {0}, which is not an approver in the policy",
+        step = Step::TrustedSigner
     )]
     UntrustedApprover(KeyHint),
     /// Step 3.
-    #[error("step 3 (signature): the signature does not verify with approver {approver}'s key")]
+    #[error(
+        "{}: the signature does not verify with approver {approver}'s key",
+        Step::Signature
+    )]
     BadSignature {
         /// The approver the hint named.
         approver: String,
     },
     /// Step 4.
-    #[error("step 4 (statement type): {0}")]
+    #[error("{step}: {0}", step = Step::StatementType)]
     Statement(#[from] StatementError),
     /// Step 5.
     #[error(
-        "step 5 (subject digest): the lock was edited after signing (signed sha256 {signed}, now {actual})"
+        "{}: the lock was edited after signing (signed sha256 {signed}, now {actual})",
+        Step::SubjectDigest
     )]
     EditedAfterSigning {
         /// The digest the approver signed.

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::attestation::Step;
 use crate::bundle::{Bundle, BundleError, CheckedBundle};
 use crate::digest::{Sha256Digest, Sha256Hasher};
 use crate::dsse::IN_TOTO_PAYLOAD_TYPE;
@@ -361,10 +362,13 @@ pub fn diff(signed: &Manifest, actual: &Manifest) -> ManifestDiff {
 #[non_exhaustive]
 pub enum ModelSignatureError {
     /// Step 1.
-    #[error("step 1 (well-formed bundle): {0}")]
+    #[error("{step}: {0}", step = Step::WellFormed)]
     Malformed(#[from] BundleError),
     /// Step 2.
-    #[error("step 2 (key): the signature names key {signed}, but the key given is {given}")]
+    #[error(
+        "{}: the signature names key {signed}, but the key given is {given}",
+        Step::TrustedSigner
+    )]
     KeyMismatch {
         /// The bundle's hint.
         signed: KeyHint,
@@ -373,20 +377,24 @@ pub enum ModelSignatureError {
     },
     /// Step 3.
     #[error(
-        "step 3 (signature): the signature does not verify over the DSSE PAE with the given key"
+        "{}: the signature does not verify over the DSSE PAE with the given key",
+        Step::Signature
     )]
     BadSignature,
     /// Step 4.
-    #[error("step 4 (statement type): {0}")]
+    #[error("{step}: {0}", step = Step::StatementType)]
     Statement(#[from] StatementError),
     /// Step 4, predicate content.
-    #[error("step 4 (statement type): {0}")]
+    #[error("{step}: {0}", step = Step::StatementType)]
     Predicate(String),
-    /// Step 5, reading the directory.
-    #[error("step 5 (files): {0}")]
+    /// Step 9, reading the directory.
+    #[error("{step}: {0}", step = Step::ModelFiles)]
     Manifest(#[from] ManifestError),
-    /// Step 5.
-    #[error("step 5 (files): the model directory differs from the signed files: {0}")]
+    /// Step 9.
+    #[error(
+        "{step}: the model directory differs from the signed files: {0}",
+        step = Step::ModelFiles
+    )]
     Files(ManifestDiff),
 }
 
@@ -466,7 +474,7 @@ pub fn verify_signature(
 }
 
 /// Verifies a model directory against a signature: steps 1 to 4, then hashes the directory (minus
-/// the signed ignore paths and `extra_ignore`, e.g. the signature file itself) and compares (step 5).
+/// the signed ignore paths and `extra_ignore`, e.g. the signature file itself) and compares (step 9).
 pub fn verify_dir(
     dir: &Path,
     signature: &[u8],

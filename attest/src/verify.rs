@@ -524,7 +524,10 @@ fn check_dir(
         }
         Err(e) => return Err(dir_error(e)),
         Ok(m) if !m.is_dir() => {
-            return Err(dir_error(io::Error::other("not a directory")));
+            return Err(dir_error(io::Error::other(format!(
+                "not a directory but {}",
+                crate::files::kind_of(m.file_type())
+            ))));
         }
         Ok(_) => {}
     }

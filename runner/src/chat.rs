@@ -293,14 +293,14 @@ impl ChatModel {
             models::optional_json(&model, "generation_config.json")?;
         let max = eos.max_position_embeddings.unwrap_or(4096);
         let context = match options.context {
-            Some(c) if c > max => {
+            Some(c) if c == 0 || c > max => {
                 return Err(LoadError::Context {
                     model: name,
                     requested: c,
                     max,
                 });
             }
-            Some(c) => c.max(1),
+            Some(c) => c,
             None => options.context_cap.map_or(max, |cap| cap.min(max)).max(1),
         };
 

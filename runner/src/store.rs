@@ -2,11 +2,16 @@
 //!
 //! A model directory only ever appears by one `rename` of a staging directory whose every file already
 //! matched the lock, so a failed or interrupted pull leaves nothing half-written in `models/`; staging
-//! lives in `<root>/tmp/` on the same filesystem.
+//! lives in `<root>/tmp/` on the same filesystem, and a pull sweeps away the staging that killed
+//! pulls left there (`store/staging.rs`).
+
+mod staging;
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+
+use staging::Staging;
 
 use attest::lockfile::{HfSource, ImportFormat, ModelEntry, PypiSource, Source, Unpack};
 use attest::policy::rules::SourceKind;
@@ -217,8 +222,15 @@ impl Store {
     /// Presence and sizes of the model's files, without hashing.
     pub fn state(&self, entry: &ModelEntry) -> ModelState {
         let dir = self.model_dir(entry);
-        if !dir.exists() {
-            return ModelState::Missing;
+        match fs::symlink_metadata(&dir) {
+            Err(_) => return ModelState::Missing,
+            Ok(m) if !m.is_dir() => {
+                return ModelState::Damaged(format!(
+                    "the model directory is {}",
+                    attest::files::kind_of(m.file_type())
+                ));
+            }
+            Ok(_) => {}
         }
         for file in &entry.files {
             match fs::symlink_metadata(dir.join(&file.path)) {
@@ -294,10 +306,8 @@ impl Store {
 
         let tmp_root = self.root.join("tmp");
         fs::create_dir_all(&tmp_root).map_err(io_err(&tmp_root))?;
-        let staging = tempfile::Builder::new()
-            .prefix(&format!("pull-{}-", entry.name))
-            .tempdir_in(&tmp_root)
-            .map_err(io_err(&tmp_root))?;
+        staging::sweep(&tmp_root);
+        let staging = Staging::create(&tmp_root, &entry.name).map_err(io_err(&tmp_root))?;
         let fetched = staging.path().join("fetched");
         let model = staging.path().join("model");
         fs::create_dir_all(&fetched).map_err(io_err(&fetched))?;

@@ -378,7 +378,7 @@ fn report_human(out: &mut impl Write, c: &Checked) -> std::io::Result<()> {
 
 fn report_json(c: &Checked) -> serde_json::Value {
     let failed_step = c.outcome.as_ref().err().map(VerificationError::step);
-    let steps: Vec<_> = Step::ALL
+    let steps: Vec<_> = Step::OUTPUT
         .iter()
         .map(|&step| {
             let result = match failed_step {

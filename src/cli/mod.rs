@@ -39,7 +39,7 @@ mod trust;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 pub use context::Context;
 
@@ -132,7 +132,8 @@ enum TableOrJson {
 
 /// Parses the command line and runs it.
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let matches = with_negative_numbers(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     let ctx = Context::new(cli.lock, cli.store, cli.quiet).with_policy(cli.policy);
     let audited = audited(&cli.command);
     let result = dispatch(cli.command, &ctx);
@@ -142,6 +143,14 @@ pub fn run() -> anyhow::Result<ExitCode> {
         record_failure(&ctx, event, err);
     }
     result
+}
+
+/// Lets every command take a negative number as a value, so `--temperature -1` reaches the
+/// value's own check ("must be 0 or more") instead of being read as an unknown flag.
+fn with_negative_numbers(command: clap::Command) -> clap::Command {
+    command
+        .allow_negative_numbers(true)
+        .mut_subcommands(with_negative_numbers)
 }
 
 /// The audit log's name for a command that acts on models (its failures are logged; what it
@@ -170,11 +179,29 @@ fn audited(command: &Command) -> Option<&'static str> {
     }
 }
 
+/// The error and its causes on one line, `a: b: c`, leaving out a cause whose text the line
+/// already holds: many errors print their source in their own message too, and `{:#}` would
+/// repeat it ("cannot read DIR: not a directory: not a directory").
+pub fn describe(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Logs a refusal (exit 1) or a failure; a log that cannot take it is a warning, the command's
 /// own error staying the one reported.
 fn record_failure(ctx: &Context, event: &str, err: &anyhow::Error) {
     let refused = exit_code_for(err) == 1;
-    let mut detail = format!("{err:#}");
+    let mut detail = describe(err);
     if detail.len() > 2000 {
         let cut = (0..=2000)
             .rev()
@@ -195,7 +222,10 @@ fn record_failure(ctx: &Context, event: &str, err: &anyhow::Error) {
         ..Default::default()
     };
     if let Err(e) = audit::record(ctx, &entry) {
-        eprintln!("sanctum: warning: this failure is not in the audit log: {e:#}");
+        eprintln!(
+            "sanctum: warning: this failure is not in the audit log: {}",
+            describe(&e)
+        );
     }
 }
 

@@ -130,24 +130,24 @@ fn list(args: ListArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
     let (lock_path, lock) = ctx.lockfile()?;
     let store = ctx.store()?;
     let progress = ctx.progress();
-    let states: Vec<(&ModelEntry, String)> = lock
+    // Each model's state, and whether it counts as a failure (with --verify, a damaged or
+    // failing model makes the listing exit 1, as `models verify` does).
+    let states: Vec<(&ModelEntry, String, bool)> = lock
         .models
         .iter()
         .map(|entry| {
-            let state = match (store.state(entry), args.verify) {
-                (ModelState::Missing, _) => "not pulled".to_owned(),
-                (ModelState::Damaged(why), _) => format!("damaged: {why}"),
-                (ModelState::Present, false) => "pulled".to_owned(),
-                (ModelState::Present, true) => match store.verify(entry, &progress) {
-                    Ok(report) if report.ok() => "verified".to_owned(),
-                    Ok(report) => match report.into_result() {
-                        Err(e) => format!("FAILED: {e}"),
-                        Ok(_) => "verified".to_owned(),
-                    },
-                    Err(e) => format!("FAILED: {e}"),
-                },
+            let (state, failed) = match (store.state(entry), args.verify) {
+                (ModelState::Missing, _) => ("not pulled".to_owned(), false),
+                (ModelState::Damaged(why), verify) => (format!("damaged: {why}"), verify),
+                (ModelState::Present, false) => ("pulled".to_owned(), false),
+                (ModelState::Present, true) => {
+                    match store.verify(entry, &progress).and_then(|r| r.into_result()) {
+                        Ok(_) => ("verified".to_owned(), false),
+                        Err(e) => (format!("FAILED: {e}"), true),
+                    }
+                }
             };
-            (entry, state)
+            (entry, state, failed)
         })
         .collect();
     let mut out = std::io::stdout().lock();
@@ -155,7 +155,7 @@ fn list(args: ListArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
         Format::Json => {
             let models: Vec<_> = states
                 .iter()
-                .map(|(entry, state)| {
+                .map(|(entry, state, _)| {
                     let dir = store.model_dir(entry);
                     json!({
                         "name": entry.name,
@@ -184,7 +184,7 @@ fn list(args: ListArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 "{:<24} {:<6} {:<12} {:>9}  {:<19} STATE",
                 "NAME", "TASK", "LICENSE", "SIZE", "DIGEST"
             )?;
-            for (entry, state) in &states {
+            for (entry, state, _) in &states {
                 writeln!(
                     out,
                     "{:<24} {:<6} {:<12} {:>9}  sha256:{:<12} {state}",
@@ -196,6 +196,10 @@ fn list(args: ListArgs, ctx: &Context) -> anyhow::Result<ExitCode> {
                 )?;
             }
         }
+    }
+    let failed = states.iter().filter(|(_, _, failed)| *failed).count();
+    if failed > 0 {
+        return Err(Refused(format!("{failed} model(s) failed verification")).into());
     }
     Ok(ExitCode::SUCCESS)
 }

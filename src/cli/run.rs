@@ -21,7 +21,7 @@ use serde_json::json;
 use super::Context;
 use super::stamp::{OutputArgs, OutputStamper};
 use ::attest::stamp::OutputRecord;
-use ::attest::statement::OutputTask;
+use ::attest::statement::{OutputTask, f32_as_decimal};
 
 /// `--quant`: a format, or `auto` (see `runner::models::llama::auto_quant`).
 #[derive(Debug, Clone, Copy)]
@@ -469,11 +469,11 @@ fn run_json(loaded: &Loaded, options: &GenerateOptions, g: &Generation) -> serde
             "generation_tokens_per_s": g.generation_tokens_per_second(),
         },
         "sampling": {
-            "temperature": s.temperature,
+            "temperature": f32_as_decimal(s.temperature),
             "top_k": s.top_k,
-            "top_p": s.top_p,
-            "min_p": s.min_p,
-            "repeat_penalty": s.repeat_penalty,
+            "top_p": f32_as_decimal(s.top_p),
+            "min_p": f32_as_decimal(s.min_p),
+            "repeat_penalty": f32_as_decimal(s.repeat_penalty),
             "repeat_last_n": s.repeat_last_n,
             "seed": s.seed,
             "max_tokens": options.max_tokens,

@@ -57,7 +57,10 @@ pub fn scan(ctx: &Context, args: ScanArgs) -> anyhow::Result<ExitCode> {
     let lock = match ctx.lock_path() {
         Ok(_) => Some(ctx.trusted_lock()?.lock),
         Err(e) => {
-            eprintln!("sanctum: warning: {e:#}; every model found is unapproved");
+            eprintln!(
+                "sanctum: warning: {}; every model found is unapproved",
+                super::describe(&e)
+            );
             None
         }
     };

@@ -18,8 +18,6 @@ use attest::stamp::{LockInfo, OutputRecord, RunnerInfo, Stamper};
 use attest::statement::{OutputTask, RuntimeRecord, SamplingRecord, UsageRecord};
 use tempfile::TempDir;
 
-use super::sanctum;
-
 /// Passphrase of every key the fixture makes.
 pub const PASSWORD: &str = "correct horse";
 
@@ -90,7 +88,12 @@ impl Repo {
 
     /// `sanctum` run in the repository, with its home and the fixture's passphrase.
     pub fn sanctum(&self) -> Command {
-        let mut cmd = sanctum();
+        Command::from(self.process())
+    }
+
+    /// [`Self::sanctum`] as a plain process.
+    pub fn process(&self) -> std::process::Command {
+        let mut cmd = super::process();
         for var in ["SANCTUM_POLICY", "SANCTUM_SIGNING_KEY"] {
             cmd.env_remove(var);
         }

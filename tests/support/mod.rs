@@ -18,11 +18,78 @@ use tempfile::TempDir;
 
 /// The `sanctum` binary with no inherited sanctum or hub settings.
 pub fn sanctum() -> Command {
-    let mut cmd = Command::cargo_bin("sanctum").expect("sanctum binary is built");
+    Command::from(process())
+}
+
+/// [`sanctum`] as a plain process, for tests that spawn and kill it.
+pub fn process() -> std::process::Command {
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("sanctum"));
     for var in ISOLATED_VARS {
         cmd.env_remove(var);
     }
     cmd
+}
+
+/// A small xorshift generator seeded from the clock, its seed printed, for randomized kill
+/// points that differ between runs yet can be told from the log.
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn from_clock() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos() as u64)
+            | 1;
+        eprintln!("jitter seed {seed}");
+        Self(seed)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0.checked_rem(n).unwrap_or(0)
+    }
+}
+
+/// Kill -9 at randomized points: runs `command()` once to completion (it must succeed) to time
+/// it, then `rounds` more times, each killed with SIGKILL at a point in its own slice of that
+/// time, calling `after(finished)` once the killed process is reaped (`finished`: it had already
+/// exited). Returns how many rounds were killed before they finished.
+pub fn kill_9_loop(
+    rounds: u32,
+    mut command: impl FnMut() -> std::process::Command,
+    mut after: impl FnMut(bool),
+) -> u32 {
+    use std::process::Stdio;
+    let started = std::time::Instant::now();
+    let output = command().stdin(Stdio::null()).output().unwrap();
+    assert!(
+        output.status.success(),
+        "the uninterrupted run failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let slice = started.elapsed() / rounds.max(1);
+    let mut jitter = Jitter::from_clock();
+    let mut killed = 0;
+    for round in 0..rounds {
+        let at = slice * round
+            + std::time::Duration::from_nanos(jitter.below(slice.as_nanos() as u64 + 1));
+        let mut child = command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        let finished = child.try_wait().unwrap().is_some();
+        let _ = child.kill();
+        let _ = child.wait();
+        killed += u32::from(!finished);
+        after(finished);
+    }
+    killed
 }
 
 /// The environment a test's sanctum never inherits: where its home, lock and hubs are, and the
@@ -124,7 +191,12 @@ impl StoreCopy {
 
     /// `sanctum --store <copy> --lock <repo lock> ARGS`.
     pub fn sanctum(&self) -> Command {
-        let mut cmd = sanctum();
+        Command::from(self.process())
+    }
+
+    /// [`Self::sanctum`] as a plain process.
+    pub fn process(&self) -> std::process::Command {
+        let mut cmd = process();
         cmd.arg("--store")
             .arg(self.home.path())
             .arg("--lock")
@@ -240,7 +312,12 @@ impl TinyModel {
     }
 
     pub fn sanctum(&self) -> Command {
-        let mut cmd = sanctum();
+        Command::from(self.process())
+    }
+
+    /// [`Self::sanctum`] as a plain process.
+    pub fn process(&self) -> std::process::Command {
+        let mut cmd = process();
         cmd.arg("--store")
             .arg(self.home.path())
             .arg("--lock")

@@ -28,7 +28,10 @@ use crate::statement::{
     StatementError, Subject, parse_statement,
 };
 
-/// One verification step.
+/// One verification step. Every check sanctum makes of a signed bundle (an output or bench
+/// attestation, a lock signature, an OpenSSF model signature) is numbered here once, so a step
+/// number names the same check whatever was verified: a lock signature goes through steps 1 to
+/// 5 (its subject is the lock), a model signature through 1 to 4 and 9.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Step {
     /// 1.
@@ -47,11 +50,13 @@ pub enum Step {
     License,
     /// 8.
     LockSignature,
+    /// 9: the model directory holds exactly the signed files (OpenSSF model signatures).
+    ModelFiles,
 }
 
 impl Step {
-    /// Every step, in order.
-    pub const ALL: [Step; 8] = [
+    /// The steps of an output or bench attestation, in order.
+    pub const OUTPUT: [Step; 8] = [
         Step::WellFormed,
         Step::TrustedSigner,
         Step::Signature,
@@ -62,7 +67,7 @@ impl Step {
         Step::LockSignature,
     ];
 
-    /// 1 to 8.
+    /// 1 to 9.
     pub fn number(self) -> u8 {
         self as u8 + 1
     }
@@ -78,6 +83,7 @@ impl Step {
             Step::ModelInLock => "model in lock",
             Step::License => "license",
             Step::LockSignature => "lock signature",
+            Step::ModelFiles => "model files",
         }
     }
 
@@ -92,6 +98,7 @@ impl Step {
             Step::ModelInLock => "model-in-lock",
             Step::License => "license",
             Step::LockSignature => "lock-signature",
+            Step::ModelFiles => "model-files",
         }
     }
 }

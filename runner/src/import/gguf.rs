@@ -19,6 +19,7 @@ use std::io::{self, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use attest::Sha256Digest;
+use attest::statement::f32_as_decimal;
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
@@ -488,11 +489,6 @@ pub(crate) fn describe(v: &Value) -> String {
     }
 }
 
-/// The f64 whose shortest decimal form is the f32's shortest form (1e-5, not 9.999999747378752e-6).
-fn f32_to_json(x: f32) -> f64 {
-    format!("{x}").parse().unwrap_or(f64::from(x))
-}
-
 /// The hyperparameters read from `llama.*` metadata.
 struct Hparams {
     hidden: usize,
@@ -586,8 +582,8 @@ impl Hparams {
             n_head_kv,
             head_dim,
             context_length,
-            rms_norm_eps: f32_to_json(eps),
-            rope_theta: f32_to_json(theta),
+            rms_norm_eps: f32_as_decimal(eps),
+            rope_theta: f32_as_decimal(theta),
         })
     }
 }
@@ -1028,9 +1024,9 @@ mod tests {
             (100_000.0, 100_000.0),
             (500_000.0, 500_000.0),
         ] {
-            assert_eq!(f32_to_json(x), short);
+            assert_eq!(f32_as_decimal(x), short);
             assert_eq!(
-                serde_json::to_string(&f32_to_json(x)).unwrap(),
+                serde_json::to_string(&f32_as_decimal(x)).unwrap(),
                 serde_json::to_string(&short).unwrap()
             );
         }

@@ -107,8 +107,10 @@ pub enum LoadError {
     /// A weight file failed verification while it streamed in, or its bytes could not be built.
     #[error(transparent)]
     Verify(Box<attest::verify::VerifyError>),
-    /// `--ctx` larger than the model supports.
-    #[error("model {model:?}: context of {requested} tokens is more than the model's {max}")]
+    /// A context of 0 tokens, or more than the model supports.
+    #[error(
+        "model {model:?}: a context of {requested} tokens is out of range: the model takes 1 to {max}"
+    )]
     Context {
         /// Model name.
         model: String,
