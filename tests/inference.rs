@@ -450,7 +450,9 @@ fn a_prompt_beyond_the_context_is_a_clear_error() {
         .args(["run", "tiny", "hi", "--ctx", "65", "--threads", "1"])
         .assert()
         .code(2)
-        .stderr(contains("more than the model's 64"));
+        .stderr(contains(
+            "a context of 65 tokens is out of range: the model takes 1 to 64",
+        ));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ fn list_shows_state_of_a_pulled_model() {
     tiny.sanctum()
         .args(["models", "list", "--verify"])
         .assert()
-        .success()
-        .stdout(contains("FAILED"));
+        .code(1)
+        .stdout(contains("FAILED"))
+        .stderr(contains("1 model(s) failed verification"));
 }

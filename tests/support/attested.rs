@@ -249,8 +249,8 @@ pub fn model_signing() -> Option<&'static [&'static str]> {
         "SANCTUM_REQUIRE_REAL_MODELS is set but `model_signing` is not installed: \
          python3 -m pip install model-signing==1.1.1 pyopenssl (scripts/test does)"
     );
-    eprintln!(
-        "skipped: `model_signing` not installed (python3 -m pip install model-signing==1.1.1 pyopenssl)"
+    runner::testing::skip(
+        "`model_signing` not installed (python3 -m pip install model-signing==1.1.1 pyopenssl)",
     );
     None
 }

@@ -117,7 +117,7 @@ pub fn real_store() -> Option<PathBuf> {
             )
         }
         None => {
-            eprintln!("skipped: real models not available (run scripts/test to pull them)");
+            runner::testing::skip("real models not available (run scripts/test to pull them)");
             None
         }
     }
@@ -132,7 +132,7 @@ pub fn required<T>(found: Option<T>, what: &str) -> Option<T> {
             panic!("SANCTUM_REQUIRE_REAL_MODELS is set but {what}")
         }
         None => {
-            eprintln!("skipped: {what}");
+            runner::testing::skip(what);
             None
         }
     }
