@@ -171,6 +171,7 @@ pub fn read_state_dict(reader: impl Read) -> Result<StateDict, StateDictError> {
     let mut ops = Ops::new(reader);
     let mut stack: Vec<Rc<Value>> = Vec::new();
     let mut memo: BTreeMap<i64, Rc<Value>> = BTreeMap::new();
+    let mut containers = Containers::default();
     let mut count = 0u64;
     let result = loop {
         let Some(op) = ops.next_op()? else {
@@ -201,7 +202,7 @@ pub fn read_state_dict(reader: impl Read) -> Result<StateDict, StateDictError> {
             items.remove(0);
             Ok::<_, StateDictError>(items)
         };
-        let value = |v: Value| Rc::new(v);
+        let mut value = |v: Value| containers.track(Rc::new(v));
         match op.name {
             "PROTO" | "FRAME" => {}
             "STOP" => break pop(&mut stack)?,
@@ -393,6 +394,33 @@ pub fn read_state_dict(reader: impl Read) -> Result<StateDict, StateDictError> {
     })
 }
 
+/// Every list and dict a pickle built, emptied when the read ends, however it ends: a pickle can
+/// put a container inside itself (APPEND of its own memo entry), and such an `Rc` cycle would
+/// never be freed.
+#[derive(Default)]
+struct Containers(Vec<Rc<Value>>);
+
+impl Containers {
+    fn track(&mut self, value: Rc<Value>) -> Rc<Value> {
+        if matches!(*value, Value::Seq(_) | Value::Dict(_)) {
+            self.0.push(Rc::clone(&value));
+        }
+        value
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for value in &self.0 {
+            match &**value {
+                Value::Seq(items) => items.borrow_mut().clear(),
+                Value::Dict(pairs) => pairs.borrow_mut().clear(),
+                _ => {}
+            }
+        }
+    }
+}
+
 fn pairs(items: Vec<Rc<Value>>) -> Option<Vec<(Rc<Value>, Rc<Value>)>> {
     if !items.len().is_multiple_of(2) {
         return None;
@@ -504,4 +532,33 @@ fn state_dict(value: &Value, nested: bool) -> Option<StateDict> {
         }
     }
     (!dict.tensors.is_empty()).then_some(dict)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `pickle` fuzz target (LeakSanitizer): PROTO 2, EMPTY_LIST, BINPUT 0,
+    /// BINGET 0, APPEND, STOP puts a list inside itself.
+    const SELF_CONTAINING_LIST: &[u8] = b"\x80\x02]q\x00h\x00a.";
+
+    #[test]
+    fn a_list_inside_itself_is_refused_and_freed() {
+        assert!(matches!(
+            read_state_dict(SELF_CONTAINING_LIST),
+            Err(StateDictError::Unexpected { .. })
+        ));
+        // The same cycle by hand: the tracker's drop breaks it, so its last reference frees it.
+        let list = Rc::new(Value::Seq(RefCell::default()));
+        let mut containers = Containers::default();
+        let tracked = containers.track(Rc::clone(&list));
+        if let Value::Seq(items) = &*list {
+            items.borrow_mut().push(tracked);
+        }
+        let freed = Rc::downgrade(&list);
+        drop(list);
+        assert!(freed.upgrade().is_some(), "the cycle holds it");
+        drop(containers);
+        assert!(freed.upgrade().is_none(), "a cycle was left behind");
+    }
 }
