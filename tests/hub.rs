@@ -17,7 +17,7 @@ use crate::support::server::Server;
 use crate::support::{StoreCopy, TinyModel, python, real_store, repo_lock, sanctum, sha256_hex};
 
 /// A GET (or HEAD) with headers: the status, the response's headers and its body.
-fn request(
+pub(crate) fn request(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],

@@ -716,3 +716,75 @@ fn hub_push_and_oci_pull_answer_a_bearer_token_challenge() {
         .success()
         .stderr(contains("all-minilm-l6-v2: pulled and verified"));
 }
+
+/// Issue 13: kill -9 at random points of `hub push`, each round into a fresh repository so the
+/// kills land in blob uploads as well as in the manifest's: whenever the registry serves the tag,
+/// every blob its manifest names is there in full; a push into a repository a killed push left
+/// completes, and what it pushed pulls back verified.
+#[test]
+fn kill_9_during_hub_pushes_never_leaves_a_tag_on_missing_blobs() {
+    use std::cell::Cell;
+
+    let Some(store) = real_store() else { return };
+    let Some(registry) = Registry::start() else {
+        return;
+    };
+    const MODEL: &str = "all-minilm-l6-v2";
+    let round = Cell::new(0u32);
+    let repository = |n: u32| format!("{}/models/crash{n}", registry.addr);
+    let push_round = || {
+        round.set(round.get() + 1);
+        let mut cmd = crate::support::process();
+        cmd.env("SANCTUM_KEY_PASSWORD", PASSWORD)
+            .arg("--store")
+            .arg(&store)
+            .arg("--lock")
+            .arg(repo_lock())
+            .args(["--quiet", "hub", "push", MODEL])
+            .arg(format!("{}:v1", repository(round.get())))
+            .arg("--insecure");
+        cmd
+    };
+    let (mut tagged, mut untagged) = (0, 0);
+    let killed = crate::support::kill_9_loop(10, push_round, |_| {
+        let name = format!("models/crash{}", round.get());
+        let base = format!("http://{}/v2/{name}", registry.addr);
+        let (status, _, body) = crate::hub::request(
+            "GET",
+            &format!("{base}/manifests/v1"),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        );
+        if status == 404 {
+            untagged += 1;
+            return;
+        }
+        assert_eq!(status, 200, "{name}:v1: {}", String::from_utf8_lossy(&body));
+        tagged += 1;
+        let manifest: Value = serde_json::from_slice(&body).unwrap();
+        let layers = manifest["layers"].as_array().unwrap();
+        for blob in layers.iter().chain([&manifest["config"]]) {
+            let digest = blob["digest"].as_str().unwrap();
+            let (status, headers, _) =
+                crate::hub::request("HEAD", &format!("{base}/blobs/{digest}"), &[]);
+            assert_eq!(status, 200, "{name}:v1 names {digest}, which is missing");
+            let length = headers
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            assert_eq!(
+                length,
+                blob["size"].as_u64(),
+                "{name}: {digest} is cut short"
+            );
+        }
+    });
+    eprintln!("hub push: {killed} of 10 killed; {tagged} left a tag, {untagged} none");
+    assert!(killed > 0, "no kill landed inside a push");
+
+    // Into the last round's repository, whatever its kill left there.
+    let last = repository(round.get());
+    let work = TempDir::new().unwrap();
+    let manifest = push(&store, &repo_lock(), MODEL, &format!("{last}:v1"), &[]);
+    let lock = oci_lock(work.path(), &[(MODEL, last, &manifest)]);
+    pull(&lock, &work.path().join("store"), &[MODEL]).success();
+}
