@@ -160,6 +160,12 @@ async fn shutdown_signal() {
     }
 }
 
+/// The server's routes over `config`, without a listener or signal handling: for handling requests
+/// in-process (the request-body fuzz target drives it with `tower::ServiceExt::oneshot`).
+pub fn app(config: ServeConfig) -> Router {
+    router(Arc::new(state::AppState::new(config)))
+}
+
 fn router(state: Arc<state::AppState>) -> Router {
     let limit = state.config.body_limit;
     Router::new()
