@@ -17,20 +17,7 @@ use runner::candle_core::Device;
 use runner::kernels::Activations;
 use runner::models::llama;
 use runner::quant::Quant;
-use runner::weights::{Plan, SafetensorsIntake, TensorHeader, Weights};
-
-fn embed_plan(tensors: &[TensorHeader]) -> Vec<Plan> {
-    tensors
-        .iter()
-        .map(|t| {
-            if t.is_loadable() {
-                Plan::Dense
-            } else {
-                Plan::Skip
-            }
-        })
-        .collect()
-}
+use runner::weights::{SafetensorsIntake, TensorHeader, Weights};
 
 fuzz_target!(|data: &[u8]| {
     let len = data.len() as u64;
@@ -46,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let device = Device::Cpu;
-    let _ = Weights::from_bytes(data, &device, &mut embed_plan);
+    let _ = Weights::from_bytes(data, &device, &mut runner::embed::plan);
     let mut auto =
         |t: &[TensorHeader]| llama::plan(t, llama::auto_quant(t), true, Activations::Int16, false);
     {

@@ -10,7 +10,7 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::models::bert::{self, Bert};
 use crate::models::{self, Family, LoadError};
-use crate::weights::{Plan, Weights};
+use crate::weights::{Plan, TensorHeader, Weights};
 
 /// Sentences per forward pass.
 pub const BATCH: usize = 32;
@@ -131,6 +131,21 @@ impl std::fmt::Debug for Embedder {
     }
 }
 
+/// How an embedding model's weights load: every float tensor as f32; integer buffers
+/// (`position_ids`) are not weights.
+pub fn plan(tensors: &[TensorHeader]) -> Vec<Plan> {
+    tensors
+        .iter()
+        .map(|t| {
+            if t.is_loadable() {
+                Plan::Dense
+            } else {
+                Plan::Skip
+            }
+        })
+        .collect()
+}
+
 impl Embedder {
     /// Loads an embedding model from verified bytes.
     pub fn load(mut model: impl ModelFiles, device: &Device) -> Result<Self, LoadError> {
@@ -171,19 +186,7 @@ impl Embedder {
             }))
             .map_err(|e| tok_err(e.to_string()))?;
 
-        // Every float tensor as f32; integer buffers (`position_ids`) are not weights.
-        let weights = Weights::load(&mut model, device, &mut |tensors| {
-            tensors
-                .iter()
-                .map(|t| {
-                    if t.is_loadable() {
-                        Plan::Dense
-                    } else {
-                        Plan::Skip
-                    }
-                })
-                .collect()
-        })?;
+        let weights = Weights::load(&mut model, device, &mut plan)?;
         let digest = model.digest();
         model.finish()?;
         // Verified: the weights may be used from here on.
