@@ -129,15 +129,9 @@ impl Drop for Registry {
     }
 }
 
-/// `sanctum hub push MODEL REFERENCE --insecure [ARGS]` from `store`, to run.
-fn push_command(
-    store: &Path,
-    lock: &Path,
-    model: &str,
-    reference: &str,
-    args: &[&str],
-) -> assert_cmd::Command {
-    let mut cmd = sanctum();
+/// `sanctum hub push MODEL REFERENCE --insecure [ARGS]` from `store`, to spawn.
+fn push_process(store: &Path, lock: &Path, model: &str, reference: &str, args: &[&str]) -> Command {
+    let mut cmd = crate::support::process();
     cmd.arg("--store")
         .arg(store)
         .arg("--lock")
@@ -145,6 +139,17 @@ fn push_command(
         .args(["--quiet", "hub", "push", model, reference, "--insecure"])
         .args(args);
     cmd
+}
+
+/// [`push_process`], to run and assert on.
+fn push_command(
+    store: &Path,
+    lock: &Path,
+    model: &str,
+    reference: &str,
+    args: &[&str],
+) -> assert_cmd::Command {
+    assert_cmd::Command::from(push_process(store, lock, model, reference, args))
 }
 
 /// The pushed manifest's digest, from what `hub push` printed.
@@ -732,17 +737,12 @@ fn kill_9_during_hub_pushes_never_leaves_a_tag_on_missing_blobs() {
     const MODEL: &str = "all-minilm-l6-v2";
     let round = Cell::new(0u32);
     let repository = |n: u32| format!("{}/models/crash{n}", registry.addr);
+    let lock = repo_lock();
     let push_round = || {
         round.set(round.get() + 1);
-        let mut cmd = crate::support::process();
-        cmd.env("SANCTUM_KEY_PASSWORD", PASSWORD)
-            .arg("--store")
-            .arg(&store)
-            .arg("--lock")
-            .arg(repo_lock())
-            .args(["--quiet", "hub", "push", MODEL])
-            .arg(format!("{}:v1", repository(round.get())))
-            .arg("--insecure");
+        let reference = format!("{}:v1", repository(round.get()));
+        let mut cmd = push_process(&store, &lock, MODEL, &reference, &[]);
+        cmd.env("SANCTUM_KEY_PASSWORD", PASSWORD);
         cmd
     };
     let (mut tagged, mut untagged) = (0, 0);
@@ -784,7 +784,7 @@ fn kill_9_during_hub_pushes_never_leaves_a_tag_on_missing_blobs() {
     // Into the last round's repository, whatever its kill left there.
     let last = repository(round.get());
     let work = TempDir::new().unwrap();
-    let manifest = push(&store, &repo_lock(), MODEL, &format!("{last}:v1"), &[]);
+    let manifest = push(&store, &lock, MODEL, &format!("{last}:v1"), &[]);
     let lock = oci_lock(work.path(), &[(MODEL, last, &manifest)]);
     pull(&lock, &work.path().join("store"), &[MODEL]).success();
 }

@@ -98,8 +98,8 @@ pub enum LockSignatureError {
     UntrustedApprover(KeyHint),
     /// Step 3.
     #[error(
-        "{}: the signature does not verify with approver {approver}'s key",
-        Step::Signature
+        "{step}: the signature does not verify with approver {approver}'s key",
+        step = Step::Signature
     )]
     BadSignature {
         /// The approver the hint named.
@@ -110,8 +110,8 @@ pub enum LockSignatureError {
     Statement(#[from] StatementError),
     /// Step 5.
     #[error(
-        "{}: the lock was edited after signing (signed sha256 {signed}, now {actual})",
-        Step::SubjectDigest
+        "{step}: the lock was edited after signing (signed sha256 {signed}, now {actual})",
+        step = Step::SubjectDigest
     )]
     EditedAfterSigning {
         /// The digest the approver signed.

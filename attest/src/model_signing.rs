@@ -366,8 +366,8 @@ pub enum ModelSignatureError {
     Malformed(#[from] BundleError),
     /// Step 2.
     #[error(
-        "{}: the signature names key {signed}, but the key given is {given}",
-        Step::TrustedSigner
+        "{step}: the signature names key {signed}, but the key given is {given}",
+        step = Step::TrustedSigner
     )]
     KeyMismatch {
         /// The bundle's hint.
@@ -377,8 +377,8 @@ pub enum ModelSignatureError {
     },
     /// Step 3.
     #[error(
-        "{}: the signature does not verify over the DSSE PAE with the given key",
-        Step::Signature
+        "{step}: the signature does not verify over the DSSE PAE with the given key",
+        step = Step::Signature
     )]
     BadSignature,
     /// Step 4.
