@@ -112,6 +112,33 @@ fn kill_9_during_a_gguf_import_leaves_no_directory_or_the_whole_one() {
     );
     eprintln!("import: {killed} of 8 killed; {whole} left the whole directory, {none} none");
     assert!(killed > 0, "no kill landed inside an import");
+
+    // The next import sweeps the staging that killed ones left beside the output (plus one laid
+    // out as a killed import leaves it, so the sweep is tested whatever the kills hit), and never
+    // anything else there.
+    let staging_left = || -> Vec<String> {
+        fs::read_dir(work.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".sanctum-"))
+            .collect()
+    };
+    let dead = work.path().join(".sanctum-import-imported-dead");
+    fs::create_dir(&dead).unwrap();
+    fs::write(dead.join(".owner"), b"").unwrap();
+    fs::write(dead.join("model.safetensors"), vec![0u8; 4096]).unwrap();
+    eprintln!(
+        "import: staging left before the next import: {:?}",
+        staging_left()
+    );
+    assert!(import_into(&out).status().unwrap().success());
+    assert_eq!(
+        staging_left(),
+        Vec::<String>::new(),
+        "staging of killed imports left"
+    );
+    assert_eq!(tree_digests(&out).unwrap(), whole_one);
+    assert!(work.path().join("reference").is_dir());
 }
 
 /// `run --out`: the output is written whole or not at all, and a bundle beside it is whole too;

@@ -19,6 +19,7 @@ pub mod quant;
 pub mod quantize;
 pub mod sampling;
 pub mod source;
+pub mod staging;
 pub mod store;
 pub mod stream;
 pub mod template;

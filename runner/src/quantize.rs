@@ -27,6 +27,7 @@ use crate::kernels::Activations;
 use crate::models::llama::{self, HeadTying};
 use crate::models::{self, Family, LoadError};
 use crate::quant::{Choice, Matrix, Quant};
+use crate::staging;
 use crate::weights::{
     Built, Plan, SafetensorsIntake, Stored, StoredTensor, TensorHeader, block_type_name,
     safetensors_header,
@@ -75,7 +76,7 @@ pub fn quantize_model(
     let config: llama::Config = models::config::read(&model)?;
     let mut tying = HeadTying::new(&model, &config)?;
 
-    let staging = staging_dir(out_dir, ".sanctum-quantize-")?;
+    let staging = staging_dir(out_dir, staging::QUANTIZE)?;
     let dir = staging.path();
     let mut files = Vec::new();
     for file in model.other_files() {

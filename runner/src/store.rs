@@ -3,15 +3,11 @@
 //! A model directory only ever appears by one `rename` of a staging directory whose every file already
 //! matched the lock, so a failed or interrupted pull leaves nothing half-written in `models/`; staging
 //! lives in `<root>/tmp/` on the same filesystem, and a pull sweeps away the staging that killed
-//! pulls left there (`store/staging.rs`).
-
-mod staging;
+//! pulls left there (`staging.rs`).
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-
-use staging::Staging;
 
 use attest::lockfile::{HfSource, ImportFormat, ModelEntry, PypiSource, Source, Unpack};
 use attest::policy::rules::SourceKind;
@@ -24,6 +20,7 @@ use crate::import::pickle::import_pickle;
 use crate::source::hf::{self, HfError, HfFile, HfRequest};
 use crate::source::oci::{self, OciError, RegistryAccess};
 use crate::source::pypi::{self, Pip, PypiError};
+use crate::staging::{self, Staging};
 
 /// A store rooted at a directory (sanctum's home).
 #[derive(Debug, Clone)]
@@ -306,8 +303,9 @@ impl Store {
 
         let tmp_root = self.root.join("tmp");
         fs::create_dir_all(&tmp_root).map_err(io_err(&tmp_root))?;
-        staging::sweep(&tmp_root);
-        let staging = Staging::create(&tmp_root, &entry.name).map_err(io_err(&tmp_root))?;
+        staging::sweep(&tmp_root, staging::PULL);
+        let staging =
+            Staging::create(&tmp_root, staging::PULL, &entry.name).map_err(io_err(&tmp_root))?;
         let fetched = staging.path().join("fetched");
         let model = staging.path().join("model");
         fs::create_dir_all(&fetched).map_err(io_err(&fetched))?;

@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use super::gguf_tokenizer;
 use crate::models::config::ModelConfig;
+use crate::staging::{self, Staging};
 use crate::weights::{Stored, StoredTensor, block_type_name, safetensors_header};
 
 /// Name of the weights file written by the import.
@@ -281,7 +282,7 @@ pub fn import_gguf(input: &Path, out_dir: &Path) -> Result<GgufImport, ImportErr
     check_config(input, &config)?;
 
     // Everything is known to be convertible; now write.
-    let staging = staging_dir(out_dir, ".sanctum-import-")?;
+    let staging = staging_dir(out_dir, staging::IMPORT)?;
     let dir = staging.path();
     let mut files = vec![
         write_bytes(dir, CONFIG_FILE, &config)?,
@@ -931,40 +932,38 @@ pub(crate) fn hash_and_sync(dir: &Path, name: &str) -> Result<ImportedFile, Impo
     })
 }
 
-/// A temporary directory beside `out_dir` (same filesystem, so [`publish`] is one rename).
-pub(crate) fn staging_dir(out_dir: &Path, prefix: &str) -> Result<tempfile::TempDir, ImportError> {
+/// A staging directory of `kind` beside `out_dir` (same filesystem, so [`publish`] is one
+/// rename), after sweeping away the ones killed imports or quantizations left there.
+pub(crate) fn staging_dir(out_dir: &Path, kind: staging::Kind) -> Result<Staging, ImportError> {
     let parent = match out_dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     fs::create_dir_all(parent).map_err(io_err(parent))?;
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in(parent)
-        .map_err(io_err(parent))
+    staging::sweep(parent, kind);
+    let name = out_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model");
+    Staging::create(parent, kind, name).map_err(io_err(parent))
 }
 
 /// Moves the finished staging directory to `out_dir` with one rename.
-pub(crate) fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<(), ImportError> {
+pub(crate) fn publish(staging: Staging, out_dir: &Path) -> Result<(), ImportError> {
     let dir = staging.path();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        // tempfile creates the directory 0700; a model directory is not secret.
+        // Staging is made 0700; a model directory is not secret.
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(dir))?;
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
     check_out_dir(out_dir)?;
     match fs::remove_dir(out_dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(out_dir)(e)),
     }
-    fs::rename(dir, out_dir).map_err(io_err(out_dir))?;
-    // Renamed away: nothing is left for the TempDir to clean up.
-    let _ = staging.keep();
+    staging.move_to(out_dir).map_err(io_err(out_dir))?;
     if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         File::open(parent)
             .and_then(|d| d.sync_all())

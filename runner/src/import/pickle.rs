@@ -24,6 +24,7 @@ use super::gguf::{
     ImportError, ImportedFile, MODEL_FILE, check_out_dir, hash_and_sync, io_err, publish,
     staging_dir,
 };
+use crate::staging;
 
 /// Largest `data.pkl` read: the metadata of a 70B model's state dict is a few megabytes.
 const MAX_PICKLE: u64 = 1 << 30;
@@ -81,7 +82,7 @@ pub fn import_pickle(input: &Path, out_dir: &Path) -> Result<PickleImport, Impor
         });
     }
 
-    let staging = staging_dir(out_dir, ".sanctum-import-")?;
+    let staging = staging_dir(out_dir, staging::IMPORT)?;
     let dir = staging.path();
     let mut files = Vec::new();
     let mut checkpoints = Vec::new();
