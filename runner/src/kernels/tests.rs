@@ -52,16 +52,30 @@ fn grid_activations(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
         let s = (-4.0 - (r % 5) as f32).exp2();
         for (b, block) in row.chunks_exact(BLOCK).enumerate() {
             let mut q: Vec<f32> = block.iter().map(|v| v.round()).collect();
-            q[(b * 7 + r) % BLOCK] = if (b + r) % 2 == 0 { 127.0 } else { -127.0 };
+            let extreme = (b * 7 + r) % BLOCK;
+            q[extreme] = if (b + r) % 2 == 0 { 127.0 } else { -127.0 };
+            // The other 31 quartered add up to at most 31 × 31: the block's sum stays within 2048.
             if q.iter().sum::<f32>().abs() > 2048.0 {
                 q.iter_mut()
-                    .filter(|v| v.abs() < 127.0)
-                    .for_each(|v| *v = (*v / 4.0).trunc());
+                    .enumerate()
+                    .filter(|&(k, _)| k != extreme)
+                    .for_each(|(_, v)| *v = (*v / 4.0).trunc());
             }
             x.extend(q.into_iter().map(|v| v * s));
         }
     }
     x
+}
+
+/// candle's quantized product of `m` rows of `x`.
+fn candle_product(
+    candle: &QMatMul,
+    x: Vec<f32>,
+    m: usize,
+    cols: usize,
+) -> candle_core::Result<Vec<f32>> {
+    let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu)?;
+    candle.forward(&xt)?.flatten_all()?.to_vec1()
 }
 
 /// `y = x · wᵀ` in f64.
@@ -255,8 +269,7 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 let what = format!("{path:?} {format:?} m={m} {rows}x{cols}");
                 if candle_multiplies(format, cols) {
-                    let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu)?;
-                    let theirs: Vec<f32> = candle.forward(&xt)?.flatten_all()?.to_vec1()?;
+                    let theirs = candle_product(&candle, x.clone(), m, cols)?;
                     let vs_candle = relative_rms(&y, &theirs);
                     let bound = candle_bound(format, cols);
                     assert!(vs_candle < bound, "{what}: {vs_candle} from candle");
@@ -294,8 +307,7 @@ fn check_path(path: Path, ms: &[usize], shapes: &[(usize, usize)]) -> candle_cor
                     "{what} exact inputs: {vs_dequantized} from the product with the dequantized weights"
                 );
                 if candle_multiplies(format, cols) {
-                    let xt = Tensor::from_vec(grid, (m, cols), &Device::Cpu)?;
-                    let theirs: Vec<f32> = candle.forward(&xt)?.flatten_all()?.to_vec1()?;
+                    let theirs = candle_product(&candle, grid, m, cols)?;
                     let vs_candle = relative_rms(&y, &theirs);
                     assert!(
                         vs_candle < EXACT_INPUTS,
