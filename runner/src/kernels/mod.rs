@@ -142,6 +142,16 @@ impl Format {
         matches!(self, Self::Q6K)
     }
 
+    /// The largest unsigned value a weight is stored as: 255 for q8_0, 15, 31 or 63 for the others.
+    const fn max_value(self) -> i32 {
+        let bits = if self.is_nibbles() {
+            4 + self.high_bits()
+        } else {
+            8
+        };
+        (1 << bits) - 1
+    }
+
     /// The bits of a stored byte of the high plane that belong to one value, shifted down.
     const fn high_mask(self) -> u8 {
         (1 << self.high_bits()) - 1
@@ -1327,7 +1337,9 @@ pub struct Scratch {
 pub enum Path {
     /// Portable Rust, any target.
     Scalar,
-    /// x86-64 AVX2 and FMA: `vpmaddubsw` + `vpmaddwd` on signed weights.
+    /// x86-64 AVX2 and FMA: `vpmaddubsw` on unsigned weights, summed in 16 bits over as many
+    /// vectors as cannot overflow, then `vpmaddwd`; q8_0's bytes, which would saturate, are
+    /// made signed first.
     Avx2,
     /// x86-64 AVX-512 VNNI on 256-bit registers: `vpdpbusd` on unsigned weights.
     Vnni,
@@ -1362,14 +1374,22 @@ impl Path {
         })
     }
 
-    /// The offset the activation sums are scaled by: the format's on the path that multiplies
+    /// The offset the activation sums are scaled by: the format's on the paths that multiply
     /// unsigned weights, none where the weights are made signed first.
     fn bias_offset(self, format: Format) -> i32 {
         match self {
             Self::Vnni => format.offset(),
+            Self::Avx2 if avx2_unsigned(format) => format.offset(),
             Self::Scalar | Self::Avx2 => 0,
         }
     }
+}
+
+/// Whether the AVX2 path multiplies the format's weights unsigned: `vpmaddubsw` saturates a pair
+/// of products above `i16::MAX`, which q8_0's 255 × 127 twice reaches and the nibble formats'
+/// 63 × 127 twice does not.
+const fn avx2_unsigned(format: Format) -> bool {
+    2 * format.max_value() * 127 <= i16::MAX as i32
 }
 
 /// Activation rows per micro-kernel.

@@ -385,6 +385,87 @@ fn paths_agree_closely() -> candle_core::Result<()> {
     Ok(())
 }
 
+/// ggml blocks of `format` with every value at its largest stored magnitude (all bits of the
+/// values set; q8_0's `-128`) and every f16 scale and minimum `2^-6`.
+fn saturated_blocks(format: Format, blocks: usize) -> Vec<u8> {
+    let (size, fill) = (
+        format.ggml().type_size(),
+        if format == Format::Q8_0 { 0x80 } else { 0xff },
+    );
+    // Where each block's f16 fields are, in ggml's structs.
+    let halves: &[usize] = match format {
+        Format::Q8_0 | Format::Q4_0 | Format::Q5_0 => &[0],
+        Format::Q4_1 | Format::Q4K => &[0, 2],
+        Format::Q6K => &[208],
+    };
+    let mut bytes = vec![fill; size * blocks];
+    for block in bytes.chunks_exact_mut(size) {
+        for &at in halves {
+            block[at..at + 2].copy_from_slice(&f16::from_f32(1.0 / 64.0).to_le_bytes());
+        }
+    }
+    bytes
+}
+
+/// The largest products the formats can make: saturated weights against activations at ±127 whose
+/// residues are ±127 too. Partial sums that the AVX2 path keeps in 16 bits must not overflow: every
+/// path agrees with the scalar one, which sums in 32 bits.
+#[test]
+fn the_largest_products_do_not_overflow() -> candle_core::Result<()> {
+    let (rows, m) = (5, 5);
+    let mut scratch = Scratch::default();
+    for format in Format::ALL {
+        // A run and a block after it; k-quants: two super-blocks.
+        let cols = if format.blocks_per_scale() > 1 {
+            512
+        } else {
+            288
+        };
+        let mut builder = PackedBuilder::new(format, rows, cols)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        builder
+            .push_ggml_rows(&saturated_blocks(
+                format,
+                rows * cols / format.ggml().block_size(),
+            ))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let packed = builder
+            .finish()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        // Each block: 127 (its scale, 2^-7) and 126.5, which rounds to 127 and leaves the residue
+        // -127; every other row negated.
+        let x: Vec<f32> = (0..m * cols)
+            .map(|k| {
+                let units = if k % BLOCK == 0 { 127.0 } else { 126.5 };
+                let sign = if (k / cols) % 2 == 0 { 1.0 } else { -1.0 };
+                sign * units / 128.0
+            })
+            .collect();
+        for activations in [Activations::Int8, Activations::Int16] {
+            let packed = packed.clone().with_activations(activations);
+            for m in [1, m] {
+                let x = &x[..m * cols];
+                let mut reference = vec![0f32; m * rows];
+                packed
+                    .matmul_on(Path::Scalar, x, &mut reference, &mut scratch)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                for path in Path::ALL.into_iter().filter(|&p| runs_here(p)) {
+                    let mut y = vec![0f32; m * rows];
+                    packed
+                        .matmul_on(path, x, &mut y, &mut scratch)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    let diff = relative_rms(&y, &reference);
+                    assert!(
+                        diff < EXACT_INPUTS,
+                        "{path:?} {format:?} {activations} m={m}: {diff} from scalar"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Attention in f64, one query and head at a time, as the definition reads.
 fn reference_attention(
     shape: ops::AttentionShape,

@@ -2,7 +2,8 @@
 //!
 //! One body serves every format and both instruction sets: a format says how weights are loaded as
 //! unsigned bytes ([`Unpack`]), an instruction set how bytes are multiplied and summed into 32-bit
-//! lanes ([`Dot`]). Rows are stored in runs of 8 interleaved blocks (see `position` in the parent
+//! lanes ([`Dot`]): VNNI in one instruction, AVX2 in 16-bit partial sums over as many vectors as
+//! cannot overflow (a run of 8 for the 4-bit formats), widened once per run. Rows are stored in runs of 8 interleaved blocks (see `position` in the parent
 //! module): for each run the kernel accumulates, per (activation row, weight row) pair, 8 products
 //! into one vector whose lanes are the 8 blocks' dot products; one multiply by the 8 scale products
 //! and one fused add bring them into the f32 accumulator. With several activation rows, each
@@ -20,7 +21,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{BLOCK, Format, GROUP, Path, RESIDUE_SCALE, Tile};
+use super::{BLOCK, Format, GROUP, Path, RESIDUE_SCALE, Tile, avx2_unsigned};
 
 /// AVX2, FMA and F16C (the weights' scales), the baseline SIMD path.
 pub(super) fn has_avx2() -> bool {
@@ -293,37 +294,115 @@ unsafe fn run_scales<U: Unpack>(
     }
 }
 
-/// Multiply-accumulate of bytes into 32-bit lanes.
+/// Multiply-accumulate of bytes into 32-bit lanes, through partial sums that may be narrower.
 trait Dot {
-    /// `acc` plus, per lane, the sum of 4 products: `u · x` where the activations carry the
-    /// correction for unsigned weights (`-offset × Σ x`, in `acc` from the start), or
-    /// `(u - offset) · x` on paths that multiply signed weights.
-    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i, offset: i8) -> __m256i;
+    /// Consecutive [`Dot::step`]s of format `U` whose partial sums cannot overflow before
+    /// [`Dot::finish`] widens them.
+    fn steps<U: Unpack>() -> usize;
+    /// `partial` plus, per lane, the products of `u · x` where the activations carry the
+    /// correction for unsigned weights (`-offset × Σ x`, in the accumulator from the start), or of
+    /// `(u - offset) · x` where the path makes the weights signed.
+    unsafe fn step<U: Unpack>(partial: __m256i, u: __m256i, x: __m256i) -> __m256i;
+    /// Two partial sums of one chunk of at most [`Dot::steps`] steps as one.
+    unsafe fn merge(a: __m256i, b: __m256i) -> __m256i;
+    /// `acc` plus the partial sums, widened to one 32-bit sum of 4 products per lane.
+    unsafe fn finish(acc: __m256i, partial: __m256i) -> __m256i;
+
+    /// `vectors` in chunks of at most [`Dot::steps`] (on VNNI, one chunk).
+    #[inline(always)]
+    fn chunks<U: Unpack>(
+        vectors: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let steps = Self::steps::<U>().min(vectors.len()).max(1);
+        let end = vectors.end;
+        vectors.step_by(steps).map(move |t| t..(t + steps).min(end))
+    }
+
+    /// One step, finished.
+    #[inline(always)]
+    unsafe fn dot<U: Unpack>(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the caller guarantees the path's features.
+        unsafe { Self::finish(acc, Self::step::<U>(_mm256_setzero_si256(), u, x)) }
+    }
 }
 
-/// `vpdpbusd` multiplies unsigned by signed bytes and accumulates in one instruction.
+/// `vpdpbusd` multiplies unsigned by signed bytes and accumulates in 32 bits in one instruction.
 struct Vnni;
-/// `vpmaddubsw` would saturate on q8_0's unsigned bytes, so the weights are made signed and their
-/// signs moved onto the activations (whose corrections are zero on this path).
+/// `vpmaddubsw` multiplies unsigned by signed bytes into 16-bit sums of pairs, added up in 16 bits
+/// over as many vectors as cannot overflow and widened by `vpmaddwd`. q8_0's unsigned bytes would
+/// saturate it, so they are made signed and their signs moved onto the activations (whose
+/// corrections are zero for q8_0 on this path).
 struct Avx2;
 
 impl Dot for Vnni {
     #[inline(always)]
-    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i, _offset: i8) -> __m256i {
+    fn steps<U: Unpack>() -> usize {
+        usize::MAX
+    }
+
+    #[inline(always)]
+    unsafe fn step<U: Unpack>(partial: __m256i, u: __m256i, x: __m256i) -> __m256i {
         // SAFETY: only called from `vnni`, compiled with AVX-512 VNNI and VL.
+        unsafe { _mm256_dpbusd_epi32(partial, u, x) }
+    }
+
+    #[inline(always)]
+    unsafe fn merge(a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: only called from `vnni`, compiled with AVX2.
+        unsafe { _mm256_add_epi32(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn finish(acc: __m256i, partial: __m256i) -> __m256i {
+        // SAFETY: only called from `vnni`, compiled with AVX2.
+        unsafe { _mm256_add_epi32(acc, partial) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<U: Unpack>(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: as `step`.
         unsafe { _mm256_dpbusd_epi32(acc, u, x) }
     }
 }
 
 impl Dot for Avx2 {
     #[inline(always)]
-    unsafe fn dot(acc: __m256i, u: __m256i, x: __m256i, offset: i8) -> __m256i {
+    fn steps<U: Unpack>() -> usize {
+        // Each step adds two products of at most the weight's magnitude times 127 (activations
+        // are within ±127) to a 16-bit lane.
+        let weight = if avx2_unsigned(U::FORMAT) {
+            U::FORMAT.max_value()
+        } else {
+            128
+        };
+        (i16::MAX as i32 / (2 * weight * 127)) as usize
+    }
+
+    #[inline(always)]
+    unsafe fn step<U: Unpack>(partial: __m256i, u: __m256i, x: __m256i) -> __m256i {
         // SAFETY: only called from functions compiled with AVX2.
         unsafe {
-            let w = _mm256_sub_epi8(u, _mm256_set1_epi8(offset));
-            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
-            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+            let pairs = if avx2_unsigned(U::FORMAT) {
+                _mm256_maddubs_epi16(u, x)
+            } else {
+                let w = _mm256_sub_epi8(u, _mm256_set1_epi8(U::OFFSET));
+                _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+            };
+            _mm256_add_epi16(partial, pairs)
         }
+    }
+
+    #[inline(always)]
+    unsafe fn merge(a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: only called from functions compiled with AVX2. The chunk's `steps` bound
+        // holds for the sum of its two halves.
+        unsafe { _mm256_add_epi16(a, b) }
+    }
+
+    #[inline(always)]
+    unsafe fn finish(acc: __m256i, partial: __m256i) -> __m256i {
+        // SAFETY: only called from functions compiled with AVX2.
+        unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(partial, _mm256_set1_epi16(1))) }
     }
 }
 
@@ -381,23 +460,22 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
                 let mut lo = [_mm256_setzero_si256(); N];
                 if SPLIT && M == 1 {
                     for (j, (p, lo)) in p[0].iter_mut().zip(&mut lo).enumerate() {
-                        // Even and odd vectors in separate accumulators: half as long a chain
-                        // of dependent `vpdpbusd`.
-                        let (mut p_odd, mut lo_odd) =
-                            (_mm256_setzero_si256(), _mm256_setzero_si256());
-                        for t in vectors.clone().step_by(2) {
-                            for (t, p, lo) in
-                                [(t, &mut *p, &mut *lo), (t + 1, &mut p_odd, &mut lo_odd)]
-                            {
+                        for chunk in D::chunks::<U>(vectors.clone()) {
+                            // Per values and residues, even and odd vectors in separate partial
+                            // sums: half as long a chain of dependent `vpdpbusd`.
+                            let mut partial = [[_mm256_setzero_si256(); 2]; 2];
+                            for t in chunk {
                                 let w = U::load_vector(w_at(j), t);
                                 let at = g * BLOCK + 32 * t;
-                                let (x, r) = (xq.add(at).cast(), xr.add(at).cast());
-                                *p = D::dot(*p, w, _mm256_loadu_si256(x), U::OFFSET);
-                                *lo = D::dot(*lo, w, _mm256_loadu_si256(r), U::OFFSET);
+                                for (partial, x) in partial.iter_mut().zip([xq, xr]) {
+                                    let x = _mm256_loadu_si256(x.add(at).cast());
+                                    partial[t % 2] = D::step::<U>(partial[t % 2], w, x);
+                                }
+                            }
+                            for (acc, [even, odd]) in [&mut *p, &mut *lo].into_iter().zip(partial) {
+                                *acc = D::finish(*acc, D::merge(even, odd));
                             }
                         }
-                        *p = _mm256_add_epi32(*p, p_odd);
-                        *lo = _mm256_add_epi32(*lo, lo_odd);
                     }
                 } else {
                     run_dots::<U, D, M, N>(&mut p, w_at, xq, nb, g, vectors.clone());
@@ -450,11 +528,11 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
                 for j in 0..N {
                     let p = if SPLIT {
                         let lo = _mm256_loadu_si256(xr.add(at * BLOCK).cast());
-                        let hi = D::dot(_mm256_setzero_si256(), w[j], x, U::OFFSET);
+                        let hi = D::dot::<U>(_mm256_setzero_si256(), w[j], x);
                         let hi = _mm256_add_epi32(_mm256_mullo_epi32(hi, residue_scale), bias);
-                        D::dot(hi, w[j], lo, U::OFFSET)
+                        D::dot::<U>(hi, w[j], lo)
                     } else {
-                        D::dot(bias, w[j], x, U::OFFSET)
+                        D::dot::<U>(bias, w[j], x)
                     };
                     let p = _mm256_cvtepi32_ps(p);
                     acc[j] = _mm256_fmadd_ps(p, _mm256_mul_ps(dx, dw[j]), acc[j]);
@@ -521,30 +599,39 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
     // SAFETY: the caller guarantees the bounds and features.
     unsafe {
         let x_at = |i: usize, t: usize| x.add((i * nb + g) * BLOCK + 32 * t).cast();
-        if M == 1 {
-            // One token: weight rows one after the other, each read as one contiguous stream
-            // (interleaving the rows measured 25% slower on the output head).
-            for (j, p) in p[0].iter_mut().enumerate() {
-                // Even and odd vectors in separate accumulators: half as long a dependency chain.
-                let mut odd = _mm256_setzero_si256();
-                for t in vectors.clone().step_by(2) {
-                    for (t, p) in [(t, &mut *p), (t + 1, &mut odd)] {
+        for chunk in D::chunks::<U>(vectors) {
+            if M == 1 {
+                // One token: weight rows one after the other, each read as one contiguous stream
+                // (interleaving the rows measured 25% slower on the output head).
+                for (j, p) in p[0].iter_mut().enumerate() {
+                    // Even and odd vectors in separate partial sums: half as long a chain of
+                    // dependent `vpdpbusd`.
+                    let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for t in chunk.clone() {
+                        let partial = if t % 2 == 0 { &mut even } else { &mut odd };
                         let x = _mm256_loadu_si256(x_at(0, t));
-                        *p = D::dot(*p, U::load_vector(w_at(j), t), x, U::OFFSET);
+                        *partial = D::step::<U>(*partial, U::load_vector(w_at(j), t), x);
+                    }
+                    *p = D::finish(*p, D::merge(even, odd));
+                }
+            } else {
+                // Vector `t` of each weight row is loaded once for all `M` activation rows and
+                // each activation vector once for all `N` weight rows: with `M × N`
+                // accumulators (32 registers with AVX-512) there is about one load per two
+                // products.
+                let mut partial = [[_mm256_setzero_si256(); N]; M];
+                for t in chunk {
+                    let w: [__m256i; N] = std::array::from_fn(|j| U::load_vector(w_at(j), t));
+                    for (i, partial) in partial.iter_mut().enumerate() {
+                        let x = _mm256_loadu_si256(x_at(i, t));
+                        for (partial, &w) in partial.iter_mut().zip(&w) {
+                            *partial = D::step::<U>(*partial, w, x);
+                        }
                     }
                 }
-                *p = _mm256_add_epi32(*p, odd);
-            }
-        } else {
-            // Vector `t` of each weight row is loaded once for all `M` activation rows and each
-            // activation vector once for all `N` weight rows: with `M × N` accumulators (32
-            // registers with AVX-512) there is about one load per two products.
-            for t in vectors {
-                let w: [__m256i; N] = std::array::from_fn(|j| U::load_vector(w_at(j), t));
-                for (i, p) in p.iter_mut().enumerate() {
-                    let x = _mm256_loadu_si256(x_at(i, t));
-                    for (p, &w) in p.iter_mut().zip(&w) {
-                        *p = D::dot(*p, w, x, U::OFFSET);
+                for (p, partial) in p.iter_mut().zip(&partial) {
+                    for (p, &partial) in p.iter_mut().zip(partial) {
+                        *p = D::finish(*p, partial);
                     }
                 }
             }
