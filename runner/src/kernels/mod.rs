@@ -207,7 +207,12 @@ impl Format {
 
     /// Items per row in each of a [`PackedMatrix`]'s arrays for rows of `nb` blocks.
     const fn row_sizes(self, nb: usize) -> RowSizes {
-        let scales = nb / self.blocks_per_scale();
+        // A shift, not a division: the kernels take a row's sizes for every row they multiply.
+        let scales = if self.blocks_per_scale() == 1 {
+            nb
+        } else {
+            nb / GROUP
+        };
         let multipliers = nb * self.multipliers();
         RowSizes {
             quants: nb * self.block_bytes(),
@@ -590,13 +595,14 @@ impl PackedMatrix {
             format: self.format,
             nb,
             sizes,
-            quants: &self.quants[j0 * sizes.quants..],
-            high: &self.high[j0 * sizes.high..],
-            scales: &self.scales[j0 * sizes.scales..],
-            mins: &self.mins[j0 * sizes.mins..],
-            block_scales: &self.block_scales[j0 * sizes.block_scales..],
-            block_mins: &self.block_mins[j0 * sizes.block_mins..],
+            quants: &self.quants,
+            high: &self.high,
+            scales: &self.scales,
+            mins: &self.mins,
+            block_scales: &self.block_scales,
+            block_mins: &self.block_mins,
         }
+        .skip(j0)
     }
 
     /// The matrix in ggml's own block layout (what [`PackedBuilder::push_ggml_rows`] takes, see
@@ -900,6 +906,7 @@ impl WeightRows<'_> {
     /// part of [`Format::values_per_scale`] values; for every format but q6_K the whole block):
     /// for the k-quants the products of the super-block's with the multipliers, exact in f32 as
     /// ggml computes them.
+    #[inline]
     fn scale_min(&self, j: usize, b: usize, part: usize) -> (f32, f32) {
         let format = self.format;
         let per_scale = format.blocks_per_scale();
@@ -920,6 +927,21 @@ impl WeightRows<'_> {
     }
 
     /// Checks that `nr` rows are in bounds, which the SIMD kernels rely on.
+    /// Rows `j..` of these.
+    #[inline]
+    fn skip(&self, j: usize) -> Self {
+        let s = self.sizes;
+        Self {
+            quants: &self.quants[j * s.quants..],
+            high: &self.high[j * s.high..],
+            scales: &self.scales[j * s.scales..],
+            mins: &self.mins[j * s.mins..],
+            block_scales: &self.block_scales[j * s.block_scales..],
+            block_mins: &self.block_mins[j * s.block_mins..],
+            ..*self
+        }
+    }
+
     fn holds(&self, nr: usize) -> bool {
         let s = self.sizes;
         self.quants.len() >= nr * s.quants
@@ -1439,6 +1461,15 @@ impl<'a> Tile<'a> {
         }
     }
 
+    /// The tile of weight row `j` alone (with the same activation rows).
+    #[inline]
+    fn row(&self, j: usize) -> Self {
+        Self {
+            w: self.w.skip(j),
+            ..*self
+        }
+    }
+
     /// Checks that `mr` activation rows and `nr` weight rows are in bounds, which the SIMD
     /// kernels rely on.
     fn check(&self, mr: usize, nr: usize) {
@@ -1468,10 +1499,11 @@ fn tile_rows(
     let ld = r1 - r0;
     let mut j = r0;
     while j < r1 {
-        // One token reads each weight row as one stream, row after row: four rows side by side
-        // (four streams plus the scales') generated 40 % slower, since decoding is bound by memory
-        // (q8_0 tg128 116 against 190–205 tokens/s, docs/performance.md).
-        let nr = if m > 1 && r1 - j >= NR { NR } else { 1 };
+        // One token still reads each weight row as one stream, row after row (the kernels take
+        // the rows of a tile one by one then): four rows side by side (four streams plus the
+        // scales') generated 40 % slower, since decoding is bound by memory (q8_0 tg128 116
+        // against 190–205 tokens/s, docs/performance.md).
+        let nr = if r1 - j >= NR { NR } else { 1 };
         let mut i = 0;
         while i < m {
             // The rows left over after whole tiles go in one narrower tile, not one by one: a

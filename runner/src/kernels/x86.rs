@@ -417,6 +417,15 @@ impl Dot for Avx2 {
 unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: bool>(
     tile: &Tile<'_>,
 ) -> [[f32; N]; M] {
+    if M == 1 && N > 1 {
+        // One token: each weight row read whole as one stream, row after row (see `tile_rows`).
+        let mut out = [[0f32; N]; M];
+        for (j, out) in out[0].iter_mut().enumerate() {
+            // SAFETY: the tile holds `N` weight rows, so row `j`'s tile holds one.
+            *out = unsafe { body::<U, D, 1, 1, SPLIT>(&tile.row(j)) }[0][0];
+        }
+        return out;
+    }
     let nb = tile.nb;
     let row_bytes = nb * U::BYTES;
     let w = &tile.w;
