@@ -472,18 +472,25 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
                         for chunk in D::chunks::<U>(vectors.clone()) {
                             // Per values and residues, even and odd vectors in separate partial
                             // sums: half as long a chain of dependent `vpdpbusd`.
-                            let mut partial = [[_mm256_setzero_si256(); 2]; 2];
-                            for t in chunk {
-                                let w = U::load_vector(w_at(j), t);
-                                let at = g * BLOCK + 32 * t;
-                                for (partial, x) in partial.iter_mut().zip([xq, xr]) {
-                                    let x = _mm256_loadu_si256(x.add(at).cast());
-                                    partial[t % 2] = D::step::<U>(partial[t % 2], w, x);
+                            let [mut p_even, mut p_odd, mut lo_even, mut lo_odd] =
+                                [_mm256_setzero_si256(); 4];
+                            for t in chunk.clone().step_by(2) {
+                                for (t, p, lo) in [
+                                    (t, &mut p_even, &mut lo_even),
+                                    (t + 1, &mut p_odd, &mut lo_odd),
+                                ] {
+                                    // (q8_0's chunks on AVX2 are one vector long.)
+                                    if t < chunk.end {
+                                        let w = U::load_vector(w_at(j), t);
+                                        let at = g * BLOCK + 32 * t;
+                                        let (x, r) = (xq.add(at).cast(), xr.add(at).cast());
+                                        *p = D::step::<U>(*p, w, _mm256_loadu_si256(x));
+                                        *lo = D::step::<U>(*lo, w, _mm256_loadu_si256(r));
+                                    }
                                 }
                             }
-                            for (acc, [even, odd]) in [&mut *p, &mut *lo].into_iter().zip(partial) {
-                                *acc = D::finish(*acc, D::merge(even, odd));
-                            }
+                            *p = D::finish(*p, D::merge(p_even, p_odd));
+                            *lo = D::finish(*lo, D::merge(lo_even, lo_odd));
                         }
                     }
                 } else {
@@ -616,10 +623,14 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
                     // Even and odd vectors in separate partial sums: half as long a chain of
                     // dependent `vpdpbusd`.
                     let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                    for t in chunk.clone() {
-                        let partial = if t % 2 == 0 { &mut even } else { &mut odd };
-                        let x = _mm256_loadu_si256(x_at(0, t));
-                        *partial = D::step::<U>(*partial, U::load_vector(w_at(j), t), x);
+                    for t in chunk.clone().step_by(2) {
+                        for (t, partial) in [(t, &mut even), (t + 1, &mut odd)] {
+                            // (q8_0's chunks on AVX2 are one vector long.)
+                            if t < chunk.end {
+                                let x = _mm256_loadu_si256(x_at(0, t));
+                                *partial = D::step::<U>(*partial, U::load_vector(w_at(j), t), x);
+                            }
+                        }
                     }
                     *p = D::finish(*p, D::merge(even, odd));
                 }
