@@ -3,15 +3,16 @@
 //! One body serves every format and both instruction sets: a format says how weights are loaded as
 //! unsigned bytes ([`Unpack`]), an instruction set how bytes are multiplied and summed into 32-bit
 //! lanes ([`Dot`]): VNNI in one instruction, AVX2 in 16-bit partial sums over as many vectors as
-//! cannot overflow (a run of 8 for the 4-bit formats), widened once per run. Rows are stored in runs of 8 interleaved blocks (see `position` in the parent
-//! module): for each run the kernel accumulates, per (activation row, weight row) pair, 8 products
-//! into one vector whose lanes are the 8 blocks' dot products; one multiply by the 8 scale products
-//! and one fused add bring them into the f32 accumulator. With several activation rows, each
-//! weight vector loaded serves all of them and each activation vector all weight rows, so the tile
-//! costs about one load per two products. q6_K's half blocks have scales of their own: its runs
-//! go in two parts of 4 vectors, the first and the last 16 values of every block. Blocks after
-//! the last run go one at a time (8 partial sums per block). Each accumulator is summed across
-//! its lanes once at the end.
+//! cannot overflow (a whole run for the 4-bit formats), then widened. Rows are stored in runs of 8
+//! interleaved blocks (see `position` in the parent module): for each run the kernel accumulates,
+//! per (activation row, weight row) pair, 8 products into one vector whose lanes are the 8 blocks'
+//! dot products; one multiply by the 8 scale products and one fused add bring them into the f32
+//! accumulator. One token's weight rows go one after the other, each read whole. With several
+//! activation rows, each weight vector loaded serves all of them and each activation vector all
+//! weight rows, so the tile costs about one load per two products. q6_K's half blocks have scales
+//! of their own: its runs go in two parts of 4 vectors, the first and the last 16 values of every
+//! block. Blocks after the last run go one at a time (8 partial sums per block). Each accumulator
+//! is summed across its lanes once at the end.
 #![allow(
     unsafe_code,
     reason = "SIMD intrinsics: loads through raw pointers and calls into target-feature functions"
