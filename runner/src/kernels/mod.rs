@@ -926,7 +926,6 @@ impl WeightRows<'_> {
         )
     }
 
-    /// Checks that `nr` rows are in bounds, which the SIMD kernels rely on.
     /// Rows `j..` of these.
     #[inline]
     fn skip(&self, j: usize) -> Self {
@@ -942,6 +941,7 @@ impl WeightRows<'_> {
         }
     }
 
+    /// Checks that `nr` rows are in bounds, which the SIMD kernels rely on.
     fn holds(&self, nr: usize) -> bool {
         let s = self.sizes;
         self.quants.len() >= nr * s.quants
