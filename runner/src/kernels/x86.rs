@@ -469,29 +469,12 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
                 // registers, so the run is swept again (its weights now in L1).
                 let mut lo = [_mm256_setzero_si256(); N];
                 if SPLIT && M == 1 {
+                    let x = [xq.add(g * BLOCK), xr.add(g * BLOCK)];
                     for (j, (p, lo)) in p[0].iter_mut().zip(&mut lo).enumerate() {
                         for chunk in D::chunks::<U>(vectors.clone()) {
-                            // Per values and residues, even and odd vectors in separate partial
-                            // sums: half as long a chain of dependent `vpdpbusd`.
-                            let [mut p_even, mut p_odd, mut lo_even, mut lo_odd] =
-                                [_mm256_setzero_si256(); 4];
-                            for t in chunk.clone().step_by(2) {
-                                for (t, p, lo) in [
-                                    (t, &mut p_even, &mut lo_even),
-                                    (t + 1, &mut p_odd, &mut lo_odd),
-                                ] {
-                                    // (q8_0's chunks on AVX2 are one vector long.)
-                                    if t < chunk.end {
-                                        let w = U::load_vector(w_at(j), t);
-                                        let at = g * BLOCK + 32 * t;
-                                        let (x, r) = (xq.add(at).cast(), xr.add(at).cast());
-                                        *p = D::step::<U>(*p, w, _mm256_loadu_si256(x));
-                                        *lo = D::step::<U>(*lo, w, _mm256_loadu_si256(r));
-                                    }
-                                }
-                            }
-                            *p = D::finish(*p, D::merge(p_even, p_odd));
-                            *lo = D::finish(*lo, D::merge(lo_even, lo_odd));
+                            let [values, residues] = token_chunk::<U, D, 2>(w_at(j), x, chunk);
+                            *p = D::finish(*p, values);
+                            *lo = D::finish(*lo, residues);
                         }
                     }
                 } else {
@@ -615,25 +598,14 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
 ) {
     // SAFETY: the caller guarantees the bounds and features.
     unsafe {
-        let x_at = |i: usize, t: usize| x.add((i * nb + g) * BLOCK + 32 * t).cast();
+        let x_at = |i: usize, t: usize| x.add((i * nb + g) * BLOCK + 32 * t);
         for chunk in D::chunks::<U>(vectors) {
             if M == 1 {
                 // One token: weight rows one after the other, each read as one contiguous stream
                 // (interleaving the rows measured 25% slower on the output head).
                 for (j, p) in p[0].iter_mut().enumerate() {
-                    // Even and odd vectors in separate partial sums: half as long a chain of
-                    // dependent `vpdpbusd`.
-                    let (mut even, mut odd) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                    for t in chunk.clone().step_by(2) {
-                        for (t, partial) in [(t, &mut even), (t + 1, &mut odd)] {
-                            // (q8_0's chunks on AVX2 are one vector long.)
-                            if t < chunk.end {
-                                let x = _mm256_loadu_si256(x_at(0, t));
-                                *partial = D::step::<U>(*partial, U::load_vector(w_at(j), t), x);
-                            }
-                        }
-                    }
-                    *p = D::finish(*p, D::merge(even, odd));
+                    let [sums] = token_chunk::<U, D, 1>(w_at(j), [x_at(0, 0)], chunk.clone());
+                    *p = D::finish(*p, sums);
                 }
             } else {
                 // Vector `t` of each weight row is loaded once for all `M` activation rows and
@@ -644,7 +616,7 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
                 for t in chunk {
                     let w: [__m256i; N] = std::array::from_fn(|j| U::load_vector(w_at(j), t));
                     for (i, partial) in partial.iter_mut().enumerate() {
-                        let x = _mm256_loadu_si256(x_at(i, t));
+                        let x = _mm256_loadu_si256(x_at(i, t).cast());
                         for (partial, &w) in partial.iter_mut().zip(&w) {
                             *partial = D::step::<U>(*partial, w, x);
                         }
@@ -657,6 +629,38 @@ unsafe fn run_dots<U: Unpack, D: Dot, const M: usize, const N: usize>(
                 }
             }
         }
+    }
+}
+
+/// One token's partial sums over the vectors `chunk` (at most [`Dot::steps`]) of the weight run at
+/// `w`, with each of `K` activation streams (values, and residues) whose run starts at `x[k]`. Even
+/// and odd vectors go to separate partial sums, merged at the end: half as long a chain of dependent
+/// `vpdpbusd`.
+///
+/// # Safety
+/// As [`body`]: the CPU has `D`'s features and the run is within the operands.
+#[inline(always)]
+unsafe fn token_chunk<U: Unpack, D: Dot, const K: usize>(
+    w: At,
+    x: [*const i8; K],
+    chunk: std::ops::Range<usize>,
+) -> [__m256i; K] {
+    // SAFETY: the caller guarantees the bounds and features.
+    unsafe {
+        let (mut even, mut odd) = ([_mm256_setzero_si256(); K], [_mm256_setzero_si256(); K]);
+        for t in chunk.clone().step_by(2) {
+            for (t, partial) in [(t, &mut even), (t + 1, &mut odd)] {
+                // (q8_0's chunks on AVX2 are one vector long.)
+                if t < chunk.end {
+                    let w = U::load_vector(w, t);
+                    for (partial, x) in partial.iter_mut().zip(x) {
+                        let x = _mm256_loadu_si256(x.add(32 * t).cast());
+                        *partial = D::step::<U>(*partial, w, x);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|k| D::merge(even[k], odd[k]))
     }
 }
 
