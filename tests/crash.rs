@@ -125,8 +125,8 @@ fn kill_9_during_a_gguf_import_leaves_no_directory_or_the_whole_one() {
     };
     let dead = work.path().join(".sanctum-import-imported-dead");
     fs::create_dir(&dead).unwrap();
-    fs::write(dead.join(".owner"), b"").unwrap();
     fs::write(dead.join("model.safetensors"), vec![0u8; 4096]).unwrap();
+    fs::write(work.path().join(".sanctum-import-imported-dead.owner"), b"").unwrap();
     eprintln!(
         "import: staging left before the next import: {:?}",
         staging_left()
