@@ -17,8 +17,13 @@ const SMOL: &str = "smollm2-135m-instruct";
 
 /// `sanctum` on the real store, with a signing key and an empty policy of `dir`.
 fn real(dir: &Path) -> Option<Command> {
+    real_process(dir).map(Command::from)
+}
+
+/// [`real`] as a plain process.
+fn real_process(dir: &Path) -> Option<std::process::Command> {
     let store = support::real_store()?;
-    let mut cmd = sanctum();
+    let mut cmd = support::process();
     cmd.arg("--store")
         .arg(store)
         .arg("--lock")
@@ -69,7 +74,7 @@ fn json_results_have_every_sample_and_the_extras() {
     .success()
     .stderr(contains("q4_0+int16 tg4 2/2"))
     .stderr(contains(
-        "a busy-looping neighbour thread runs beside the tests",
+        "a busy-looping neighbour process runs beside the tests",
     ));
     let report: serde_json::Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
     let results = report["results"].as_array().unwrap();
@@ -110,6 +115,83 @@ fn json_results_have_every_sample_and_the_extras() {
             .unwrap()
             > 0.0
     );
+}
+
+/// A benchmark killed with -9 takes its busy neighbour with it: the neighbour sees its parent gone
+/// and exits, so nothing is left spinning on the developer's machine.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_benchmark_killed_with_9_leaves_no_busy_neighbour_spinning() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = setup();
+    let Some(mut cmd) = real_process(dir.path()) else {
+        return;
+    };
+    let _guard = one_at_a_time();
+    let mut bench = cmd
+        .args(["bench", SMOL, "--quant", "q8_0", "--busy-neighbour"])
+        .args(["-p", "16", "-n", "512", "-r", "50", "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held open until the kill: a closed pipe would end the benchmark by an error, not the kill.
+    let mut stderr = BufReader::new(bench.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("neighbour process runs") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "bench ended early"
+        );
+    }
+    // The notice comes just before the fork.
+    let children = || -> Vec<u32> {
+        let tasks = fs::read_dir(format!("/proc/{}/task", bench.id())).unwrap();
+        tasks
+            .flat_map(|task| {
+                let children = task.unwrap().path().join("children");
+                let pids = fs::read_to_string(children).unwrap_or_default();
+                pids.split_whitespace()
+                    .map(|pid| pid.parse().unwrap())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let neighbour = loop {
+        match children()[..] {
+            [neighbour] => break neighbour,
+            [] if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            ref other => panic!("one busy neighbour expected, children: {other:?}"),
+        }
+    };
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    // Gone, or a zombie its new parent has not reaped yet: either way no longer running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = fs::read_to_string(format!("/proc/{neighbour}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next());
+        if matches!(state, None | Some("Z" | "X")) {
+            break;
+        }
+        if Instant::now() > deadline {
+            // Not left spinning after the test either.
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &neighbour.to_string()])
+                .status();
+            panic!("neighbour {neighbour} still {state:?} after its benchmark was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stderr);
 }
 
 #[test]

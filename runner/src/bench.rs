@@ -312,43 +312,63 @@ pub fn mix(choices: &[crate::quant::Choice]) -> String {
     parts.join(", ")
 }
 
-/// One thread spinning on integer work until dropped, beside a benchmark (`--busy-neighbour`): how
-/// speed holds up when another program wants a core too, as on a developer's laptop during a
-/// build. A thread rather than a process, so it can never outlive the benchmark.
+/// One process spinning on integer work until dropped, beside a benchmark (`--busy-neighbour`):
+/// how speed holds up when another program wants a core too, as on a developer's laptop during a
+/// build. A process, as such a program is: a thread of the benchmark's own would count as its own
+/// load, which the kernels' pool does not make room for. It checks every millisecond or so that
+/// the benchmark still lives, and exits when not, so even a kill -9 does not leave it spinning.
 #[derive(Debug)]
 pub struct BusyNeighbour {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    #[cfg(unix)]
+    pid: libc::pid_t,
 }
 
 impl BusyNeighbour {
-    /// Starts spinning.
-    pub fn start() -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut x = 1u64;
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                for _ in 0..4096 {
-                    x = std::hint::black_box(
-                        x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
-                    );
+    /// Starts spinning (unix only: elsewhere an `Unsupported` error).
+    #[cfg(not(unix))]
+    pub fn start() -> std::io::Result<Self> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "a busy neighbour is a forked process, on unix only",
+        ))
+    }
+
+    /// Starts spinning (unix only: elsewhere an `Unsupported` error).
+    #[cfg(unix)]
+    pub fn start() -> std::io::Result<Self> {
+        #[allow(unsafe_code)]
+        // SAFETY: the child runs only arithmetic and the async-signal-safe `getppid` and `_exit`:
+        // nothing that could need a lock another thread of the parent held at the fork.
+        let pid = unsafe {
+            let parent = libc::getpid();
+            match libc::fork() {
+                0 => {
+                    let mut x = 1u64;
+                    while libc::getppid() == parent {
+                        for _ in 0..1 << 20 {
+                            x = std::hint::black_box(
+                                x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
+                            );
+                        }
+                    }
+                    libc::_exit(0)
                 }
+                -1 => return Err(std::io::Error::last_os_error()),
+                pid => pid,
             }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        };
+        Ok(Self { pid })
     }
 }
 
+#[cfg(unix)]
 impl Drop for BusyNeighbour {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            // A panic in a loop of multiplications cannot happen; nothing to report if it did.
-            let _ = thread.join();
+        #[allow(unsafe_code)]
+        // SAFETY: `pid` is this process's own child, not yet reaped, so it names no other process.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
         }
     }
 }
@@ -379,7 +399,7 @@ pub struct BenchReport {
     /// The machine's 1-, 5- and 15-minute load averages at the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_average: Option<[f64; 3]>,
-    /// A busy-looping neighbour thread ran during the tests ([`BusyNeighbour`]).
+    /// A busy-looping neighbour process ran during the tests ([`BusyNeighbour`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub busy_neighbour: bool,
     /// Every test's result.
@@ -499,6 +519,31 @@ pub fn compare(base: &[TestResult], new: &[TestResult], threshold: f64) -> Compa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The state letter and parent of process `pid` (`/proc/<pid>/stat`), None once it is gone.
+    #[cfg(target_os = "linux")]
+    fn state_and_parent(pid: libc::pid_t) -> Option<(char, i64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+        let state = fields.next()?.chars().next()?;
+        Some((state, fields.next()?.parse().ok()?))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_busy_neighbour_is_a_child_that_spins_until_dropped() {
+        let neighbour = BusyNeighbour::start().unwrap();
+        let pid = neighbour.pid;
+        let ours = i64::from(std::process::id());
+        // Running (or about to run: the fork may not have been scheduled yet).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state_and_parent(pid) != Some(('R', ours)) {
+            assert!(Instant::now() < deadline, "{:?}", state_and_parent(pid));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(neighbour);
+        assert_eq!(state_and_parent(pid), None, "killed and reaped");
+    }
 
     fn result(quant: &str, test: &str, ts: f64) -> TestResult {
         TestResult {

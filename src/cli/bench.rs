@@ -114,7 +114,7 @@ struct RunBench {
     /// Seed of the random prompt tokens.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Run the tests with one busy-looping thread beside them (a neighbour wanting a core), to
+    /// Run the tests with one busy-looping process beside them (a neighbour wanting a core), to
     /// measure how speed holds up under contention; recorded in the report.
     #[arg(long)]
     busy_neighbour: bool,
@@ -347,10 +347,12 @@ fn run_bench(model_name: &str, args: RunBench, ctx: &Context) -> anyhow::Result<
             "{model_name} {quant_name}: loaded and verified in {:.2} s ({mix})",
             load_verify.as_secs_f64()
         ));
-        let neighbour = args.busy_neighbour.then(|| {
-            say("a busy-looping neighbour thread runs beside the tests");
-            bench::BusyNeighbour::start()
-        });
+        let neighbour = if args.busy_neighbour {
+            say("a busy-looping neighbour process runs beside the tests");
+            Some(bench::BusyNeighbour::start().context("starting the busy neighbour")?)
+        } else {
+            None
+        };
         let samples = bench::run(
             &model,
             &tests,

@@ -101,9 +101,13 @@ pub struct RuntimeArgs {
     /// auto, cpu, cuda, cuda:N or metal (cuda and metal need a build with that cargo feature).
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     device: DeviceChoice,
-    /// CPU threads [default: the number of physical cores].
+    /// Most CPU threads [default: the number of physical cores]. On Linux a forward pass runs on
+    /// fewer while other programs keep cores busy (a thread they preempt would hold up the others).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    /// Always run on all --threads threads, however busy the machine.
+    #[arg(long)]
+    fixed_threads: bool,
 }
 
 /// What to generate and how to pick tokens.
@@ -188,6 +192,9 @@ impl RuntimeArgs {
     /// policy allows it.
     pub fn start(&self, ctx: &Context) -> anyhow::Result<Runtime> {
         let threads = set_threads(self.threads.map(usize::from));
+        if self.fixed_threads {
+            runner::kernels::use_every_thread();
+        }
         let device = self.device.open(&ctx.policy()?.rules)?;
         Ok(Runtime::new(device, threads))
     }

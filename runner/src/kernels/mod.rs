@@ -20,6 +20,7 @@
 //! answers where 8-bit activations flip them, for about twice the integer work.
 
 pub mod ops;
+mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -30,14 +31,7 @@ use candle_core::Device;
 use half::f16;
 use rayon::prelude::*;
 
-/// Runs `f` on a worker of rayon's global pool (the calling thread waits).
-///
-/// Callers that make many parallel calls in a row (a model's forward pass) should enter the pool
-/// once: from inside, a parallel loop splits work with the other workers directly; from outside,
-/// every loop hands its job to the pool and sleeps until it is done, a wake-up per matmul.
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
-}
+pub use pool::{on_pool, use_every_thread};
 
 /// Values per block, for every format.
 pub const BLOCK: usize = 32;

@@ -1640,6 +1640,39 @@ mod tests {
     /// A batched pass gives every sequence exactly the logits it gets alone, on both paths,
     /// whatever the other sequences' lengths: prompts of several lengths together, and decode
     /// steps of 1 to 7 sequences.
+    /// `on_pool` runs a pass on fewer threads when other programs keep cores busy: the logits must
+    /// be the same bits on any number of threads, or an output would depend on the machine's load.
+    #[test]
+    fn logits_do_not_depend_on_the_thread_count() -> Result<()> {
+        let (cfg, bytes) = tiny_model();
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 96).collect();
+        for quant in [Quant::Q8_0, Quant::Q4_0] {
+            let model = load_tiny(&cfg, &bytes, quant)?;
+            let run = |threads: usize| -> Result<Vec<f32>> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                pool.install(|| {
+                    let (mut cache, mut work) = (model.new_cache(), Workspace::default());
+                    let mut logits = model.forward(&mut cache, &mut work, &prompt)?;
+                    for t in [5, 17, 90] {
+                        logits.extend(model.forward(&mut cache, &mut work, &[t])?);
+                    }
+                    Ok(logits)
+                })
+            };
+            let one = run(1)?;
+            for threads in [2, 3] {
+                assert!(
+                    one == run(threads)?,
+                    "{quant}: {threads} threads differ from one"
+                );
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn batched_step_equals_solo_steps_bit_for_bit() -> Result<()> {
         let (cfg, bytes) = tiny_model();
