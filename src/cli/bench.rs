@@ -115,7 +115,8 @@ struct RunBench {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Run the tests with one busy-looping process beside them (a neighbour wanting a core), to
-    /// measure how speed holds up under contention; recorded in the report.
+    /// measure how speed holds up under contention; recorded in the report. Passes run on the
+    /// cores it leaves free unless --fixed-threads is given.
     #[arg(long)]
     busy_neighbour: bool,
     #[command(flatten)]

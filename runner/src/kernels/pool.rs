@@ -69,20 +69,36 @@ fn smaller_pool(threads: usize, most: usize) -> Option<&'static ThreadPool> {
 }
 
 /// CPUs not kept busy by other programs over the last [`WINDOW`], rounded; None where that
-/// cannot be told.
+/// cannot be told (asked again a window later).
 fn free_cores() -> Option<usize> {
-    static LAST: Mutex<Option<(Instant, Load, usize)>> = Mutex::new(None);
+    static LAST: Mutex<Option<Measure>> = Mutex::new(None);
     let mut last = LAST.lock().ok()?;
     let now = Instant::now();
     match *last {
-        Some((at, _, free)) if now.duration_since(at) < WINDOW => Some(free),
+        Some(m) if now.duration_since(m.at) < WINDOW => m.free,
         previous => {
-            let load = Load::read()?;
-            let free = previous.map_or(load.cpus, |(_, before, _)| load.free_since(&before));
-            *last = Some((now, load, free));
-            Some(free)
+            let load = Load::read();
+            let free = match (load, previous.and_then(|m| m.load)) {
+                (Some(load), Some(before)) => Some(load.free_since(&before)),
+                (Some(load), None) => Some(load.cpus),
+                (None, _) => None,
+            };
+            *last = Some(Measure {
+                at: now,
+                load,
+                free,
+            });
+            free
         }
     }
+}
+
+/// The last reading of [`Load`], and what it said.
+#[derive(Debug, Clone, Copy)]
+struct Measure {
+    at: Instant,
+    load: Option<Load>,
+    free: Option<usize>,
 }
 
 /// Cumulative CPU time, in clock ticks: the machine's, and this process's.

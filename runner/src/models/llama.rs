@@ -1637,9 +1637,6 @@ mod tests {
         Ok(())
     }
 
-    /// A batched pass gives every sequence exactly the logits it gets alone, on both paths,
-    /// whatever the other sequences' lengths: prompts of several lengths together, and decode
-    /// steps of 1 to 7 sequences.
     /// `on_pool` runs a pass on fewer threads when other programs keep cores busy: the logits must
     /// be the same bits on any number of threads, or an output would depend on the machine's load.
     #[test]
@@ -1673,6 +1670,9 @@ mod tests {
         Ok(())
     }
 
+    /// A batched pass gives every sequence exactly the logits it gets alone, on both paths,
+    /// whatever the other sequences' lengths: prompts of several lengths together, and decode
+    /// steps of 1 to 7 sequences.
     #[test]
     fn batched_step_equals_solo_steps_bit_for_bit() -> Result<()> {
         let (cfg, bytes) = tiny_model();
