@@ -49,6 +49,9 @@ pub const QUANTIZE: Kind = Kind {
     live: ".sanctum-quantize-",
     fresh: ".sanctum-new-quantize-",
 };
+/// Most bytes of the writer's name in a staging name: with the longest prefix, the random part and
+/// [`OWNER`] the whole stays far below the 255 bytes a file name may have.
+const NAME_PART: usize = 96;
 /// Age past which a fresh-named leftover or a directory without an owner file is taken as abandoned.
 const UNOWNED_GRACE: Duration = Duration::from_secs(3600);
 
@@ -79,7 +82,7 @@ impl Staging {
             .and_then(|n| n.strip_suffix(OWNER))
             .unwrap_or("0")
             .to_owned();
-        let dir = root.join(format!("{}{name}-{random}", kind.live));
+        let dir = root.join(format!("{}{}-{random}", kind.live, shortened(name)));
         // On failure the temporary file is deleted with `fresh`.
         let owner = fresh
             .persist_noclobber(owner_of(&dir))
@@ -181,6 +184,16 @@ pub fn sweep(root: &Path, kind: Kind) -> Vec<PathBuf> {
     removed
 }
 
+/// `name` cut to at most [`NAME_PART`] bytes (at a character boundary): it only tells a person what
+/// the staging is for, and a whole file name may be no longer than 255 bytes.
+fn shortened(name: &str) -> &str {
+    let mut end = name.len().min(NAME_PART);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// The owner file of the staging directory `dir`: beside it, its name plus [`OWNER`].
 fn owner_of(dir: &Path) -> PathBuf {
     let mut name = dir.as_os_str().to_owned();
@@ -271,6 +284,18 @@ mod tests {
             !live_path.exists() && !owner_of(&live_path).exists(),
             "a finished pull removes its own staging"
         );
+    }
+
+    #[test]
+    fn an_output_named_at_the_longest_still_stages() {
+        let tmp = tempfile::tempdir().unwrap();
+        let longest = "é".repeat(127) + "x";
+        assert_eq!(longest.len(), 255);
+        let staging = Staging::create(tmp.path(), QUANTIZE, &longest).unwrap();
+        let name = staging.path().file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(&format!(".sanctum-quantize-{}-", "é".repeat(48))));
+        staging.move_to(&tmp.path().join(&longest)).unwrap();
+        assert!(tmp.path().join(&longest).is_dir());
     }
 
     #[test]
