@@ -16,9 +16,6 @@ use crate::caches::Root;
 use crate::inspect::{self, Inspection};
 use crate::report::Unreadable;
 
-/// Bytes hashed per read.
-const CHUNK: usize = 1 << 20;
-
 /// A regular file the walk reached.
 #[derive(Debug)]
 pub(crate) struct Candidate {
@@ -168,20 +165,22 @@ pub(crate) fn examine(
 
 /// The sha256 of a file, read in bounded chunks, each chunk's length passed to `advance`.
 pub(crate) fn hash(path: &Path, advance: &(dyn Fn(u64) + Sync)) -> io::Result<Sha256Digest> {
-    let mut file = attest::files::open_regular(path)?;
-    let mut hasher = attest::digest::Sha256Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        advance(n as u64);
+    let file = attest::files::open_regular(path)?;
+    Sha256Digest::of_reader(Advancing { file, advance }).map(|(digest, _)| digest)
+}
+
+/// A reader that reports how many bytes each read gave.
+struct Advancing<'a, R> {
+    file: R,
+    advance: &'a (dyn Fn(u64) + Sync),
+}
+
+impl<R: Read> Read for Advancing<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        (self.advance)(n as u64);
+        Ok(n)
     }
-    Ok(hasher.finish())
 }
 
 /// `work` over every item on a pool of `threads` threads (rayon), keeping the order of the items.
