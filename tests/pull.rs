@@ -265,19 +265,19 @@ fn hf_source_with_gguf_import_reproduces_the_locked_files() {
         .stderr(contains("pulled and verified"));
 }
 
-/// Staging left by a killed pull is swept by the next pull; staging a live pull owns (its
-/// `.owner` locked, here by this test) is left alone.
+/// Staging left by a killed pull is swept by the next pull; staging a live pull owns (the owner
+/// file beside it locked, here by this test) is left alone.
 #[test]
 fn the_next_pull_sweeps_staging_of_killed_pulls_only() {
     let hub = hub();
     let tmp = hub.home.path().join("store/tmp");
     let dead = tmp.join("pull-tiny-killed");
     fs::create_dir_all(dead.join("fetched")).unwrap();
-    fs::write(dead.join(".owner"), b"").unwrap();
+    fs::write(tmp.join("pull-tiny-killed.owner"), b"").unwrap();
     fs::write(dead.join("fetched/model.safetensors"), vec![7u8; 1 << 20]).unwrap();
     let live = tmp.join("pull-tiny-running");
     fs::create_dir_all(&live).unwrap();
-    let owner = fs::File::create(live.join(".owner")).unwrap();
+    let owner = fs::File::create(tmp.join("pull-tiny-running.owner")).unwrap();
     owner.lock().unwrap();
 
     hub.sanctum()
@@ -286,14 +286,15 @@ fn the_next_pull_sweeps_staging_of_killed_pulls_only() {
         .success();
 
     assert!(!dead.exists(), "a killed pull's staging is swept");
-    assert!(
-        live.join(".owner").exists(),
-        "a live pull's staging is kept"
-    );
-    let left: Vec<_> = fs::read_dir(&tmp)
+    let mut left: Vec<_> = fs::read_dir(&tmp)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("pull-tiny-running")]);
+    left.sort();
+    assert_eq!(
+        left,
+        ["pull-tiny-running", "pull-tiny-running.owner"],
+        "a live pull's staging is kept, and nothing else"
+    );
     drop(owner);
 }
