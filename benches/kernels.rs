@@ -1,16 +1,23 @@
 //! Quantized matmul throughput at SmolLM2-135M's shapes: sanctum's kernels (q8_0, q4_0, with 8- and
 //! 16-bit activations; q5_0, q4_K and q6_K with 16-bit) against
 //! candle's `QMatMul` (q8_0, q4_0, q4k, q6k, f16) in the same run, for one activation row (generation)
-//! and 512 rows (a prompt). Elements are multiply-adds (`m × rows × cols`).
+//! and 512 rows (a prompt). Elements are multiply-adds (`m × rows × cols`). Also causal attention
+//! of a 512-token prompt at SmolLM2-135M's head shapes over an f16 and an f32 cache (elements:
+//! query-key pairs per head).
 //!
 //! `cargo bench --bench kernels`; threads follow `RAYON_NUM_THREADS` like `sanctum --threads`.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
+use half::f16;
 use runner::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use runner::candle_core::{Device, Module, Tensor};
+use runner::kernels::ops::{AttentionShape, CacheValue, attention};
 use runner::kernels::{Activations, Format, PackedMatrix, Scratch};
 
 /// `[rows, cols]` of SmolLM2-135M's projections (q/o, k/v, gate/up, down).
@@ -106,5 +113,50 @@ fn matmul_prompt(c: &mut Criterion) {
     matmuls(c, "matmul m=512", 512, &LAYER_SHAPES);
 }
 
-criterion_group!(benches, matvec, matmul_prompt);
+/// One layer's attention for a 512-token prompt (9 heads sharing 3 key/value heads of 64), as
+/// `ops::attention` runs it between the projections.
+fn attention_prompt(c: &mut Criterion) {
+    const SEQ: usize = 512;
+    let shape = AttentionShape {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        pos: 0,
+        capacity: SEQ,
+        seq: SEQ,
+    };
+    let q = values(SEQ * shape.heads * shape.head_dim, 3);
+    let kv = values(shape.kv_heads * SEQ * shape.head_dim, 4);
+    let mut group = c.benchmark_group("attention prompt=512");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(
+        (shape.heads * SEQ * (SEQ + 1) / 2) as u64,
+    ));
+    fn run<T: CacheValue>(
+        group: &mut BenchmarkGroup<'_, WallTime>,
+        shape: AttentionShape,
+        q: &[f32],
+        kv: &[T],
+    ) {
+        let mut out = vec![0f32; q.len()];
+        let mut scratch = Vec::new();
+        let name = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("cache");
+        group.bench_function(BenchmarkId::new("sanctum", name), |b| {
+            b.iter_custom(|iters| {
+                in_pool(iters, || {
+                    attention(shape, black_box(q), kv, kv, &mut out, &mut scratch)
+                })
+            })
+        });
+    }
+    let half: Vec<f16> = kv.iter().map(|&v| f16::from_f32(v)).collect();
+    run(&mut group, shape, &q, &half);
+    run(&mut group, shape, &q, &kv);
+    group.finish();
+}
+
+criterion_group!(benches, matvec, matmul_prompt, attention_prompt);
 criterion_main!(benches);

@@ -582,6 +582,7 @@ impl PackedMatrix {
     }
 
     /// Weight rows `j0..` as the kernels read them.
+    #[inline(always)]
     fn rows_from(&self, j0: usize) -> WeightRows<'_> {
         let nb = self.blocks_per_row();
         let sizes = self.format.row_sizes(nb);
@@ -920,8 +921,9 @@ impl WeightRows<'_> {
         )
     }
 
-    /// Rows `j..` of these.
-    #[inline]
+    /// Rows `j..` of these. Always inlined: one token takes a row at a time, and a call that
+    /// returns the struct through memory (then read back as vectors) cost a tenth of generation.
+    #[inline(always)]
     fn skip(&self, j: usize) -> Self {
         let s = self.sizes;
         Self {
@@ -1412,6 +1414,8 @@ const fn avx2_unsigned(format: Format) -> bool {
 const MR: usize = 4;
 /// Weight rows per micro-kernel.
 const NR: usize = 4;
+/// Weight rows per micro-kernel call for one activation row (which takes them one by one).
+const TOKEN_ROWS: usize = 16;
 
 /// The operands of one micro-kernel call: `MR'` activation rows starting at `i0` and `NR'` weight
 /// rows starting at `j0`, over every block of the row.
@@ -1456,7 +1460,7 @@ impl<'a> Tile<'a> {
     }
 
     /// The tile of weight row `j` alone (with the same activation rows).
-    #[inline]
+    #[inline(always)]
     fn row(&self, j: usize) -> Self {
         Self {
             w: self.w.skip(j),
@@ -1497,6 +1501,18 @@ fn tile_rows(
         // the rows of a tile one by one then): four rows side by side (four streams plus the
         // scales') generated 40 % slower, since decoding is bound by memory (q8_0 tg128 116
         // against 190–205 tokens/s, docs/performance.md).
+        // One token's kernel call takes `TOKEN_ROWS` rows where it can: setting up a tile per
+        // four rows took an eighth of generation time.
+        if m == 1 && r1 - j >= TOKEN_ROWS {
+            store(
+                out,
+                j - r0,
+                ld,
+                kernel::<1, TOKEN_ROWS>(path, &Tile::new(w, acts, 0, j)),
+            );
+            j += TOKEN_ROWS;
+            continue;
+        }
         let nr = if r1 - j >= NR { NR } else { 1 };
         let mut i = 0;
         while i < m {

@@ -125,10 +125,23 @@ pub struct AttentionShape {
 
 /// Query rows per tile of the prompt path: every key and value vector loaded serves this many.
 const ROWS: usize = 4;
-/// Keys per score tile (four 512-bit vectors per row).
-const KEYS: usize = 64;
-/// Head values per output tile (two 512-bit vectors per row).
-const DIMS: usize = 32;
+/// Keys per score tile. A tile's accumulators (`ROWS` × `KEYS` / 8 vectors of 8 lanes) must fit
+/// in the vector registers with room for the operands, or every step spills them to the stack:
+/// 32 registers with AVX-512, 16 without (24 keys: 12 accumulators; 64 keys spilled on AVX2 and
+/// took a fifth of a 512-token prompt).
+const KEYS: usize = if cfg!(target_feature = "avx512f") {
+    64
+} else {
+    24
+};
+/// Head values per output tile (as [`KEYS`]: 16 values, 8 accumulators, on AVX2).
+const DIMS: usize = if cfg!(target_feature = "avx512f") {
+    32
+} else {
+    16
+};
+/// Key positions transposed together on the prompt path.
+const TRANSPOSE: usize = 16;
 /// Queries of one head per parallel task on the prompt path.
 const TASK_QUERIES: usize = 16;
 
@@ -231,14 +244,25 @@ fn prompt_attention<T: CacheValue>(
     let per_task = TASK_QUERIES * hd;
     scratch.resize(kv_heads * hd * ld + heads * blocks * per_task, 0.0);
     let (kt, outs) = scratch.split_at_mut(kv_heads * hd * ld);
-    kt.par_chunks_mut(hd * ld).enumerate().for_each(|(g, kt)| {
-        let k = &keys[g * capacity * hd..][..kv_len * hd];
-        for (p, k) in k.chunks_exact(hd).enumerate() {
-            for (d, &v) in k.iter().enumerate() {
-                kt[d * ld + p] = v.to_f32();
+    kt.par_chunks_mut(hd * ld)
+        .enumerate()
+        .for_each_init(Vec::new, |block, (g, kt)| {
+            let k = &keys[g * capacity * hd..][..kv_len * hd];
+            // [`TRANSPOSE`] positions at a time, widened in order and then written to that many
+            // consecutive places of each row of `kt` (one strided store per value, 64 rows
+            // apart, was a twentieth of a prompt's time).
+            for (b, keys) in k.chunks(TRANSPOSE * hd).enumerate() {
+                block.clear();
+                block.extend(keys.iter().map(|v| v.to_f32()));
+                let n = keys.len() / hd;
+                for d in 0..hd {
+                    let row = &mut kt[d * ld + b * TRANSPOSE..][..n];
+                    for (i, out) in row.iter_mut().enumerate() {
+                        *out = block[i * hd + d];
+                    }
+                }
             }
-        }
-    });
+        });
     let kt = &*kt;
     let scale = 1.0 / (hd as f32).sqrt();
     outs.par_chunks_mut(per_task)
