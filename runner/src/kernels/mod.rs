@@ -1500,9 +1500,8 @@ fn tile_rows(
         // One token still reads each weight row as one stream, row after row (the kernels take
         // the rows of a tile one by one then): four rows side by side (four streams plus the
         // scales') generated 40 % slower, since decoding is bound by memory (q8_0 tg128 116
-        // against 190–205 tokens/s, docs/performance.md).
-        // One token's kernel call takes `TOKEN_ROWS` rows where it can: setting up a tile per
-        // four rows took an eighth of generation time.
+        // against 190–205 tokens/s, docs/performance.md). A call takes `TOKEN_ROWS` rows where
+        // it can: setting up a tile per four rows took an eighth of generation time.
         if m == 1 && r1 - j >= TOKEN_ROWS {
             store(
                 out,
