@@ -134,17 +134,14 @@ fn attention_prompt(c: &mut Criterion) {
     ));
     fn run<T: CacheValue>(
         group: &mut BenchmarkGroup<'_, WallTime>,
+        cache: &str,
         shape: AttentionShape,
         q: &[f32],
         kv: &[T],
     ) {
         let mut out = vec![0f32; q.len()];
         let mut scratch = Vec::new();
-        let name = std::any::type_name::<T>()
-            .rsplit("::")
-            .next()
-            .unwrap_or("cache");
-        group.bench_function(BenchmarkId::new("sanctum", name), |b| {
+        group.bench_function(BenchmarkId::new("sanctum", cache), |b| {
             b.iter_custom(|iters| {
                 in_pool(iters, || {
                     attention(shape, black_box(q), kv, kv, &mut out, &mut scratch)
@@ -153,8 +150,8 @@ fn attention_prompt(c: &mut Criterion) {
         });
     }
     let half: Vec<f16> = kv.iter().map(|&v| f16::from_f32(v)).collect();
-    run(&mut group, shape, &q, &half);
-    run(&mut group, shape, &q, &kv);
+    run(&mut group, "f16", shape, &q, &half);
+    run(&mut group, "f32", shape, &q, &kv);
     group.finish();
 }
 

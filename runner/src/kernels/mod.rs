@@ -1502,17 +1502,13 @@ fn tile_rows(
         // scales') generated 40 % slower, since decoding is bound by memory (q8_0 tg128 116
         // against 190–205 tokens/s, docs/performance.md). A call takes `TOKEN_ROWS` rows where
         // it can: setting up a tile per four rows took an eighth of generation time.
-        if m == 1 && r1 - j >= TOKEN_ROWS {
-            store(
-                out,
-                j - r0,
-                ld,
-                kernel::<1, TOKEN_ROWS>(path, &Tile::new(w, acts, 0, j)),
-            );
-            j += TOKEN_ROWS;
-            continue;
-        }
-        let nr = if r1 - j >= NR { NR } else { 1 };
+        let nr = if m == 1 && r1 - j >= TOKEN_ROWS {
+            TOKEN_ROWS
+        } else if r1 - j >= NR {
+            NR
+        } else {
+            1
+        };
         let mut i = 0;
         while i < m {
             // The rows left over after whole tiles go in one narrower tile, not one by one: a
@@ -1521,6 +1517,7 @@ fn tile_rows(
             let tile = Tile::new(w, acts, i, j);
             let at = i * ld + (j - r0);
             match (mr, nr) {
+                (1, TOKEN_ROWS) => store(out, at, ld, kernel::<1, TOKEN_ROWS>(path, &tile)),
                 (MR, NR) => store(out, at, ld, kernel::<MR, NR>(path, &tile)),
                 (3, NR) => store(out, at, ld, kernel::<3, NR>(path, &tile)),
                 (2, NR) => store(out, at, ld, kernel::<2, NR>(path, &tile)),
