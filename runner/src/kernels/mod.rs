@@ -1417,8 +1417,8 @@ const NR: usize = 4;
 /// Weight rows per micro-kernel call for one activation row (which takes them one by one).
 const TOKEN_ROWS: usize = 16;
 
-/// The operands of one micro-kernel call: `MR'` activation rows starting at `i0` and `NR'` weight
-/// rows starting at `j0`, over every block of the row.
+/// The operands of micro-kernel calls: activation rows from the first (see [`Tile::down`]) and
+/// weight rows from `j0`, over every block of the row.
 #[derive(Clone, Copy)]
 struct Tile<'a> {
     format: Format,
@@ -1426,36 +1426,52 @@ struct Tile<'a> {
     nb: usize,
     /// Weight rows `j0..`.
     w: WeightRows<'a>,
-    /// Activation values of rows `i0..`, `nb × 32` per row.
+    /// Activation values of the tile's rows, `nb × 32` per row.
     x_quants: &'a [i8],
-    /// With [`Activations::Int16`], the residues of rows `i0..` (as `x_quants`), else None.
+    /// With [`Activations::Int16`], the residues of the tile's rows (as `x_quants`), else None.
     x_residues: Option<&'a [i8]>,
-    /// Activation scales of rows `i0..`.
+    /// Activation scales of the tile's rows.
     x_scales: &'a [f32],
-    /// Activation corrections of rows `i0..`.
+    /// Activation corrections of the tile's rows.
     x_biases: &'a [i32],
     /// The corrections of their blocks' last 16 values alone (for q6_K).
     x_half_biases: &'a [i32],
-    /// Activation block sums of rows `i0..`.
+    /// Activation block sums of the tile's rows.
     x_sums: &'a [f32],
 }
 
 impl<'a> Tile<'a> {
-    fn new(w: &'a PackedMatrix, acts: &'a ActBlocks, i0: usize, j0: usize) -> Self {
-        let nb = w.blocks_per_row();
+    /// Weight rows from `j0` and every activation row.
+    fn new(w: &'a PackedMatrix, acts: &'a ActBlocks, j0: usize) -> Self {
         Self {
             format: w.format,
-            nb,
+            nb: w.blocks_per_row(),
             w: w.rows_from(j0),
-            x_quants: &acts.quants[i0 * nb * BLOCK..],
+            x_quants: &acts.quants,
             x_residues: match w.activations {
                 Activations::Int8 => None,
-                Activations::Int16 => Some(&acts.residues[i0 * nb * BLOCK..]),
+                Activations::Int16 => Some(&acts.residues),
             },
-            x_scales: &acts.scales[i0 * nb..],
-            x_biases: &acts.biases[i0 * nb..],
-            x_half_biases: &acts.half_biases[i0 * nb..],
-            x_sums: &acts.sums[i0 * nb..],
+            x_scales: &acts.scales,
+            x_biases: &acts.biases,
+            x_half_biases: &acts.half_biases,
+            x_sums: &acts.sums,
+        }
+    }
+
+    /// The tile of the same weight rows whose activation rows start `rows` further down (empty
+    /// past the last).
+    #[inline(always)]
+    fn down(&self, rows: usize) -> Self {
+        let (values, blocks) = (rows * self.nb * BLOCK, rows * self.nb);
+        Self {
+            x_quants: self.x_quants.get(values..).unwrap_or_default(),
+            x_residues: self.x_residues.map(|r| r.get(values..).unwrap_or_default()),
+            x_scales: self.x_scales.get(blocks..).unwrap_or_default(),
+            x_biases: self.x_biases.get(blocks..).unwrap_or_default(),
+            x_half_biases: self.x_half_biases.get(blocks..).unwrap_or_default(),
+            x_sums: self.x_sums.get(blocks..).unwrap_or_default(),
+            ..*self
         }
     }
 
@@ -1497,55 +1513,75 @@ fn tile_rows(
     let ld = r1 - r0;
     let mut j = r0;
     while j < r1 {
+        let tile = Tile::new(w, acts, j);
+        let out = &mut out[j - r0..];
         // One token still reads each weight row as one stream, row after row (the kernels take
         // the rows of a tile one by one then): four rows side by side (four streams plus the
         // scales') generated 40 % slower, since decoding is bound by memory (q8_0 tg128 116
         // against 190–205 tokens/s, docs/performance.md). A call takes `TOKEN_ROWS` rows where
         // it can: setting up a tile per four rows took an eighth of generation time.
-        let nr = if m == 1 && r1 - j >= TOKEN_ROWS {
+        j += if m == 1 && r1 - j >= TOKEN_ROWS {
+            kernel::<1, TOKEN_ROWS>(path, &tile, 1, out, ld);
             TOKEN_ROWS
         } else if r1 - j >= NR {
+            column::<NR>(path, &tile, m, out, ld);
             NR
         } else {
+            column::<1>(path, &tile, m, out, ld);
             1
         };
-        let mut i = 0;
-        while i < m {
-            // The rows left over after whole tiles go in one narrower tile, not one by one: a
-            // batched decode step (m = 2, 3, 5… sequences) then reads each weight row once.
-            let mr = (m - i).min(MR);
-            let tile = Tile::new(w, acts, i, j);
-            let at = i * ld + (j - r0);
-            match (mr, nr) {
-                (1, TOKEN_ROWS) => store(out, at, ld, kernel::<1, TOKEN_ROWS>(path, &tile)),
-                (MR, NR) => store(out, at, ld, kernel::<MR, NR>(path, &tile)),
-                (3, NR) => store(out, at, ld, kernel::<3, NR>(path, &tile)),
-                (2, NR) => store(out, at, ld, kernel::<2, NR>(path, &tile)),
-                (1, NR) => store(out, at, ld, kernel::<1, NR>(path, &tile)),
-                (MR, _) => store(out, at, ld, kernel::<MR, 1>(path, &tile)),
-                (3, _) => store(out, at, ld, kernel::<3, 1>(path, &tile)),
-                (2, _) => store(out, at, ld, kernel::<2, 1>(path, &tile)),
-                _ => store(out, at, ld, kernel::<1, 1>(path, &tile)),
-            }
-            i += mr;
-        }
-        j += nr;
     }
 }
 
-fn store<const M: usize, const N: usize>(out: &mut [f32], at: usize, ld: usize, v: [[f32; N]; M]) {
-    for (i, row) in v.iter().enumerate() {
-        out[at + i * ld..at + i * ld + N].copy_from_slice(row);
+/// Every activation row of `tile` against its `N` weight rows: whole tiles of `MR` rows in one
+/// call down the rows, the rows left over in one narrower tile, not one by one (a batched decode
+/// step of m = 2, 3, 5… sequences then reads each weight row once).
+fn column<const N: usize>(path: Path, tile: &Tile<'_>, m: usize, out: &mut [f32], ld: usize) {
+    let tiles = m / MR;
+    kernel::<MR, N>(path, tile, tiles, out, ld);
+    let tail = tile.down(tiles * MR);
+    let below = (tiles * MR * ld).min(out.len());
+    let out = &mut out[below..];
+    match m % MR {
+        3 => kernel::<3, N>(path, &tail, 1, out, ld),
+        2 => kernel::<2, N>(path, &tail, 1, out, ld),
+        1 => kernel::<1, N>(path, &tail, 1, out, ld),
+        _ => {}
     }
 }
 
-/// One `M × N` micro-kernel on `path`.
-fn kernel<const M: usize, const N: usize>(path: Path, tile: &Tile<'_>) -> [[f32; N]; M] {
-    tile.check(M, N);
+/// Stores one tile's outputs at activation row `row` of a band (`out[row * ld..]`, `ld` outputs per
+/// activation row).
+#[inline(always)]
+fn store<const M: usize, const N: usize>(out: &mut [f32], ld: usize, row: usize, v: [[f32; N]; M]) {
+    for (i, v) in v.iter().enumerate() {
+        out[(row + i) * ld..][..N].copy_from_slice(v);
+    }
+}
+
+/// `tiles` micro-kernels of `M × N` on `path`, one below the other from `tile`'s first activation
+/// row, into `out` (`ld` outputs per activation row). One call takes a whole band of rows: a call
+/// per tile, each slicing its operands again, took a tenth of a prompt's time.
+fn kernel<const M: usize, const N: usize>(
+    path: Path,
+    tile: &Tile<'_>,
+    tiles: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    if tiles == 0 {
+        return;
+    }
+    tile.check(M * tiles, N);
+    assert!(out.len() >= (M * tiles - 1) * ld + N);
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Vnni | Path::Avx2 => x86::kernel::<M, N>(path, tile),
-        _ => scalar::kernel::<M, N>(tile),
+        Path::Vnni | Path::Avx2 => x86::kernel::<M, N>(path, tile, tiles, out, ld),
+        _ => {
+            for t in 0..tiles {
+                store(out, ld, t * M, scalar::kernel::<M, N>(&tile.down(t * M)));
+            }
+        }
     }
 }
 

@@ -330,7 +330,8 @@ const SHAPES: [(usize, usize); 7] = [
     (7, 32),
     (7, 256),
 ];
-const MS: [usize; 4] = [1, 3, 7, 64];
+/// Activation rows: one token, and every remainder after whole tiles of `MR` (2, 3, 1, none).
+const MS: [usize; 5] = [1, 2, 7, 9, 64];
 
 #[test]
 fn vnni_path_matches_candle() -> candle_core::Result<()> {

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{BLOCK, Format, GROUP, Path, RESIDUE_SCALE, Tile, avx2_unsigned};
+use super::{BLOCK, Format, GROUP, Path, RESIDUE_SCALE, Tile, avx2_unsigned, store};
 
 /// AVX2, FMA and F16C (the weights' scales), the baseline SIMD path.
 pub(super) fn has_avx2() -> bool {
@@ -39,49 +39,72 @@ pub(super) fn has_vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// The `M × N` outputs of `tile` on `path` (one of the x86 paths).
-pub(super) fn kernel<const M: usize, const N: usize>(path: Path, tile: &Tile<'_>) -> [[f32; N]; M] {
+/// `tiles` micro-kernels of `M × N` on `path` (one of the x86 paths), one below the other from
+/// `tile`'s first activation row, stored in `out` (`ld` outputs per activation row).
+pub(super) fn kernel<const M: usize, const N: usize>(
+    path: Path,
+    tile: &Tile<'_>,
+    tiles: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let band = Band { tiles, out, ld };
     match tile.format {
-        Format::Q8_0 => on::<Q8, M, N>(path, tile),
-        Format::Q4_0 => on::<Nibbles<false>, M, N>(path, tile),
-        Format::Q4_1 => on::<Nibbles<true>, M, N>(path, tile),
-        Format::Q5_0 => on::<Q5, M, N>(path, tile),
-        Format::Q4K => on::<Q4K, M, N>(path, tile),
-        Format::Q6K => on::<Q6K, M, N>(path, tile),
+        Format::Q8_0 => on::<Q8, M, N>(path, tile, band),
+        Format::Q4_0 => on::<Nibbles<false>, M, N>(path, tile, band),
+        Format::Q4_1 => on::<Nibbles<true>, M, N>(path, tile, band),
+        Format::Q5_0 => on::<Q5, M, N>(path, tile, band),
+        Format::Q4K => on::<Q4K, M, N>(path, tile, band),
+        Format::Q6K => on::<Q6K, M, N>(path, tile, band),
     }
 }
 
+/// Where a call's tiles go: `tiles` of them down the activation rows, their outputs into `out`.
+struct Band<'o> {
+    tiles: usize,
+    out: &'o mut [f32],
+    ld: usize,
+}
+
 /// [`kernel`] for one format.
-fn on<U: Unpack, const M: usize, const N: usize>(path: Path, tile: &Tile<'_>) -> [[f32; N]; M] {
+fn on<U: Unpack, const M: usize, const N: usize>(path: Path, tile: &Tile<'_>, band: Band<'_>) {
     match (path, tile.x_residues.is_some()) {
         // SAFETY: `Path::is_available` was checked by the caller (`matmul_on` asserts it), so the
         // CPU has the features these functions are compiled for; `Tile::check` has verified that
-        // the tile's slices hold `M` activation rows (and their residues when there are any) and
-        // `N` weight rows (and their minimums when the format has them).
-        (Path::Vnni, false) => unsafe { vnni::<U, M, N, false>(tile) },
+        // the tile's slices hold `M × tiles` activation rows (and their residues when there are
+        // any) and `N` weight rows (and their minimums when the format has them).
+        (Path::Vnni, false) => unsafe { vnni::<U, M, N, false>(tile, band) },
         // SAFETY: as above.
-        (Path::Vnni, true) => unsafe { vnni::<U, M, N, true>(tile) },
+        (Path::Vnni, true) => unsafe { vnni::<U, M, N, true>(tile, band) },
         // SAFETY: as above.
-        (_, false) => unsafe { avx2::<U, M, N, false>(tile) },
+        (_, false) => unsafe { avx2::<U, M, N, false>(tile, band) },
         // SAFETY: as above.
-        (_, true) => unsafe { avx2::<U, M, N, true>(tile) },
+        (_, true) => unsafe { avx2::<U, M, N, true>(tile, band) },
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn vnni<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
     tile: &Tile<'_>,
-) -> [[f32; N]; M] {
-    // SAFETY: the caller guarantees the features and the tile's bounds (see `kernel`).
-    unsafe { body::<U, Vnni, M, N, SPLIT>(tile) }
+    band: Band<'_>,
+) {
+    for t in 0..band.tiles {
+        // SAFETY: the caller guarantees the features and the band's bounds (see `kernel`).
+        let v = unsafe { body::<U, Vnni, M, N, SPLIT>(&tile.down(t * M)) };
+        store(band.out, band.ld, t * M, v);
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
     tile: &Tile<'_>,
-) -> [[f32; N]; M] {
-    // SAFETY: the caller guarantees the features and the tile's bounds (see `kernel`).
-    unsafe { body::<U, Avx2, M, N, SPLIT>(tile) }
+    band: Band<'_>,
+) {
+    for t in 0..band.tiles {
+        // SAFETY: the caller guarantees the features and the band's bounds (see `kernel`).
+        let v = unsafe { body::<U, Avx2, M, N, SPLIT>(&tile.down(t * M)) };
+        store(band.out, band.ld, t * M, v);
+    }
 }
 
 /// Where one weight row's run (or tail block) starts: its values, and the bits above them.
