@@ -567,3 +567,72 @@ fn exp_is_close_to_libm() {
     assert!(ops::exp(1e4).is_finite());
     assert!(ops::exp(f32::NAN).is_nan());
 }
+
+/// The SIMD rounding of activation blocks casts exactly as the scalar code: ties both ways,
+/// values past `i8`'s and `i32`'s ranges, infinities, NaN, subnormals, and residues of each.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_rounding_matches_the_scalar_casts() {
+    if !x86::has_avx2() {
+        return;
+    }
+    let awkward = [
+        0.5,
+        -0.5,
+        1.5,
+        -1.5,
+        2.5,
+        -2.5,
+        0.5f32.next_down(),
+        -0.5f32.next_down(),
+        126.5,
+        -127.5,
+        127.49,
+        128.0,
+        255.5,
+        -128.5,
+        8_388_607.5,
+        8_388_609.0,
+        2_147_483_520.0,
+        2_147_483_648.0,
+        -2_147_483_648.0,
+        1e20,
+        -1e20,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-45,
+        -0.0,
+        0.0,
+        3.333_333_3,
+        -77.25,
+        0.25,
+        63.75,
+        100.0,
+    ];
+    let mut state = 7u64;
+    let mut random = || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 300.0
+    };
+    let mut blocks = vec![awkward];
+    blocks.extend((0..200).map(|_| std::array::from_fn::<f32, BLOCK, _>(|_| random())));
+    for block in &blocks {
+        for id in [1.0, 0.5, 3.0, 1.0 / 3.0, 127.0 / 99.9, f32::INFINITY, 0.0] {
+            let simd = x86::round_block::<true>(block, id).expect("AVX2 is there");
+            assert_eq!(
+                simd,
+                round_block_scalar::<true>(block, id),
+                "{block:?} × {id}"
+            );
+            let simd = x86::round_block::<false>(block, id).expect("AVX2 is there");
+            assert_eq!(
+                simd,
+                round_block_scalar::<false>(block, id),
+                "{block:?} × {id}"
+            );
+        }
+    }
+}

@@ -107,6 +107,79 @@ unsafe fn avx2<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
     }
 }
 
+/// [`super::round_block`] with AVX2, or None without it (or for a block that is not 32 values).
+#[inline(always)]
+pub(super) fn round_block<const RESIDUES: bool>(x: &[f32], id: f32) -> Option<[[i8; BLOCK]; 2]> {
+    let x: &[f32; BLOCK] = x.try_into().ok()?;
+    // SAFETY: the CPU has the features `round_block_avx2` is compiled for.
+    has_avx2().then(|| unsafe { round_block_avx2::<RESIDUES>(x, id) })
+}
+
+/// [`round_block`]: 8 values at a time, as the scalar casts (see `rounded_bytes`).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn round_block_avx2<const RESIDUES: bool>(x: &[f32; BLOCK], id: f32) -> [[i8; BLOCK]; 2] {
+    // SAFETY: compiled with AVX2; `x` holds 32 values, 8 from `8 × k`, and each output array 32
+    // bytes (the loads and stores are unaligned).
+    unsafe {
+        let id = _mm256_set1_ps(id);
+        let residue_scale = _mm256_set1_ps(RESIDUE_SCALE as f32);
+        let (mut values, mut residues) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+        for (k, (value, residue)) in values.iter_mut().zip(&mut residues).enumerate() {
+            let scaled = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(8 * k)), id);
+            *value = round_half_away(scaled);
+            if RESIDUES {
+                let left = _mm256_mul_ps(_mm256_sub_ps(scaled, *value), residue_scale);
+                *residue = round_half_away(left);
+            }
+        }
+        let mut out = [[0i8; BLOCK]; 2];
+        _mm256_storeu_si256(out[0].as_mut_ptr().cast(), rounded_bytes(values));
+        if RESIDUES {
+            _mm256_storeu_si256(out[1].as_mut_ptr().cast(), rounded_bytes(residues));
+        }
+        out
+    }
+}
+
+/// `f32::round` on 8 lanes: adding the largest float below 1/2, with the value's sign, and
+/// truncating gives the same result for every value (LLVM's own lowering of `round`).
+#[inline(always)]
+unsafe fn round_half_away(v: __m256) -> __m256 {
+    // SAFETY: only called from functions compiled with AVX2.
+    unsafe {
+        let sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0));
+        let half = _mm256_or_ps(sign, _mm256_set1_ps(0.5f32.next_down()));
+        _mm256_round_ps(
+            _mm256_add_ps(v, half),
+            _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC,
+        )
+    }
+}
+
+/// 32 rounded floats as bytes, each as `as i32 as i8` casts it: the low byte of the saturating
+/// conversion (`vcvttps2dq` gives `i32::MIN` where Rust saturates up to `i32::MAX`, whose low byte
+/// is -1: those lanes are set apart), in order.
+#[inline(always)]
+unsafe fn rounded_bytes(v: [__m256; 4]) -> __m256i {
+    // SAFETY: only called from functions compiled with AVX2.
+    unsafe {
+        let too_big = _mm256_set1_ps(2_147_483_648.0);
+        let low = v.map(|v| {
+            let int = _mm256_cvttps_epi32(v);
+            let above = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(v, too_big));
+            _mm256_and_si256(_mm256_or_si256(int, above), _mm256_set1_epi32(0xff))
+        });
+        // Unsigned packs keep the bytes as they are (each lane is 0..=255); they interleave the
+        // 128-bit halves, which the permutation puts back in order.
+        let words = [
+            _mm256_packus_epi32(low[0], low[1]),
+            _mm256_packus_epi32(low[2], low[3]),
+        ];
+        let bytes = _mm256_packus_epi16(words[0], words[1]);
+        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+}
+
 /// Where one weight row's run (or tail block) starts: its values, and the bits above them.
 #[derive(Clone, Copy)]
 struct At {
