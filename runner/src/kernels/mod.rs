@@ -1492,9 +1492,9 @@ impl<'a> Tile<'a> {
         }
     }
 
-    /// The tile of weight row `j` alone (with the same activation rows).
+    /// The tile without its first `j` weight rows (with the same activation rows).
     #[inline(always)]
-    fn row(&self, j: usize) -> Self {
+    fn skip_rows(&self, j: usize) -> Self {
         Self {
             w: self.w.skip(j),
             ..*self

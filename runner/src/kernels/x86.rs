@@ -9,10 +9,11 @@
 //! dot products; one multiply by the 8 scale products and one fused add bring them into the f32
 //! accumulator. One token's weight rows go one after the other, each read whole. With several
 //! activation rows, each weight vector loaded serves all of them and each activation vector all
-//! weight rows, so the tile costs about one load per two products. q6_K's half blocks have scales
-//! of their own: its runs go in two parts of 4 vectors, the first and the last 16 values of every
-//! block. Blocks after the last run go one at a time (8 partial sums per block). Each accumulator
-//! is summed across its lanes once at the end.
+//! weight rows, so the tile costs about one load per two products (AVX2's 16 registers do not hold
+//! a 4 × 4 tile's accumulators and weights: there it goes as two tiles of 4 × 2). q6_K's half
+//! blocks have scales of their own: its runs go in two parts of 4 vectors, the first and the last
+//! 16 values of every block. Blocks after the last run go one at a time (8 partial sums per
+//! block). Each accumulator is summed across its lanes once at the end.
 #![allow(
     unsafe_code,
     reason = "SIMD intrinsics: loads through raw pointers and calls into target-feature functions"
@@ -393,6 +394,8 @@ unsafe fn run_scales<U: Unpack>(
 
 /// Multiply-accumulate of bytes into 32-bit lanes, through partial sums that may be narrower.
 trait Dot {
+    /// Vector registers the path has (AVX-512's 32 with VNNI, AVX2's 16).
+    const REGISTERS: usize;
     /// Consecutive [`Dot::step`]s of format `U` whose partial sums cannot overflow before
     /// [`Dot::finish`] widens them.
     fn steps<U: Unpack>() -> usize;
@@ -432,6 +435,7 @@ struct Vnni;
 struct Avx2;
 
 impl Dot for Vnni {
+    const REGISTERS: usize = 32;
     #[inline(always)]
     fn steps<U: Unpack>() -> usize {
         usize::MAX
@@ -463,6 +467,7 @@ impl Dot for Vnni {
 }
 
 impl Dot for Avx2 {
+    const REGISTERS: usize = 16;
     #[inline(always)]
     fn steps<U: Unpack>() -> usize {
         // Each step adds two products of at most the weight's magnitude times 127 (activations
@@ -519,7 +524,26 @@ unsafe fn body<U: Unpack, D: Dot, const M: usize, const N: usize, const SPLIT: b
         let mut out = [[0f32; N]; M];
         for (j, out) in out[0].iter_mut().enumerate() {
             // SAFETY: the tile holds `N` weight rows, so row `j`'s tile holds one.
-            *out = unsafe { body::<U, D, 1, 1, SPLIT>(&tile.row(j)) }[0][0];
+            *out = unsafe { body::<U, D, 1, 1, SPLIT>(&tile.skip_rows(j)) }[0][0];
+        }
+        return out;
+    }
+    if D::REGISTERS < 32 && M > 1 && N == 4 {
+        // Sixteen accumulators leave AVX2 no register for the weights, and every step spilled
+        // them (q8_0 needs two per weight vector on top): two tiles of 2 weight rows each, the
+        // activations read again from L1, were 5–20 % faster on prompts.
+        // SAFETY: the tile holds 4 weight rows: rows 0..2 and 2..4 are two tiles of 2.
+        let halves = unsafe {
+            [
+                body::<U, D, M, 2, SPLIT>(tile),
+                body::<U, D, M, 2, SPLIT>(&tile.skip_rows(2)),
+            ]
+        };
+        let mut out = [[0f32; N]; M];
+        for (i, out) in out.iter_mut().enumerate() {
+            for (j, out) in out.iter_mut().enumerate() {
+                *out = halves[j / 2][i][j % 2];
+            }
         }
         return out;
     }
