@@ -1567,12 +1567,29 @@ fn column<const N: usize>(path: Path, tile: &Tile<'_>, m: usize, out: &mut [f32]
     }
 }
 
-/// Stores one tile's outputs at activation row `row` of a band (`out[row * ld..]`, `ld` outputs per
-/// activation row).
-#[inline(always)]
-fn store<const M: usize, const N: usize>(out: &mut [f32], ld: usize, row: usize, v: [[f32; N]; M]) {
-    for (i, v) in v.iter().enumerate() {
-        out[(row + i) * ld..][..N].copy_from_slice(v);
+/// Where a kernel call's tiles go: `tiles` of them down the activation rows, each tile's outputs
+/// into `out` (`ld` outputs per activation row).
+struct Band<'o> {
+    tiles: usize,
+    out: &'o mut [f32],
+    ld: usize,
+}
+
+impl Band<'_> {
+    /// Runs `kernel` on each `M`-row tile down from `tile`'s first activation row and stores its
+    /// outputs.
+    #[inline(always)]
+    fn fill<const M: usize, const N: usize>(
+        self,
+        tile: &Tile<'_>,
+        mut kernel: impl FnMut(&Tile<'_>) -> [[f32; N]; M],
+    ) {
+        for t in 0..self.tiles {
+            let v = kernel(&tile.down(t * M));
+            for (i, v) in v.iter().enumerate() {
+                self.out[(t * M + i) * self.ld..][..N].copy_from_slice(v);
+            }
+        }
     }
 }
 
@@ -1591,14 +1608,11 @@ fn kernel<const M: usize, const N: usize>(
     }
     tile.check(M * tiles, N);
     assert!(out.len() >= (M * tiles - 1) * ld + N);
+    let band = Band { tiles, out, ld };
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Vnni | Path::Avx2 => x86::kernel::<M, N>(path, tile, tiles, out, ld),
-        _ => {
-            for t in 0..tiles {
-                store(out, ld, t * M, scalar::kernel::<M, N>(&tile.down(t * M)));
-            }
-        }
+        Path::Vnni | Path::Avx2 => x86::kernel::<M, N>(path, tile, band),
+        _ => band.fill(tile, scalar::kernel::<M, N>),
     }
 }
 

@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{BLOCK, Format, GROUP, Path, RESIDUE_SCALE, Tile, avx2_unsigned, store};
+use super::{BLOCK, Band, Format, GROUP, Path, RESIDUE_SCALE, Tile, avx2_unsigned};
 
 /// AVX2, FMA and F16C (the weights' scales), the baseline SIMD path.
 pub(super) fn has_avx2() -> bool {
@@ -40,16 +40,8 @@ pub(super) fn has_vnni() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// `tiles` micro-kernels of `M × N` on `path` (one of the x86 paths), one below the other from
-/// `tile`'s first activation row, stored in `out` (`ld` outputs per activation row).
-pub(super) fn kernel<const M: usize, const N: usize>(
-    path: Path,
-    tile: &Tile<'_>,
-    tiles: usize,
-    out: &mut [f32],
-    ld: usize,
-) {
-    let band = Band { tiles, out, ld };
+/// The band's micro-kernels of `M × N` on `path` (one of the x86 paths).
+pub(super) fn kernel<const M: usize, const N: usize>(path: Path, tile: &Tile<'_>, band: Band<'_>) {
     match tile.format {
         Format::Q8_0 => on::<Q8, M, N>(path, tile, band),
         Format::Q4_0 => on::<Nibbles<false>, M, N>(path, tile, band),
@@ -58,13 +50,6 @@ pub(super) fn kernel<const M: usize, const N: usize>(
         Format::Q4K => on::<Q4K, M, N>(path, tile, band),
         Format::Q6K => on::<Q6K, M, N>(path, tile, band),
     }
-}
-
-/// Where a call's tiles go: `tiles` of them down the activation rows, their outputs into `out`.
-struct Band<'o> {
-    tiles: usize,
-    out: &'o mut [f32],
-    ld: usize,
 }
 
 /// [`kernel`] for one format.
@@ -89,11 +74,8 @@ unsafe fn vnni<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
     tile: &Tile<'_>,
     band: Band<'_>,
 ) {
-    for t in 0..band.tiles {
-        // SAFETY: the caller guarantees the features and the band's bounds (see `kernel`).
-        let v = unsafe { body::<U, Vnni, M, N, SPLIT>(&tile.down(t * M)) };
-        store(band.out, band.ld, t * M, v);
-    }
+    // SAFETY: the caller guarantees the features and the band's bounds (see `kernel`).
+    band.fill(tile, |tile| unsafe { body::<U, Vnni, M, N, SPLIT>(tile) });
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -101,11 +83,8 @@ unsafe fn avx2<U: Unpack, const M: usize, const N: usize, const SPLIT: bool>(
     tile: &Tile<'_>,
     band: Band<'_>,
 ) {
-    for t in 0..band.tiles {
-        // SAFETY: the caller guarantees the features and the band's bounds (see `kernel`).
-        let v = unsafe { body::<U, Avx2, M, N, SPLIT>(&tile.down(t * M)) };
-        store(band.out, band.ld, t * M, v);
-    }
+    // SAFETY: the caller guarantees the features and the band's bounds (see `kernel`).
+    band.fill(tile, |tile| unsafe { body::<U, Avx2, M, N, SPLIT>(tile) });
 }
 
 /// [`super::round_block`] with AVX2, or None without it (or for a block that is not 32 values).
